@@ -1,0 +1,292 @@
+"""Every command's configuration, declared once.
+
+One dataclass per command. Each field has its default and a one-line help
+(``opt(default, "help")``); the CLI builds its flags from these fields
+(`irtrain/cli/_build.py`), so help text is written exactly once. Python users
+build the same dataclass and call ``irtrain.<command>.run(cfg)``.
+
+`load_config(cls, toml_path, overrides)` reads a TOML file, applies flags on top
+(flags win), coerces types and validates choices; an unknown key is a
+`ConfigError` naming the key and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from irtrain.errors import ConfigError
+
+
+def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, positional: bool = False) -> Any:
+    """Declare a config field: its default, one line of help, optional choices."""
+    meta = {"help": help, "choices": choices, "positional": positional}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class _Validated:
+    """Mixin: check every field with `choices` after construction."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ConfigError(
+                    f"{f.name} = {value!r} is not one of: {', '.join(choices)}"
+                )
+
+
+# --------------------------------------------------------------------------- prepare
+@dataclass
+class PrepareConfig(_Validated):
+    """Turn raw conversations into training-ready, memory-mapped shards."""
+
+    inputs: list[str] = opt([], "Input files or directories (JSONL/JSON/Parquet) or Hugging Face dataset names.", positional=True)
+    out: str = opt("", "Output shard directory.")
+    tokenizer: str = opt("", "Tokenizer: a local directory (tokenizer.json + tokenizer_config.json) or hub name.")
+    format: str = opt("auto", "Input format.", choices=("auto", "chat", "preference", "prompt-completion", "unpaired", "ranked"))
+    split: str = opt("train", "Dataset split, for Hugging Face dataset names.")
+    subset: str | None = opt(None, "Dataset configuration (subset) name, for Hugging Face dataset names.")
+    chat_template: str | None = opt(None, "A Jinja file overriding the tokenizer's chat template.")
+    mask: str = opt("assistant", "Which tokens are trained.", choices=("assistant", "last", "completion", "all"))
+    max_len: int = opt(2048, "Maximum tokens per packed row (and per example).")
+    truncation: str = opt("drop", "What to do with an example longer than --max-len.", choices=("drop", "left", "right"))
+    pack: bool = opt(True, "Pack examples into rows of --max-len tokens (best-fit decreasing).")
+    shard_rows: int = opt(16384, "Rows per shard file set.")
+    preview: int = opt(0, "Print N prepared examples with the masked tokens marked.")
+    skip_invalid: bool = opt(False, "Skip invalid rows (counted in the report) instead of failing.")
+    threads: int = opt(0, "Worker threads for the Rust data path (0 = all cores).")
+    seed: int = opt(0, "Seed for anything random (none of packing is).")
+    trust_remote_code: bool = opt(False, "Allow a hub tokenizer's custom code.")
+
+
+# --------------------------------------------------------------------------- training (shared)
+@dataclass
+class TrainConfig(_Validated):
+    """Fields shared by `sft` and `dpo` (the same loop runs both)."""
+
+    model: str = opt("", "Model to train: a local directory or hub name (AutoModelForCausalLM).")
+    data: list[str] = opt([], "Shard directories made by `irtrain prepare`.", positional=True)
+    out: str = opt("", "Output directory: checkpoints, metrics.jsonl, resolved config.")
+    dtype: str = opt("auto", "Parameter dtype (auto: bf16 on GPU, fp32 on CPU).", choices=("auto", "float32", "bfloat16", "float16"))
+    attn_implementation: str | None = opt(None, "transformers attention implementation (sdpa, eager, flash_attention_2, ...).")
+    trust_remote_code: bool = opt(False, "Allow the model's custom code from the hub.")
+    lr: float = opt(5e-6, "Peak learning rate.")
+    lr_schedule: str = opt("cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = opt(0.1, "Fraction of steps for linear warmup.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.95, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping).")
+    epochs: float = opt(1.0, "Passes over the data (ignored when --max-steps > 0).")
+    max_steps: int = opt(0, "Optimizer steps to run (0 = from --epochs).")
+    global_batch: int = opt(128, "Sequences per optimizer step, over all ranks and micro-batches.")
+    global_batch_tokens: int = opt(0, "If > 0: tokens per optimizer step instead of --global-batch sequences.")
+    micro_batch_tokens: int = opt(0, "Tokens per micro-batch per rank (0 = one packed row).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    seed: int = opt(0, "Seed for initialisation, data order and dropout.")
+    log_steps: int = opt(1, "Write metrics every N steps.")
+    save_steps: int = opt(0, "Checkpoint every N steps (0 = only at the end and --save-at).")
+    save_at: str = opt("", "Extra checkpoint steps, comma-separated (early-exit checkpoints), e.g. 50,100,150.")
+    save_total_limit: int = opt(0, "Keep at most N periodic checkpoints (0 = keep all; --save-at ones are always kept).")
+    resume: bool = opt(False, "Resume from the last complete checkpoint in --out.")
+    max_bad_steps: int = opt(5, "Stop after this many non-finite steps in a row.")
+    eval_pairs: str | None = opt(None, "Preference shards for eval/pref_loss and eval/pref_accuracy.")
+    eval_steps: int = opt(0, "Evaluate on --eval-pairs every N steps (0 = at start and end only).")
+    eval_beta: float = opt(0.01, "Beta of the held-out preference loss (paper: 0.01).")
+    value_temperature: float = opt(1.0, "Temperature tau of the soft value V(s) = tau*logsumexp(l/tau).")
+    kl_coef: float = opt(0.0, "Weight of the KL-to-reference term (0 = off).")
+    kl_estimator: str = opt("full", "KL estimator: full (exact per state, needs reference logits) | k1 | k2 | k3 (from log-prob ratios).", choices=("full", "k1", "k2", "k3"))
+    deepspeed: str | None = opt(None, "Run under DeepSpeed: zero1 | zero2 | zero3 | path to a DeepSpeed JSON config.")
+    device: str = opt("auto", "Device for single-process runs (auto, cpu, cuda).")
+    tensorboard: bool = opt(True, "Also log to TensorBoard when it is installed.")
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on `prepare` shards, with the SFT loss family of FORMULAS.md."""
+
+    loss: str = opt("ce", "SFT loss: ce | dft | pearson | hellinger | js (per token, see FORMULAS.md).", choices=("ce", "dft", "pearson", "hellinger", "js"))
+    value_grad: bool = opt(False, "Let gradient flow through the value term dV (off: the stable default).")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Preference optimisation on `prepare` preference/unpaired/ranked shards."""
+
+    lr: float = opt(5e-7, "Peak learning rate.")
+    loss: str = opt("sigmoid", "Preference loss (see FORMULAS.md).", choices=("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo", "kto", "infonca", "plackett_luce"))
+    beta: float | None = opt(None, "Beta (default per loss: 0.1; simpo 2.0).")
+    label_smoothing: float = opt(0.0, "Label smoothing epsilon (sigmoid, robust).")
+    gamma: float = opt(0.5, "SimPO target margin gamma.")
+    orpo_lambda: float = opt(0.1, "ORPO odds-ratio weight lambda.")
+    desirable_weight: float = opt(1.0, "KTO weight of desirable examples.")
+    undesirable_weight: float = opt(1.0, "KTO weight of undesirable examples.")
+    infonca_alpha: float = opt(1e-3, "InfoNCA temperature alpha of the score softmax.")
+    sft_coef: float = opt(0.0, "Add sft_coef * ce(chosen) to the loss (RPO-style).")
+    ref_model: str | None = opt(None, "Reference model (default: the starting model).")
+    reference_free: bool = opt(False, "Use no reference (simpo, orpo only).")
+    joint_sft: str | None = opt(None, "SFT shards for joint SFT+DPO with adaptive lambda.")
+    target_accuracy: float = opt(0.8, "Joint SFT+DPO: target preference accuracy a*.")
+    lambda_interval: int = opt(10, "Joint SFT+DPO: adapt lambda every N steps.")
+    lambda_init: float = opt(1.0, "Joint SFT+DPO: initial lambda.")
+    lambda_delta: float = opt(0.05, "Joint SFT+DPO: tolerance delta in the lambda rule.")
+    lambda_min: float = opt(1e-3, "Joint SFT+DPO: lower clamp of lambda.")
+    lambda_max: float = opt(1e3, "Joint SFT+DPO: upper clamp of lambda.")
+    alternate_with: str | None = opt(None, "SFT shards for the alternating schedule SFT_1 -> DPO_1 -> ... -> DPO_K.")
+    rounds: int = opt(2, "Alternating schedule: number of rounds K.")
+    sft_lr: float | None = opt(None, "Alternating schedule: SFT learning rate (default: --lr).")
+
+
+# --------------------------------------------------------------------------- analysis
+@dataclass
+class ScoreConfig(_Validated):
+    """Score states with a model's soft value V(s) and, with a reference, implicit rewards."""
+
+    data: str = opt("", "Shards from `prepare`, or a raw file (chat, preference, or prompt+response traces).", positional=True)
+    model: str | None = opt(None, "Model to score: a local directory or hub name.")
+    checkpoints: str | None = opt(None, "Score every checkpoint in this directory instead of --model.")
+    ref_model: str | None = opt(None, "Reference model for implicit rewards beta*log(pi/pi_ref).")
+    tokenizer: str | None = opt(None, "Tokenizer for raw data (default: the model's).")
+    format: str = opt("auto", "Raw data format.", choices=("auto", "chat", "preference", "prompt-completion"))
+    out: str = opt("", "Output directory: one Parquet table per model and a summary JSON.")
+    step_delimiter: str = opt("\n\n", "Split responses into steps at this string.")
+    value_temperature: float = opt(1.0, "Temperature tau of V(s) = tau*logsumexp(l/tau).")
+    beta: float = opt(0.01, "Beta of the implicit reward and the per-pair DPO loss.")
+    dtype: str = opt("auto", "Compute dtype (auto: bf16 on GPU, fp32 on CPU).", choices=("auto", "float32", "bfloat16", "float16"))
+    batch_tokens: int = opt(8192, "Tokens per padding-free forward pass.")
+    max_len: int = opt(4096, "Longest sequence scored; longer ones are an error.")
+    device: str = opt("auto", "Device (auto, cpu, cuda).")
+    trust_remote_code: bool = opt(False, "Allow the model's custom code from the hub.")
+
+
+@dataclass
+class RankConfig(_Validated):
+    """Kendall tau-b between models' value rankings of the same states."""
+
+    tables: list[str] = opt([], "Score tables (Parquet) or directories of them; at least two.", positional=True)
+    out: str = opt("", "Output directory: tau matrix (Parquet), heatmap (PNG), summary JSON.")
+    intersect: bool = opt(False, "Keep only states present in every table (otherwise a missing state is an error).")
+    bootstrap: int = opt(0, "Bootstrap resamples (over traces) for confidence intervals (0 = none).")
+    seed: int = opt(0, "Seed of the bootstrap.")
+
+
+@dataclass
+class QuickstartConfig(_Validated):
+    """Run the whole of irtrain on a generated task: prepare -> sft -> dpo -> score -> rank -> report."""
+
+    out: str = opt("irtrain-quickstart", "Output directory for data, models and the report.")
+    scale: float = opt(1.0, "Scale the number of examples and steps (tests use a small value).")
+    seed: int = opt(0, "Seed of data generation and training.")
+
+
+# --------------------------------------------------------------------------- loading
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, tp: Any, value: Any, where: str) -> Any:
+    base, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}{name} may not be empty")
+    try:
+        if typing.get_origin(base) is list:
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            return [str(v) for v in value]
+        if base is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if base is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}{name} = {value!r} is not a valid {getattr(base, '__name__', base)}") from None
+
+
+def config_fields(cls: type) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
+
+
+def load_config(cls: type, toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Any:
+    """Build `cls` from a TOML file (optional) plus overrides (flags win).
+
+    TOML keys may use dashes or underscores. Unknown keys raise `ConfigError`.
+    """
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if toml_path is not None:
+        path = Path(toml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{path}: unknown config key '{key}' for {cls.__name__}")
+            values[name] = _coerce(name, hints[name], value, f"{path}: ")
+    for key, value in (overrides or {}).items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"unknown option '{key}' for {cls.__name__}")
+        if value is None:
+            continue
+        values[name] = _coerce(name, hints[name], value, "")
+    return cls(**values)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain JSON/TOML-friendly values."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def config_to_toml(cfg: Any) -> str:
+    """Render a resolved config as TOML (None values are left out)."""
+    lines = [f"# {type(cfg).__name__}"]
+    for name, value in config_to_dict(cfg).items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            lines.append(f"{name} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{name} = {value!r}")
+        elif isinstance(value, list):
+            lines.append(f"{name} = [{', '.join(_toml_str(v) for v in value)}]")
+        else:
+            lines.append(f"{name} = {_toml_str(str(value))}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_str(s: str) -> str:
+    import json
+
+    return json.dumps(s, ensure_ascii=False)
