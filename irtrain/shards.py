@@ -40,6 +40,8 @@ MANIFEST (``manifest.json``)::
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import json
 from dataclasses import dataclass
 from functools import cached_property
@@ -255,3 +257,101 @@ def iter_documents(shard_dir: str | Path) -> Iterator[dict[str, Any]]:
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
     return {"input_ids": d["input_ids"], "labels": d["labels"]}
+
+
+# --------------------------------------------------------------------------- reference writer
+@dataclass
+class Segment:
+    """One tokenized sequence to store. `labels` aligned to `input_ids` (-100 = not trained)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    example: int
+    part: int = 0
+    score: float = float("nan")
+
+
+def _atomic_dir(out: Path) -> Path:
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_shard_set(
+    out_dir: str | Path,
+    fmt: str,
+    rows: list[list[Segment]],
+    *,
+    max_len: int,
+    packed: bool = True,
+    shard_rows: int = 16384,
+    tokenizer_hash: str = "",
+    chat_template_hash: str = "",
+    sources: list[dict[str, Any]] | None = None,
+    config: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Pure-Python reference writer of the format above (the oracle for the Rust writer;
+    also handy for writing pre-tokenized data). `rows` are already packed: each row a
+    list of segments. Writes under a temporary name, renames when complete, returns the
+    manifest. The first label of every segment is forced to -100 (format rule)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}")
+    out = Path(out_dir)
+    if out.exists():
+        raise ShardError(f"{out} already exists")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_dir(out)
+    try:
+        shards_meta = []
+        for k, start in enumerate(range(0, max(len(rows), 1), shard_rows)):
+            chunk = rows[start : start + shard_rows]
+            if not chunk and k > 0:
+                break
+            name = f"shard-{k:05d}"
+            arrays = _row_arrays(chunk)
+            (tmp / name).mkdir()
+            digests = {}
+            for aname, (dtype, _) in ARRAYS.items():
+                path = tmp / name / f"{aname}.bin"
+                np.asarray(arrays[aname], dtype=dtype).tofile(path)
+                digests[f"{aname}.bin"] = file_sha256(path)
+            shards_meta.append({
+                "name": name, "rows": len(chunk), "segments": len(arrays["seg_example"]),
+                "tokens": len(arrays["input_ids"]), "sha256": digests,
+            })
+        manifest = {
+            "irtrain_shards": FORMAT_VERSION, "format": fmt, "packed": packed, "max_len": max_len,
+            "tokenizer_hash": tokenizer_hash, "chat_template_hash": chat_template_hash,
+            "sources": sources or [], "config": config or {}, "report": report or {},
+            "shards": shards_meta, "content_hash": content_hash(shards_meta),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _row_arrays(rows: list[list[Segment]]) -> dict[str, list]:
+    a: dict[str, list] = {name: [] for name in ARRAYS}
+    a["row_offsets"].append(0)
+    a["seg_offsets"].append(0)
+    n = 0
+    for row in rows:
+        for seg in row:
+            if len(seg.input_ids) != len(seg.labels) or not seg.input_ids:
+                raise ValueError(f"segment of example {seg.example}: input_ids and labels must be non-empty and equal length")
+            a["input_ids"].extend(seg.input_ids)
+            a["labels"].extend([IGNORE_INDEX, *seg.labels[1:]])
+            a["position_ids"].extend(range(len(seg.input_ids)))
+            n += len(seg.input_ids)
+            a["seg_offsets"].append(n)
+            a["seg_example"].append(seg.example)
+            a["seg_part"].append(seg.part)
+            a["seg_score"].append(seg.score)
+        a["row_offsets"].append(n)
+    return a
