@@ -3,5 +3,13 @@
 //! Each module holds one piece of logic with its own `#[cfg(test)]` tests;
 //! the pyo3 bindings live in the separate `irtrain-py` crate.
 pub mod error;
+// data path (`irtrain prepare`)
+pub mod mask;
+pub mod pack;
+pub mod prepare;
+pub mod rows;
+pub mod shard;
+pub mod template;
+pub mod tokenize;
 
 pub use error::{CoreError, Result};

@@ -1,0 +1,405 @@
+//! The data path of `irtrain prepare`, end to end in Rust:
+//! JSON lines -> segments (render, tokenize with offsets, mask) -> over-long
+//! handling -> best-fit-decreasing packing -> shards.
+//!
+//! Python hands over the input as byte buffers of JSON lines (one per row) and
+//! gets back per-row errors and, at the end, the shard metadata and counts.
+//! Rows are encoded in parallel (rayon); packing works on windows of
+//! `window_tokens` tokens so that memory stays bounded however large the input.
+use rayon::prelude::*;
+
+use crate::error::{CoreError, Result};
+use crate::mask::{labels_from_offsets, preview_runs, render_and_mask, MaskKind, IGNORE_INDEX};
+use crate::pack::best_fit_decreasing;
+use crate::rows::{parse_row, Format};
+use crate::shard::{Segment, ShardMeta, ShardWriter};
+use crate::template::ChatTemplate;
+use crate::tokenize::Tok;
+
+/// What to do with an example longer than `max_len` (`--truncation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Truncation {
+    Drop,
+    /// Keep the end (drop tokens from the start).
+    Left,
+    /// Keep the start (drop tokens from the end).
+    Right,
+}
+
+impl Truncation {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "drop" => Self::Drop,
+            "left" => Self::Left,
+            "right" => Self::Right,
+            _ => return Err(CoreError::Input(format!("unknown truncation {s:?} (drop, left, right)"))),
+        })
+    }
+}
+
+/// A row that could not be turned into an example.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowError {
+    /// 1-based row (line) number in its source.
+    pub row: u64,
+    /// "data", "template", "tokenizer" or "io": which `irtrain.errors` class it maps to.
+    pub kind: &'static str,
+    pub message: String,
+}
+
+impl RowError {
+    fn new(row: u64, e: CoreError) -> Self {
+        let kind = match e {
+            CoreError::Input(_) => "data",
+            CoreError::Template(_) => "template",
+            CoreError::Tokenizer(_) => "tokenizer",
+            CoreError::Io(_) => "io",
+        };
+        Self { row, kind, message: e.to_string() }
+    }
+}
+
+/// One encoded example: its segments, in part order, and for `--preview` the
+/// text of each segment cut into (text, trained) runs.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub segments: Vec<Segment>,
+    pub preview: Option<Vec<Vec<(String, bool)>>>,
+}
+
+impl Example {
+    pub fn len(&self) -> usize {
+        self.segments.iter().map(Segment::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Non-blank lines of a buffer with their 1-based row numbers.
+pub fn split_lines(buf: &[u8], first_row: u64) -> Vec<(u64, &[u8])> {
+    let mut out = Vec::new();
+    for (i, line) in buf.split(|&b| b == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            continue;
+        }
+        out.push((first_row + i as u64, line));
+    }
+    out
+}
+
+/// Tokenizer + chat template + format + mask: turns rows into examples.
+pub struct Encoder {
+    tok: Tok,
+    tpl: ChatTemplate,
+    pub format: Format,
+    pub mask: MaskKind,
+}
+
+impl Encoder {
+    pub fn new(tok: Tok, tpl: ChatTemplate, format: Format, mask: MaskKind) -> Self {
+        Self { tok, tpl, format, mask }
+    }
+
+    /// Encode one row. `example` becomes the segments' example id.
+    pub fn encode_row(&self, line: &[u8], example: i64, preview: bool) -> Result<Example> {
+        let text = std::str::from_utf8(line).map_err(|e| {
+            let at = e.valid_up_to();
+            CoreError::Input(format!("not valid UTF-8: byte 0x{:02x} at column {}", line[at], at + 1))
+        })?;
+        let specs = parse_row(text, self.format)?;
+        let mut segments = Vec::with_capacity(specs.len());
+        let mut previews = preview.then(Vec::new);
+        for spec in specs {
+            let r = render_and_mask(&self.tpl, &spec.conversation, self.mask)?;
+            let enc = self.tok.encode(&r.text)?;
+            if enc.ids.is_empty() {
+                return Err(CoreError::Input("the conversation renders to no tokens".into()));
+            }
+            let labels = labels_from_offsets(&enc.ids, &enc.offsets, &r.spans);
+            if labels.iter().all(|&l| l == IGNORE_INDEX) {
+                return Err(CoreError::Input(format!(
+                    "nothing to train: mask '{}' selects no token of {}",
+                    self.mask.name(),
+                    if spec.part == 0 { "the example".to_string() } else { format!("segment {}", spec.part) }
+                )));
+            }
+            if let Some(p) = previews.as_mut() {
+                p.push(preview_runs(&r.text, &enc.offsets, &labels));
+            }
+            segments.push(Segment { input_ids: enc.ids, labels, example, part: spec.part, score: spec.score });
+        }
+        Ok(Example { segments, preview: previews })
+    }
+
+    /// Encode every non-blank line of `buf` in parallel (on the current rayon
+    /// pool). Example ids are `first_example` + the line's index among the
+    /// non-blank lines; ids below `preview_below` keep their preview text.
+    pub fn encode_lines(
+        &self,
+        buf: &[u8],
+        first_row: u64,
+        first_example: i64,
+        preview_below: i64,
+    ) -> Vec<(u64, std::result::Result<Example, RowError>)> {
+        let lines = split_lines(buf, first_row);
+        lines
+            .par_iter()
+            .enumerate()
+            .map(|(k, &(row, line))| {
+                let id = first_example + k as i64;
+                (row, self.encode_row(line, id, id < preview_below).map_err(|e| RowError::new(row, e)))
+            })
+            .collect()
+    }
+}
+
+/// Over-long handling: the largest cap `c` with `sum(min(len_i, c)) <= max_len`
+/// ("water filling": long segments are cut first, short ones stay whole).
+pub fn truncation_cap(lens: &[usize], max_len: usize) -> usize {
+    let (mut lo, mut hi) = (0usize, lens.iter().copied().max().unwrap_or(0));
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        if lens.iter().map(|&l| l.min(mid)).sum::<usize>() <= max_len {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+/// Cut every segment of `ex` to at most `cap` tokens (keeping the end for
+/// `Left`, the start for `Right`) and re-mask the new first tokens.
+pub fn truncate(ex: &mut Example, cap: usize, how: Truncation) {
+    for seg in &mut ex.segments {
+        let n = seg.input_ids.len();
+        if n <= cap {
+            continue;
+        }
+        match how {
+            Truncation::Left => {
+                seg.input_ids.drain(..n - cap);
+                seg.labels.drain(..n - cap);
+            }
+            Truncation::Right | Truncation::Drop => {
+                seg.input_ids.truncate(cap);
+                seg.labels.truncate(cap);
+            }
+        }
+        if let Some(first) = seg.labels.first_mut() {
+            *first = IGNORE_INDEX;
+        }
+    }
+}
+
+/// Settings of a `Preparer`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub max_len: usize,
+    pub truncation: Truncation,
+    pub pack: bool,
+    pub shard_rows: usize,
+    pub preview: usize,
+    pub skip_invalid: bool,
+    pub threads: usize,
+    /// Pack once this many tokens are pending (0: max(4 Mi, 256 rows)).
+    pub window_tokens: usize,
+}
+
+/// Counts for the report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub docs_in: u64,
+    pub docs_out: u64,
+    pub skipped: u64,
+    pub dropped_too_long: u64,
+    pub dropped_nothing_trained: u64,
+    pub truncated: u64,
+    pub segments: u64,
+    pub rows: u64,
+    pub tokens_total: u64,
+    pub tokens_trained: u64,
+    pub windows: u64,
+}
+
+/// Result of feeding one buffer.
+#[derive(Debug, Clone, Default)]
+pub struct ChunkOutcome {
+    pub rows: u64,
+    pub errors: Vec<RowError>,
+}
+
+/// Preview of one example: its id and, per segment, (text, trained) runs.
+pub type Preview = (i64, Vec<Vec<(String, bool)>>);
+
+/// The whole pipeline, fed buffer by buffer.
+pub struct Preparer {
+    enc: Encoder,
+    opts: Options,
+    pool: rayon::ThreadPool,
+    pending: Vec<Example>,
+    pending_tokens: usize,
+    window_tokens: usize,
+    writer: ShardWriter,
+    counts: Counts,
+    next_example: i64,
+    previews: Vec<Preview>,
+}
+
+impl Preparer {
+    pub fn new(enc: Encoder, opts: Options, out_dir: &str) -> Result<Self> {
+        if opts.max_len < 2 {
+            return Err(CoreError::Input("max_len must be at least 2".into()));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(opts.threads)
+            .build()
+            .map_err(|e| CoreError::Input(format!("cannot start {} threads: {e}", opts.threads)))?;
+        let window_tokens =
+            if opts.window_tokens > 0 { opts.window_tokens } else { (4usize << 20).max(256 * opts.max_len) };
+        let writer = ShardWriter::new(out_dir, opts.shard_rows)?;
+        Ok(Self {
+            enc,
+            opts,
+            pool,
+            pending: Vec::new(),
+            pending_tokens: 0,
+            window_tokens,
+            writer,
+            counts: Counts::default(),
+            next_example: 0,
+            previews: Vec::new(),
+        })
+    }
+
+    /// Encode the JSON lines of `buf` (rows numbered from `first_row`). Without
+    /// `skip_invalid`, a buffer with errors commits nothing: the caller stops.
+    pub fn add_lines(&mut self, buf: &[u8], first_row: u64) -> Result<ChunkOutcome> {
+        let preview_below = self.opts.preview as i64;
+        let first = self.next_example;
+        let enc = &self.enc;
+        let results = self.pool.install(|| enc.encode_lines(buf, first_row, first, preview_below));
+        let mut outcome = ChunkOutcome { rows: results.len() as u64, errors: Vec::new() };
+        let mut examples = Vec::with_capacity(results.len());
+        for (_, r) in results {
+            match r {
+                Ok(ex) => examples.push(ex),
+                Err(e) => outcome.errors.push(e),
+            }
+        }
+        if !outcome.errors.is_empty() && !self.opts.skip_invalid {
+            return Ok(outcome);
+        }
+        self.next_example += outcome.rows as i64;
+        self.counts.docs_in += outcome.rows;
+        self.counts.skipped += outcome.errors.len() as u64;
+        for ex in examples {
+            self.commit(ex)?;
+        }
+        if self.pending_tokens >= self.window_tokens {
+            self.flush()?;
+        }
+        Ok(outcome)
+    }
+
+    fn commit(&mut self, mut ex: Example) -> Result<()> {
+        if let Some(p) = ex.preview.take() {
+            self.previews.push((ex.segments[0].example, p));
+        }
+        let len = ex.len();
+        if len > self.opts.max_len {
+            if self.opts.truncation == Truncation::Drop {
+                self.counts.dropped_too_long += 1;
+                return Ok(());
+            }
+            let lens: Vec<usize> = ex.segments.iter().map(Segment::len).collect();
+            let cap = truncation_cap(&lens, self.opts.max_len);
+            truncate(&mut ex, cap, self.opts.truncation);
+            let nothing = ex.segments.iter().any(|s| s.labels.iter().all(|&l| l == IGNORE_INDEX));
+            if cap == 0 || nothing {
+                self.counts.dropped_nothing_trained += 1;
+                return Ok(());
+            }
+            self.counts.truncated += 1;
+        }
+        self.counts.docs_out += 1;
+        for s in &ex.segments {
+            self.counts.segments += 1;
+            self.counts.tokens_total += s.len() as u64;
+            self.counts.tokens_trained += s.labels.iter().filter(|&&l| l != IGNORE_INDEX).count() as u64;
+        }
+        if self.opts.pack {
+            self.pending_tokens += ex.len();
+            self.pending.push(ex);
+        } else {
+            let row: Vec<&Segment> = ex.segments.iter().collect();
+            self.writer.push_row(&row)?;
+            self.counts.rows += 1;
+        }
+        Ok(())
+    }
+
+    /// Pack the pending examples and write their rows.
+    fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let lengths: Vec<usize> = self.pending.iter().map(Example::len).collect();
+        let bins = best_fit_decreasing(&lengths, self.opts.max_len)?;
+        for bin in &bins {
+            let row: Vec<&Segment> = bin.iter().flat_map(|&i| self.pending[i].segments.iter()).collect();
+            self.writer.push_row(&row)?;
+        }
+        self.counts.rows += bins.len() as u64;
+        self.counts.windows += 1;
+        self.pending.clear();
+        self.pending_tokens = 0;
+        Ok(())
+    }
+
+    pub fn counts(&self) -> &Counts {
+        &self.counts
+    }
+
+    /// Pack what is left, close the shards; (shards, counts, previews).
+    pub fn finish(mut self) -> Result<(Vec<ShardMeta>, Counts, Vec<Preview>)> {
+        self.flush()?;
+        let metas = self.writer.finish()?;
+        Ok((metas, self.counts, self.previews))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_lines_with_row_numbers() {
+        let lines = split_lines(b"{\"a\":1}\r\n\n  \n{\"b\":2}\n", 5);
+        assert_eq!(lines, vec![(5, &b"{\"a\":1}"[..]), (8, &b"{\"b\":2}"[..])]);
+    }
+
+    #[test]
+    fn water_filling_cap() {
+        assert_eq!(truncation_cap(&[10, 3], 8), 5);
+        assert_eq!(truncation_cap(&[10, 10], 8), 4);
+        assert_eq!(truncation_cap(&[3, 2], 100), 3);
+        assert_eq!(truncation_cap(&[6], 4), 4);
+    }
+
+    #[test]
+    fn truncation_keeps_the_right_end_and_remasks() {
+        let seg = Segment { input_ids: vec![1, 2, 3, 4, 5], labels: vec![-100, 2, 3, 4, 5], example: 0, part: 0, score: 0.0 };
+        let mut left = Example { segments: vec![seg.clone()], preview: None };
+        truncate(&mut left, 3, Truncation::Left);
+        assert_eq!(left.segments[0].input_ids, vec![3, 4, 5]);
+        assert_eq!(left.segments[0].labels, vec![-100, 4, 5]);
+        let mut right = Example { segments: vec![seg], preview: None };
+        truncate(&mut right, 3, Truncation::Right);
+        assert_eq!(right.segments[0].input_ids, vec![1, 2, 3]);
+        assert_eq!(right.segments[0].labels, vec![-100, 2, 3]);
+    }
+}
