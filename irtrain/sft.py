@@ -1,8 +1,114 @@
-"""`irtrain sft`: not built yet (issue 3)."""
+"""`irtrain sft`: supervised fine-tuning with the SFT loss family of FORMULAS.md.
+
+The loop is the shared one (`irtrain.train.loop.train`); this module is the SFT
+`Objective`: per micro-batch, one padding-free forward, the per-token loss from
+`SFT_LOSSES` (and a KL term from `KL_ESTIMATORS`), reduced by the response tokens of the
+whole optimizer step, plus the per-step metrics (token accuracy, entropy, value/s0, KL).
+"""
 from __future__ import annotations
 
-from irtrain.errors import NotBuiltError
+from typing import Any
+
+import torch
+
+from irtrain.errors import ConfigError, ShardError
+from irtrain.losses import (KL_ESTIMATORS, SFT_LOSSES, delta_values, entropy, first_token_mask, reduce_tokens,
+                            response_token_stats, token_accuracy)
+from irtrain.train.batching import Batch
+from irtrain.train.objective import Stats, TrainContext
+from irtrain.train.packed import packed_forward
+from irtrain.train.reference import ReferenceLogps, batch_reference
+
+SFT_FORMATS = ("chat", "prompt-completion")
 
 
-def run(cfg) -> None:
-    raise NotBuiltError("irtrain sft is not built yet (issue 3)")
+class SFTObjective:
+    """The SFT objective (see `irtrain.train.objective` for the protocol).
+
+    Per-token loss `SFT_LOSSES[cfg.loss]` (+ `kl_coef` x `KL_ESTIMATORS[cfg.kl_estimator]`),
+    summed over the micro-batch's response tokens and divided by the response tokens of the
+    whole step (FORMULAS.md "Reduction"). log q_t comes from the reference cache (no
+    reference model resident), except for `--kl-estimator full`, which needs the full
+    reference distribution and keeps a frozen copy of the starting model.
+    """
+
+    name = "sft"
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.loss = SFT_LOSSES[cfg.loss]
+        self.kl = KL_ESTIMATORS[cfg.kl_estimator] if cfg.kl_coef > 0 else None
+        if cfg.kl_coef < 0:
+            raise ConfigError("--kl-coef must be >= 0")
+        self.refs: list[ReferenceLogps] | None = None
+        self.ref_model: Any = None
+
+    def check_data(self, sets: list[Any]) -> None:
+        for s in sets:
+            if s.format not in SFT_FORMATS:
+                raise ShardError(f"{s.path}: sft trains on chat or prompt-completion shards, these are `{s.format}` shards")
+
+    def setup(self, ctx: TrainContext) -> None:
+        need_logps = self.loss.needs_ref or (self.kl is not None and not self.kl.needs_logits) or self.cfg.kl_metrics
+        if need_logps:
+            self.refs = [ctx.reference_logps(k) for k in range(len(ctx.data.sets))]
+        if self.kl is not None and self.kl.needs_logits:
+            self.ref_model = ctx.reference_model()
+
+    def step_denominator(self, batches: list[Batch]) -> float:
+        """Response tokens of this rank's micro-batches (FORMULAS.md "Reduction")."""
+        return float(sum(int((b.labels != -100).sum()) for b in batches if b.weight))
+
+    def micro_step(self, model: Any, batch: Batch, denominator: float) -> tuple[torch.Tensor, Stats]:
+        cfg = self.cfg
+        logits = packed_forward(model, batch)
+        stats = response_token_stats(logits, batch.labels, tau=cfg.value_temperature, keep_logits=True)
+        n = stats.logps.numel()
+        ref_logps = batch_reference(self.refs, batch)[0] if self.refs is not None else None
+        delta_v = None
+        if self.loss.needs_values:
+            delta_v = delta_values(stats.values, stats.is_last)
+            if not cfg.value_grad:
+                delta_v = delta_v.detach()
+        per_token = self.loss(stats.logps, ref_logps if self.loss.needs_ref else None, delta_v)
+        loss = reduce_tokens(per_token, denominator)
+
+        out: Stats = {}
+        ref_state_logits = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_logits = packed_forward(self.ref_model, batch)
+                ref_state_logits = response_token_stats(ref_logits, batch.labels, keep_logits=True).logits
+            out["kl/full"] = (KL_ESTIMATORS["full"].fn(stats.logits.detach(), ref_state_logits).sum(), n)
+        if self.kl is not None:
+            if self.kl.needs_logits:
+                kl_tok = self.kl.fn(stats.logits, ref_state_logits)
+            else:
+                kl_tok = self.kl.fn(stats.logps, ref_logps)
+            loss = loss + cfg.kl_coef * reduce_tokens(kl_tok, denominator)
+        loss = loss * batch.weight
+
+        w = batch.weight
+        with torch.no_grad():
+            out["loss/" + cfg.loss] = (per_token.detach().sum() * w, n * w)
+            if n:
+                out["token_accuracy"] = (token_accuracy(stats.logits, stats.targets) * n * w, n * w)
+                out["entropy"] = (entropy(stats.logits.detach()).sum() * w, n * w)
+                s0 = stats.values.detach()[first_token_mask(stats.is_last)]
+                out["value/s0"] = (s0.sum() * w, s0.numel() * w)
+            if ref_logps is not None:
+                for name in ("k1", "k2", "k3"):
+                    out[f"kl/{name}"] = (KL_ESTIMATORS[name].fn(stats.logps.detach(), ref_logps).sum() * w, n * w)
+            if "kl/full" in out:
+                out["kl/full"] = (out["kl/full"][0] * w, n * w)
+        return loss, out
+
+    def evaluate(self, model: Any, ctx: TrainContext) -> dict[str, float]:
+        return {}
+
+
+def run(cfg: Any) -> Any:
+    """`irtrain sft`: train `cfg.model` on `cfg.data` (see `SFTConfig`)."""
+    from irtrain.train.loop import train
+
+    return train(cfg, SFTObjective(cfg))

@@ -1,0 +1,156 @@
+"""Checkpoints: atomic, loadable by `from_pretrained`, and enough to resume exactly.
+
+A checkpoint is a directory ``OUT/checkpoint-<step:07d>/``::
+
+    model.safetensors (+ config.json, generation_config.json)   # from_pretrained-loadable
+    tokenizer.json, tokenizer_config.json, ...                   # the model's tokenizer
+    optimizer.pt  (single process)  |  deepspeed/ (DeepSpeed: per-rank optimizer partitions)
+    rng.pt        torch CPU (+ CUDA) RNG states, per rank (rng-<rank>.pt)
+    trainer_state.json   step, data position, token counters, bad-step counters, config
+
+It is written under ``.checkpoint-<step>.tmp`` and renamed when complete, so a directory
+named ``checkpoint-*`` is always whole. Everything is loaded with
+``torch.load(weights_only=True)`` or as JSON/safetensors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PREFIX = "checkpoint-"
+STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """Everything the loop needs to continue at `step` besides weights and optimizer."""
+
+    step: int = 0                 # optimizer steps completed (= index of the next step)
+    rows_consumed: int = 0        # data position: rows of the plan used so far
+    tokens: int = 0               # tokens seen (all ranks)
+    trained_tokens: int = 0       # response tokens trained on (all ranks)
+    bad_steps: int = 0            # non-finite steps skipped, in total
+    bad_in_row: int = 0           # ... in a row, right now
+    elapsed: float = 0.0          # training seconds before this process
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / f"{PREFIX}{step:07d}"
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in `out`, oldest first."""
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and (p / STATE).is_file():
+            found.append(p)
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    cks = list_checkpoints(out)
+    return cks[-1] if cks else None
+
+
+def save_checkpoint(out: Path, state: TrainState, *, model: Any, tokenizer: Any, strategy: Any, config: dict[str, Any],
+                    keep: bool = True) -> Path:
+    """Write checkpoint-<state.step> atomically (every rank calls this)."""
+    final = checkpoint_dir(out, state.step)
+    tmp = out / f".{final.name}.tmp"
+    if strategy.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    strategy.barrier()
+    full = strategy.full_state_dict()  # collective under ZeRO-3
+    if strategy.is_main:
+        inner = strategy.unwrap(model)
+        kwargs: dict[str, Any] = {"safe_serialization": True}
+        if full is not None:
+            kwargs["state_dict"] = full
+        inner.save_pretrained(tmp, **kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    strategy.save_training_state(tmp)
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / f"rng-{strategy.rank}.pt")
+    strategy.barrier()
+    if strategy.is_main:
+        payload = {"state": asdict(state), "config": config, "world_size": strategy.world_size, "keep": keep}
+        (tmp / STATE).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    strategy.barrier()
+    return final
+
+
+def read_state(path: Path) -> tuple[TrainState, dict[str, Any]]:
+    payload = json.loads((path / STATE).read_text(encoding="utf-8"))
+    return TrainState(**payload["state"]), payload
+
+
+def load_checkpoint(path: Path, *, strategy: Any) -> TrainState:
+    """Restore optimizer state and RNG from `path` (the weights are loaded by the caller
+    with `from_pretrained(path)` before `strategy.setup`). Returns the saved state."""
+    state, payload = read_state(path)
+    strategy.load_training_state(path)
+    rng_file = path / f"rng-{strategy.rank}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return state
+
+
+def prune_checkpoints(out: Path, limit: int, protected: set[int]) -> None:
+    """Keep the `limit` newest periodic checkpoints; `--save-at` ones (protected) stay."""
+    if limit <= 0:
+        return
+    periodic = [p for p in list_checkpoints(out) if int(p.name[len(PREFIX):]) not in protected]
+    for p in periodic[:-limit]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+class StopSignal:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the current step and
+    exits. A second signal of the same kind is handled normally (default action)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)

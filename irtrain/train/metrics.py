@@ -1,0 +1,99 @@
+"""Metrics out: one JSON object per logged step in ``OUT/metrics.jsonl``, TensorBoard when
+it is installed, and a `rich` progress bar with ETA and the headline metrics."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+HEADLINE = ("loss", "lr", "grad_norm", "tokens_per_s", "value/s0", "eval/pref_accuracy")
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep them readable
+    return v
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl (main rank only). On resume, entries after the checkpoint's
+    step are dropped first, so the file reads as one uninterrupted run."""
+
+    def __init__(self, out: Path, *, enabled: bool, resume_step: int | None = None, tensorboard: bool = True):
+        self.path = out / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.is_file():
+            keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._f = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+                self._tb = SummaryWriter(str(out / "tensorboard"))
+            except Exception:  # not installed: jsonl only
+                self._tb = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(out: str | Path) -> list[dict[str, Any]]:
+    path = Path(out) / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+class Progress:
+    """A rich progress bar (main rank, stderr) with ETA and the headline metrics."""
+
+    def __init__(self, total: int, start: int, *, enabled: bool, description: str = "train"):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        self._p = RichProgress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            console=console,
+        )
+        self._task = self._p.add_task(description, total=total, completed=start, info="")
+        self._p.start()
+
+    def update(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        parts = []
+        for k in HEADLINE:
+            v = metrics.get(k)
+            if isinstance(v, (int, float)):
+                parts.append(f"{k} {v:.3g}")
+        self._p.update(self._task, completed=step, info="  ".join(parts))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._p.stop()

@@ -1,0 +1,108 @@
+"""The `Objective` protocol: what a command (sft, dpo, ...) plugs into the shared loop.
+
+`irtrain.train.loop.train(cfg, objective)` owns everything generic: config checks, model
+and data loading, the deterministic data plan, gradient accumulation, the strategy
+(single process / DeepSpeed), clipping, the lr schedule, the non-finite guard,
+checkpoints and exact resume, signals, metrics and the held-out preference eval. An
+objective only says how a micro-batch becomes a loss.
+
+Lifecycle, in the order `train` calls it::
+
+    objective.check_data(sets)            # before anything is written; raise ShardError /
+                                          # ConfigError for data of the wrong kind
+    objective.setup(ctx)                  # once, model loaded, before the first step: fetch
+                                          # what you need, e.g. ctx.reference_logps(k) (computed
+                                          # with the STARTING model and cached beside the shards)
+                                          # or ctx.reference_model() (a frozen, resident copy)
+    for each optimizer step:
+        d = objective.step_denominator(batches)    # this rank's count for the step
+        D = all-reduce sum of d over ranks         # e.g. SFT: response tokens, DPO: pairs
+        for each micro-batch b of this rank:
+            loss, stats = objective.micro_step(model, b, D)
+            backward(loss)                         # the loop does this
+        clip, step (skipped and counted if the loss or grad norm is not finite)
+    objective.evaluate(model, ctx)        # optional, every --eval-steps; returns {name: float}
+
+The reduction rule (FORMULAS.md "Reduction"): `micro_step` returns this micro-batch's
+*share* of the step loss, i.e. sum over its items / D. Summed over the micro-batches of
+all ranks it is the step loss, whatever the split, so loss and gradients do not depend
+on micro-batch size, accumulation or world size. (The strategy undoes DeepSpeed's
+averaging over ranks.) A filler micro-batch (`batch.weight == 0`, keeps ranks in
+lockstep) must contribute zero: multiply by `batch.weight`.
+
+`stats` maps metric names to (sum, count) pairs of 0-d tensors (or floats); the loop adds
+them over micro-batches and ranks and logs sum / count, so a metric is a mean over
+whatever `count` counts (tokens, segments, pairs). Keep them detached.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from irtrain.shards import ShardSet
+    from irtrain.train.batching import Batch, PackedData
+    from irtrain.train.reference import ReferenceLogps
+    from irtrain.train.strategy import Strategy
+
+Stats = dict[str, tuple[Any, Any]]
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """See the module docstring. `name` is used in messages ("sft", "dpo")."""
+
+    name: str
+
+    def check_data(self, sets: list[ShardSet]) -> None:
+        """Raise `ShardError`/`ConfigError` if the shard sets are of the wrong kind."""
+        ...
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Called once before the first step (also on resume)."""
+        ...
+
+    def step_denominator(self, batches: list[Batch]) -> float:
+        """This rank's count for the step (the loop all-reduces the sum)."""
+        ...
+
+    def micro_step(self, model: Any, batch: Batch, denominator: float) -> tuple[Tensor, Stats]:
+        """(loss share to backward, detached (sum, count) metrics) of one micro-batch."""
+        ...
+
+    def evaluate(self, model: Any, ctx: TrainContext) -> dict[str, float]:
+        """Extra held-out metrics (may return {})."""
+        ...
+
+
+@dataclass
+class TrainContext:
+    """What `Objective.setup` / `evaluate` may use.
+
+    cfg:        the command's config (a `TrainConfig` subclass)
+    strategy:   the `Strategy` (rank, world size, device, all_reduce, ...)
+    data:       the training rows (`PackedData`; `data.sets[k]` is the k-th shard set)
+    model_path: the resolved starting model (local directory)
+    out:        the output directory
+    reference_logps(k): `ReferenceLogps` of training shard set k under the starting model
+                (computed once and cached beside the shards; see `reference.py`)
+    reference_logps_for(shard_set): the same for any shard set (e.g. eval data)
+    reference_model(): a frozen, resident copy of the starting model (only for what
+                truly needs full reference logits, e.g. --kl-estimator full)
+    """
+
+    cfg: Any
+    strategy: Strategy
+    data: PackedData
+    model_path: Path
+    out: Path
+    tokenizer: Any
+    reference_logps_for: Callable[[ShardSet], ReferenceLogps]
+    reference_model: Callable[[], Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def reference_logps(self, k: int) -> ReferenceLogps:
+        return self.reference_logps_for(self.data.sets[k])

@@ -1,0 +1,334 @@
+"""Reference log-probs, computed once with the starting model and cached beside the shards.
+
+For a shard set and a reference model `π_ref`, the cache holds (FORMULAS.md "Reference
+log-probs"):
+
+- `token_logps` [T] float32: log q_t for every response token (label != -100), rows in
+  order, tokens in order (exactly the order of `response_token_stats` on a row);
+- `seg_logps` [S] float64: log π_ref(y) per segment (sum over its response tokens), and
+  `seg_tokens` [S] int64: |y|;
+- `row_token_offsets` [R+1], `row_seg_offsets` [R+1]: where each row's entries start.
+
+It is one portable safetensors file, ``<shard dir>/reference/<key id>.safetensors`` (or
+under `--reference-dir`), whose metadata records the key (model hash, tokenizer hash,
+shard content hash). `ReferenceLogps.load(path, expect=key)` refuses a file made for
+another model, tokenizer or data with `ReferenceMismatchError`. Arrays are memory-mapped,
+so no reference model and no copy of the cache stays resident during training.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from irtrain.errors import ReferenceMismatchError, ShardError
+from irtrain.losses import IGNORE_INDEX, response_token_stats, segment_sums
+from irtrain.shards import ShardSet
+from irtrain.train.batching import Batch, collate
+from irtrain.train.packed import packed_forward
+
+FORMAT = "1"
+_ARRAYS = ("token_logps", "row_token_offsets", "seg_logps", "seg_tokens", "row_seg_offsets")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_hash_cache: dict[tuple[str, int, int], str] = {}
+
+
+# --------------------------------------------------------------------------- keys
+def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _hash_cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        _hash_cache[key] = h.hexdigest()
+    return _hash_cache[key]
+
+
+def model_hash(model_dir: str | Path) -> str:
+    """Identity of a model's weights: sha256 over its config and weight files' checksums."""
+    root = Path(model_dir)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
+                   and "checkpoint-" not in p.relative_to(root).as_posix())
+    if not files:
+        raise ShardError(f"{root}: no model weights found to fingerprint")
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(root).as_posix()}={_file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ReferenceKey:
+    """What a reference cache was made from."""
+
+    model_hash: str
+    tokenizer_hash: str
+    data_hash: str
+
+    @property
+    def id(self) -> str:
+        return hashlib.sha256(f"{self.model_hash}|{self.tokenizer_hash}|{self.data_hash}".encode()).hexdigest()[:24]
+
+    def describe_mismatch(self, other: ReferenceKey) -> str:
+        parts = []
+        for name, label in (("model_hash", "model"), ("tokenizer_hash", "tokenizer"), ("data_hash", "data")):
+            a, b = getattr(other, name), getattr(self, name)
+            if a != b:
+                parts.append(f"{label} {a[:12]} (this run: {b[:12]})")
+        return ", ".join(parts)
+
+
+def default_path(shards: ShardSet, key: ReferenceKey, reference_dir: str | Path | None = None) -> Path:
+    if reference_dir:
+        return Path(reference_dir) / f"{shards.content_hash[:16]}-{key.id}.safetensors"
+    return shards.path / "reference" / f"{key.id}.safetensors"
+
+
+# --------------------------------------------------------------------------- the cache
+class ReferenceLogps:
+    """A loaded reference cache (memory-mapped numpy arrays; see the module docstring)."""
+
+    def __init__(self, path: Path, key: ReferenceKey, arrays: dict[str, np.ndarray], meta: dict[str, str]):
+        self.path = path
+        self.key = key
+        self.meta = meta
+        self.token_logps = arrays["token_logps"]
+        self.row_token_offsets = arrays["row_token_offsets"]
+        self.seg_logps = arrays["seg_logps"]
+        self.seg_tokens = arrays["seg_tokens"]
+        self.row_seg_offsets = arrays["row_seg_offsets"]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_token_offsets) - 1
+
+    def row_tokens(self, i: int) -> np.ndarray:
+        """log q_t of row i's response tokens, [T_i] float32."""
+        return self.token_logps[self.row_token_offsets[i] : self.row_token_offsets[i + 1]]
+
+    def row_segments(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(log π_ref(y) [S_i] float64, |y| [S_i] int64) of row i's segments."""
+        a, b = self.row_seg_offsets[i], self.row_seg_offsets[i + 1]
+        return self.seg_logps[a:b], self.seg_tokens[a:b]
+
+    @classmethod
+    def load(cls, path: str | Path, *, expect: ReferenceKey | None = None, shards: ShardSet | None = None) -> ReferenceLogps:
+        """Open a cache file; refuse it (`ReferenceMismatchError`) if it was made for another
+        model, tokenizer or data than `expect`, or does not fit `shards`."""
+        path = Path(path)
+        if not path.is_file():
+            raise ReferenceMismatchError(f"{path}: no reference log-probs file")
+        header, data_start = _read_header(path)
+        meta = header.pop("__metadata__", {}) or {}
+        if meta.get("irtrain_reference") != FORMAT:
+            raise ReferenceMismatchError(f"{path}: not an irtrain reference log-probs file (format {meta.get('irtrain_reference')!r})")
+        key = ReferenceKey(meta.get("model_hash", ""), meta.get("tokenizer_hash", ""), meta.get("data_hash", ""))
+        if expect is not None and key != expect:
+            raise ReferenceMismatchError(
+                f"{path}: reference log-probs were made for another {expect.describe_mismatch(key)}; "
+                "delete the file or point at the right model/data")
+        dtypes = {"F32": "<f4", "F64": "<f8", "I64": "<i8"}
+        arrays = {}
+        for name in _ARRAYS:
+            if name not in header:
+                raise ReferenceMismatchError(f"{path}: array {name} is missing")
+            info = header[name]
+            start, end = info["data_offsets"]
+            dt = np.dtype(dtypes[info["dtype"]])
+            count = (end - start) // dt.itemsize
+            arrays[name] = (np.memmap(path, dtype=dt, mode="r", offset=data_start + start, shape=(count,))
+                            if count else np.zeros(0, dtype=dt))
+        ref = cls(path, key, arrays, meta)
+        if shards is not None:
+            n_rows, n_segs = len(shards), shards.num_segments
+            if ref.num_rows != n_rows or len(ref.seg_logps) != n_segs:
+                raise ReferenceMismatchError(
+                    f"{path}: made for {ref.num_rows} rows / {len(ref.seg_logps)} segments, the data has {n_rows} / {n_segs}")
+        return ref
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """safetensors layout: u64 little-endian header size, JSON header, raw little-endian data."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ReferenceMismatchError(f"{path}: truncated file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ReferenceMismatchError(f"{path}: not a safetensors file")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ReferenceMismatchError(f"{path}: not a safetensors file") from None
+    return header, 8 + n
+
+
+def write_reference(path: Path, key: ReferenceKey, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> None:
+    """Write a cache file atomically (temporary name, then rename)."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"irtrain_reference": FORMAT, "model_hash": key.model_hash, "tokenizer_hash": key.tokenizer_hash,
+                "data_hash": key.data_hash, **meta}
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    save_file({k: np.ascontiguousarray(arrays[k]) for k in _ARRAYS}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- computing
+def row_schedule(lengths: np.ndarray, token_budget: int, world_size: int, rank: int) -> list[list[int]]:
+    """Rows (strided over ranks) grouped into forward batches of at most `token_budget`
+    tokens; every rank gets the same number of batches (an empty list = a filler forward,
+    needed under ZeRO-3 where all ranks must run every forward)."""
+    def batches_of(r: int) -> list[list[int]]:
+        out: list[list[int]] = []
+        cur: list[int] = []
+        tok = 0
+        for i in range(r, len(lengths), world_size):
+            n = int(lengths[i])
+            if cur and tok + n > token_budget:
+                out.append(cur)
+                cur, tok = [], 0
+            cur.append(i)
+            tok += n
+        if cur:
+            out.append(cur)
+        return out
+
+    per_rank = [batches_of(r) for r in range(world_size)]
+    count = max(len(b) for b in per_rank)
+    return per_rank[rank] + [[] for _ in range(count - len(per_rank[rank]))]
+
+
+@torch.no_grad()
+def sequence_logps(model: Any, shards: ShardSet, *, device: torch.device, token_budget: int, world_size: int = 1,
+                   rank: int = 0, autocast: Any = None) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """For this rank's rows of `shards`: (row index, token logps [T_i] f32, segment sums
+    [S_i] f64, segment response-token counts [S_i] i64) under `model`, by padding-free
+    forwards of at most `token_budget` tokens (at least one row)."""
+    import contextlib
+
+    lengths = np.concatenate([np.diff(np.asarray(sh.arrays["row_offsets"], dtype=np.int64)) for sh in shards.shards]) \
+        if shards.shards else np.zeros(0, dtype=np.int64)
+    budget = max(token_budget, int(lengths.max()) if len(lengths) else 1)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        for rows in row_schedule(lengths, budget, world_size, rank):
+            use = rows if rows else [0]  # a filler forward keeps ZeRO-3 ranks in lockstep
+            batch = collate([shards.row(i) for i in use]).to(device)
+            with autocast() if autocast else contextlib.nullcontext():
+                logits = packed_forward(model, batch)
+            if rows:
+                yield from _split_rows(batch, logits, rows, [int(lengths[i]) for i in rows])
+    finally:
+        if was_training:
+            model.train()
+
+
+def batch_token_logps(batch: Batch, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(token logps [N], segment sums [S] f64, segment response-token counts [S]) of a
+    packed batch's logits [1, N, V]."""
+    stats = response_token_stats(logits, batch.labels)
+    seg_of_token = batch.seg_id[stats.index]
+    sums = segment_sums(stats.logps.double(), seg_of_token, batch.num_segments)
+    counts = torch.zeros(batch.num_segments, dtype=torch.long, device=sums.device).index_add_(
+        0, seg_of_token, torch.ones_like(seg_of_token))
+    return stats.logps, sums, counts
+
+
+def _split_rows(batch: Batch, logits: Tensor, rows: list[int], row_lens: list[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    logps, sums, counts = batch_token_logps(batch, logits)
+    logps, sums, counts = logps.float().cpu().numpy(), sums.cpu().numpy(), counts.cpu().numpy()
+    labels = batch.labels[0].cpu().numpy()
+    seg_ends = batch.cu_seqlens[1:].cpu().numpy()
+    tok_off = seg_off = pos = 0
+    for i, n in zip(rows, row_lens):
+        n_resp = int((labels[pos : pos + n] != IGNORE_INDEX).sum())
+        n_seg = int(((seg_ends > pos) & (seg_ends <= pos + n)).sum())
+        yield i, logps[tok_off : tok_off + n_resp], sums[seg_off : seg_off + n_seg], counts[seg_off : seg_off + n_seg]
+        tok_off += n_resp
+        seg_off += n_seg
+        pos += n
+
+
+def compute_reference(model: Any, shards: ShardSet, key: ReferenceKey, path: Path, *, strategy: Any, token_budget: int,
+                      meta: dict[str, str] | None = None) -> None:
+    """Run the starting model over every row of `shards` (rows split over ranks) and write
+    the cache file. Ranks write part files beside `path`; the main rank merges them."""
+    parts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for i, tok, sums, counts in sequence_logps(model, shards, device=strategy.device, token_budget=token_budget,
+                                               world_size=strategy.world_size, rank=strategy.rank, autocast=strategy.autocast):
+        parts[i] = (tok, sums, counts)
+    if strategy.world_size > 1:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part_file = path.parent / f".{path.name}.part{strategy.rank}.npz"
+        idx = np.asarray(sorted(parts), dtype=np.int64)
+        np.savez(part_file, rows=idx,
+                 tok_len=np.asarray([len(parts[i][0]) for i in idx], dtype=np.int64),
+                 seg_len=np.asarray([len(parts[i][1]) for i in idx], dtype=np.int64),
+                 tok=np.concatenate([parts[i][0] for i in idx]) if len(idx) else np.zeros(0, np.float32),
+                 sums=np.concatenate([parts[i][1] for i in idx]) if len(idx) else np.zeros(0, np.float64),
+                 counts=np.concatenate([parts[i][2] for i in idx]) if len(idx) else np.zeros(0, np.int64))
+        strategy.barrier()
+        if strategy.is_main:
+            for r in range(strategy.world_size):
+                f = path.parent / f".{path.name}.part{r}.npz"
+                with np.load(f, allow_pickle=False) as z:
+                    to, so = np.concatenate([[0], np.cumsum(z["tok_len"])]), np.concatenate([[0], np.cumsum(z["seg_len"])])
+                    for j, i in enumerate(z["rows"].tolist()):
+                        parts[i] = (z["tok"][to[j]:to[j + 1]], z["sums"][so[j]:so[j + 1]], z["counts"][so[j]:so[j + 1]])
+                f.unlink()
+    if strategy.is_main:
+        n = len(shards)
+        if sorted(parts) != list(range(n)):
+            raise ShardError(f"{shards.path}: reference pass covered {len(parts)} of {n} rows")
+        order = [parts[i] for i in range(n)]
+        arrays = {
+            "token_logps": np.concatenate([p[0] for p in order]).astype(np.float32) if n else np.zeros(0, np.float32),
+            "row_token_offsets": np.concatenate([[0], np.cumsum([len(p[0]) for p in order])]).astype(np.int64),
+            "seg_logps": np.concatenate([p[1] for p in order]).astype(np.float64) if n else np.zeros(0, np.float64),
+            "seg_tokens": np.concatenate([p[2] for p in order]).astype(np.int64) if n else np.zeros(0, np.int64),
+            "row_seg_offsets": np.concatenate([[0], np.cumsum([len(p[1]) for p in order])]).astype(np.int64),
+        }
+        write_reference(path, key, arrays, meta or {})
+    strategy.barrier()
+
+
+def ensure_reference(shards: ShardSet, key: ReferenceKey, *, model_fn: Any, strategy: Any, token_budget: int,
+                     reference_dir: str | Path | None = None, meta: dict[str, str] | None = None) -> ReferenceLogps:
+    """Load the cache for (shards, key), computing it first if it does not exist.
+
+    `model_fn()` returns the starting model (called only when computing). A file at the
+    expected place made for another key is refused with `ReferenceMismatchError`.
+    """
+    path = default_path(shards, key, reference_dir)
+    if not path.is_file():
+        compute_reference(model_fn(), shards, key, path, strategy=strategy, token_budget=token_budget, meta=meta)
+    return ReferenceLogps.load(path, expect=key, shards=shards)
+
+
+def batch_reference(refs: list[ReferenceLogps], batch: Batch, device: torch.device | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference values of a training `Batch` (rows from several shard sets, `refs[k]`
+    for set k): (log q_t [N_resp] f32 in `response_token_stats` order, log π_ref(y) [S] f64,
+    |y| [S] int64)."""
+    toks, sums, counts = [], [], []
+    for k, i in batch.rows:
+        toks.append(refs[k].row_tokens(i))
+        s, c = refs[k].row_segments(i)
+        sums.append(s)
+        counts.append(c)
+    dev = device if device is not None else batch.input_ids.device
+    return (torch.from_numpy(np.concatenate(toks).astype(np.float32)).to(dev),
+            torch.from_numpy(np.concatenate(sums).astype(np.float64)).to(dev),
+            torch.from_numpy(np.concatenate(counts).astype(np.int64)).to(dev))
