@@ -103,6 +103,15 @@ impl Encoder {
         Self { tok, tpl, format, mask }
     }
 
+    /// Render a conversation given as a JSON list of messages (for checks
+    /// against transformers; no validation beyond "a list of objects").
+    pub fn render_json(&self, messages_json: &str, add_generation_prompt: bool) -> Result<String> {
+        let msgs: Vec<serde_json::Value> = serde_json::from_str(messages_json)
+            .map_err(|e| CoreError::Input(format!("messages are not a JSON list: {e}")))?;
+        let values: Vec<minijinja::Value> = msgs.into_iter().map(|m| minijinja::Value::from(minijinja::value::Serde(m))).collect();
+        self.tpl.render(&values, add_generation_prompt)
+    }
+
     /// Encode one row. `example` becomes the segments' example id.
     pub fn encode_row(&self, line: &[u8], example: i64, preview: bool) -> Result<Example> {
         let text = std::str::from_utf8(line).map_err(|e| {

@@ -2,11 +2,13 @@
 //! per-area files; errors map once in `errors.rs`.
 use pyo3::prelude::*;
 
+mod data;
 mod errors;
 
 #[pymodule]
 fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
+    data::register(m)?;
     Ok(())
 }

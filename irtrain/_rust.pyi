@@ -1,0 +1,67 @@
+"""Type stubs of the private Rust extension `irtrain._rust` (reach it through
+`irtrain.data` and `irtrain.stats`, never from CLI code)."""
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+# --------------------------------------------------------------------------- data path (irtrain.data)
+RowErrors = list[tuple[int, str, str]]  # (1-based row, kind: "data"|"template"|"tokenizer"|"io", message)
+
+class Encoder:
+    """Renders (chat template), tokenizes (offsets) and masks JSON rows; no packing, no files."""
+
+    def __init__(
+        self,
+        tokenizer_file: str,
+        chat_template: str,
+        special_tokens: list[tuple[str, str]],
+        format: str,
+        mask: str,
+        threads: int = 0,
+    ) -> None: ...
+    def encode_jsonl(
+        self, buf: bytes, first_row: int = 1, first_example: int = 0
+    ) -> tuple[dict[str, npt.NDArray[Any]], RowErrors]: ...
+    def render(self, messages_json: str, add_generation_prompt: bool = False) -> str: ...
+
+class Preparer:
+    """The `prepare` pipeline writing shards into `out_dir`, fed JSON-lines buffers."""
+
+    def __init__(
+        self,
+        tokenizer_file: str,
+        chat_template: str,
+        special_tokens: list[tuple[str, str]],
+        format: str,
+        mask: str,
+        out_dir: str,
+        *,
+        max_len: int,
+        truncation: str,
+        pack: bool,
+        shard_rows: int,
+        preview: int = 0,
+        skip_invalid: bool = False,
+        threads: int = 0,
+        window_tokens: int = 0,
+    ) -> None: ...
+    def add_jsonl(self, buf: bytes, first_row: int) -> tuple[int, RowErrors]: ...
+    def progress(self) -> tuple[int, int, int]: ...
+    def finish(self) -> str: ...
+
+def detect_format(line: str) -> str: ...
+def pack_bfd(lengths: npt.NDArray[np.int64], capacity: int) -> list[list[int]]: ...
+def write_shards(
+    out_dir: str,
+    shard_rows: int,
+    input_ids: npt.NDArray[np.uint32],
+    labels: npt.NDArray[np.int32],
+    seg_offsets: npt.NDArray[np.int64],
+    seg_example: npt.NDArray[np.int64],
+    seg_part: npt.NDArray[np.int32],
+    seg_score: npt.NDArray[np.float32],
+    row_segments: npt.NDArray[np.int64],
+) -> str: ...
