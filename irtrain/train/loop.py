@@ -198,7 +198,7 @@ def train(cfg: Any, objective: Objective) -> TrainResult:
                 progress.update(state.step, metrics)
 
                 # checkpoint: periodic, --save-at, the end; and on SIGTERM/SIGINT
-                periodic = cfg.save_steps > 0 and state.step % cfg.save_steps == 0
+                periodic = cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.bad_in_row == 0
                 if periodic or state.step in save_at or state.step == total:
                     last_ckpt = checkpoint(state, keep=state.step in save_at)
                 stop_now = strategy.all_reduce(torch.tensor([1.0 if stop.requested else 0.0]), op="max").item() > 0
