@@ -43,7 +43,6 @@ class Preparer:
         truncation: str,
         pack: bool,
         shard_rows: int,
-        preview: int = 0,
         skip_invalid: bool = False,
         threads: int = 0,
         window_tokens: int = 0,

@@ -48,23 +48,21 @@ class _Validated:
 class PrepareConfig(_Validated):
     """Turn raw conversations into training-ready, memory-mapped shards."""
 
-    inputs: list[str] = opt([], "Input files or directories (JSONL/JSON/Parquet) or Hugging Face dataset names.", positional=True)
+    inputs: list[str] = opt([], "Input files or directories (JSONL/JSON/Parquet) or Hugging Face datasets (owner/name, or hf:NAME_OR_DIR).", positional=True)
     out: str = opt("", "Output shard directory.")
     tokenizer: str = opt("", "Tokenizer: a local directory (tokenizer.json + tokenizer_config.json) or hub name.")
     format: str = opt("auto", "Input format.", choices=("auto", "chat", "preference", "prompt-completion", "unpaired", "ranked"))
     split: str = opt("train", "Dataset split, for Hugging Face dataset names.")
     subset: str | None = opt(None, "Dataset configuration (subset) name, for Hugging Face dataset names.")
     chat_template: str | None = opt(None, "A Jinja file overriding the tokenizer's chat template.")
-    mask: str = opt("assistant", "Which tokens are trained.", choices=("assistant", "last", "completion", "all"))
+    mask: str = opt("assistant", "Trained tokens: every assistant turn | the last one | all after the prompt | all.", choices=("assistant", "last", "completion", "all"))
     max_len: int = opt(2048, "Maximum tokens per packed row (and per example).")
-    truncation: str = opt("drop", "What to do with an example longer than --max-len.", choices=("drop", "left", "right"))
+    truncation: str = opt("drop", "An example longer than --max-len: drop it, or cut tokens from its start (left) or end (right).", choices=("drop", "left", "right"))
     pack: bool = opt(True, "Pack examples into rows of --max-len tokens (best-fit decreasing).")
     shard_rows: int = opt(16384, "Rows per shard file set.")
     preview: int = opt(0, "Print N prepared examples with the masked tokens marked.")
     skip_invalid: bool = opt(False, "Skip invalid rows (counted in the report) instead of failing.")
     threads: int = opt(0, "Worker threads for the Rust data path (0 = all cores).")
-    seed: int = opt(0, "Seed for anything random (none of packing is).")
-    trust_remote_code: bool = opt(False, "Allow a hub tokenizer's custom code.")
 
 
 # --------------------------------------------------------------------------- training (shared)

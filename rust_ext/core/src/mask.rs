@@ -137,34 +137,6 @@ pub fn labels_from_offsets(ids: &[u32], offsets: &[(usize, usize)], spans: &[(us
     labels
 }
 
-/// Runs of the text with their trained flag, cut at token boundaries (moved to
-/// the next char boundary when a token ends inside a UTF-8 character), for
-/// `--preview`.
-pub fn preview_runs(text: &str, offsets: &[(usize, usize)], labels: &[i32]) -> Vec<(String, bool)> {
-    let mut runs: Vec<(String, bool)> = Vec::new();
-    let mut pos = 0;
-    for (j, &(_, e)) in offsets.iter().enumerate() {
-        let mut end = e.min(text.len()).max(pos);
-        while end < text.len() && !text.is_char_boundary(end) {
-            end += 1;
-        }
-        if end <= pos {
-            continue;
-        }
-        let trained = labels[j] != IGNORE_INDEX;
-        let piece = &text[pos..end];
-        match runs.last_mut() {
-            Some((s, t)) if *t == trained => s.push_str(piece),
-            _ => runs.push((piece.to_string(), trained)),
-        }
-        pos = end;
-    }
-    if pos < text.len() {
-        runs.push((text[pos..].to_string(), false));
-    }
-    runs
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,16 +199,5 @@ mod tests {
         assert_eq!(labels_from_offsets(&ids, &offsets, &[(0, 1), (8, 9)]), vec![-100, -100, -100, -100, 14]);
         assert_eq!(labels_from_offsets(&ids, &offsets, &[]), vec![-100; 5]);
         assert_eq!(labels_from_offsets(&ids, &offsets, &[(6, 7)]), vec![-100, -100, -100, 13, 14]);
-    }
-
-    #[test]
-    fn preview_runs_cover_text() {
-        let text = "ab€c";
-        let offsets = [(0, 1), (1, 2), (2, 4), (4, 5), (5, 6)];
-        let runs = preview_runs(text, &offsets, &[-100, 1, -100, 2, 3]);
-        let joined: String = runs.iter().map(|r| r.0.as_str()).collect();
-        assert_eq!(joined, text);
-        assert_eq!(runs[0], ("a".to_string(), false));
-        assert_eq!(runs[1], ("b".to_string(), true));
     }
 }

@@ -9,7 +9,7 @@
 use rayon::prelude::*;
 
 use crate::error::{CoreError, Result};
-use crate::mask::{labels_from_offsets, preview_runs, render_and_mask, MaskKind, IGNORE_INDEX};
+use crate::mask::{labels_from_offsets, render_and_mask, MaskKind, IGNORE_INDEX};
 use crate::pack::best_fit_decreasing;
 use crate::rows::{parse_row, Format};
 use crate::shard::{Segment, ShardMeta, ShardWriter};
@@ -59,12 +59,10 @@ impl RowError {
     }
 }
 
-/// One encoded example: its segments, in part order, and for `--preview` the
-/// text of each segment cut into (text, trained) runs.
+/// One encoded example: its segments, in part order.
 #[derive(Debug, Clone)]
 pub struct Example {
     pub segments: Vec<Segment>,
-    pub preview: Option<Vec<Vec<(String, bool)>>>,
 }
 
 impl Example {
@@ -113,14 +111,13 @@ impl Encoder {
     }
 
     /// Encode one row. `example` becomes the segments' example id.
-    pub fn encode_row(&self, line: &[u8], example: i64, preview: bool) -> Result<Example> {
+    pub fn encode_row(&self, line: &[u8], example: i64) -> Result<Example> {
         let text = std::str::from_utf8(line).map_err(|e| {
             let at = e.valid_up_to();
             CoreError::Input(format!("not valid UTF-8: byte 0x{:02x} at column {}", line[at], at + 1))
         })?;
         let specs = parse_row(text, self.format)?;
         let mut segments = Vec::with_capacity(specs.len());
-        let mut previews = preview.then(Vec::new);
         for spec in specs {
             let r = render_and_mask(&self.tpl, &spec.conversation, self.mask)?;
             let enc = self.tok.encode(&r.text)?;
@@ -135,23 +132,19 @@ impl Encoder {
                     if spec.part == 0 { "the example".to_string() } else { format!("segment {}", spec.part) }
                 )));
             }
-            if let Some(p) = previews.as_mut() {
-                p.push(preview_runs(&r.text, &enc.offsets, &labels));
-            }
             segments.push(Segment { input_ids: enc.ids, labels, example, part: spec.part, score: spec.score });
         }
-        Ok(Example { segments, preview: previews })
+        Ok(Example { segments })
     }
 
     /// Encode every non-blank line of `buf` in parallel (on the current rayon
     /// pool). Example ids are `first_example` + the line's index among the
-    /// non-blank lines; ids below `preview_below` keep their preview text.
+    /// non-blank lines.
     pub fn encode_lines(
         &self,
         buf: &[u8],
         first_row: u64,
         first_example: i64,
-        preview_below: i64,
     ) -> Vec<(u64, std::result::Result<Example, RowError>)> {
         let lines = split_lines(buf, first_row);
         lines
@@ -159,7 +152,7 @@ impl Encoder {
             .enumerate()
             .map(|(k, &(row, line))| {
                 let id = first_example + k as i64;
-                (row, self.encode_row(line, id, id < preview_below).map_err(|e| RowError::new(row, e)))
+                (row, self.encode_row(line, id).map_err(|e| RowError::new(row, e)))
             })
             .collect()
     }
@@ -211,7 +204,6 @@ pub struct Options {
     pub truncation: Truncation,
     pub pack: bool,
     pub shard_rows: usize,
-    pub preview: usize,
     pub skip_invalid: bool,
     pub threads: usize,
     /// Pack once this many tokens are pending (0: max(4 Mi, 256 rows)).
@@ -241,9 +233,6 @@ pub struct ChunkOutcome {
     pub errors: Vec<RowError>,
 }
 
-/// Preview of one example: its id and, per segment, (text, trained) runs.
-pub type Preview = (i64, Vec<Vec<(String, bool)>>);
-
 /// The whole pipeline, fed buffer by buffer.
 pub struct Preparer {
     enc: Encoder,
@@ -255,7 +244,6 @@ pub struct Preparer {
     writer: ShardWriter,
     counts: Counts,
     next_example: i64,
-    previews: Vec<Preview>,
 }
 
 impl Preparer {
@@ -280,17 +268,15 @@ impl Preparer {
             writer,
             counts: Counts::default(),
             next_example: 0,
-            previews: Vec::new(),
         })
     }
 
     /// Encode the JSON lines of `buf` (rows numbered from `first_row`). Without
     /// `skip_invalid`, a buffer with errors commits nothing: the caller stops.
     pub fn add_lines(&mut self, buf: &[u8], first_row: u64) -> Result<ChunkOutcome> {
-        let preview_below = self.opts.preview as i64;
         let first = self.next_example;
         let enc = &self.enc;
-        let results = self.pool.install(|| enc.encode_lines(buf, first_row, first, preview_below));
+        let results = self.pool.install(|| enc.encode_lines(buf, first_row, first));
         let mut outcome = ChunkOutcome { rows: results.len() as u64, errors: Vec::new() };
         let mut examples = Vec::with_capacity(results.len());
         for (_, r) in results {
@@ -315,9 +301,6 @@ impl Preparer {
     }
 
     fn commit(&mut self, mut ex: Example) -> Result<()> {
-        if let Some(p) = ex.preview.take() {
-            self.previews.push((ex.segments[0].example, p));
-        }
         let len = ex.len();
         if len > self.opts.max_len {
             if self.opts.truncation == Truncation::Drop {
@@ -373,11 +356,11 @@ impl Preparer {
         &self.counts
     }
 
-    /// Pack what is left, close the shards; (shards, counts, previews).
-    pub fn finish(mut self) -> Result<(Vec<ShardMeta>, Counts, Vec<Preview>)> {
+    /// Pack what is left and close the shards.
+    pub fn finish(mut self) -> Result<(Vec<ShardMeta>, Counts)> {
         self.flush()?;
         let metas = self.writer.finish()?;
-        Ok((metas, self.counts, self.previews))
+        Ok((metas, self.counts))
     }
 }
 
@@ -402,11 +385,11 @@ mod tests {
     #[test]
     fn truncation_keeps_the_right_end_and_remasks() {
         let seg = Segment { input_ids: vec![1, 2, 3, 4, 5], labels: vec![-100, 2, 3, 4, 5], example: 0, part: 0, score: 0.0 };
-        let mut left = Example { segments: vec![seg.clone()], preview: None };
+        let mut left = Example { segments: vec![seg.clone()] };
         truncate(&mut left, 3, Truncation::Left);
         assert_eq!(left.segments[0].input_ids, vec![3, 4, 5]);
         assert_eq!(left.segments[0].labels, vec![-100, 4, 5]);
-        let mut right = Example { segments: vec![seg], preview: None };
+        let mut right = Example { segments: vec![seg] };
         truncate(&mut right, 3, Truncation::Right);
         assert_eq!(right.segments[0].input_ids, vec![1, 2, 3]);
         assert_eq!(right.segments[0].labels, vec![-100, 2, 3]);

@@ -4,7 +4,7 @@
 //! released around every O(n) step. Reached through `irtrain.data`.
 use irtrain_core::mask::MaskKind;
 use irtrain_core::pack::best_fit_decreasing;
-use irtrain_core::prepare::{Counts, Encoder, Options, Preparer, Preview, RowError, Truncation};
+use irtrain_core::prepare::{Counts, Encoder, Options, Preparer, RowError, Truncation};
 use irtrain_core::rows::{detect_format_line, Format};
 use irtrain_core::shard::{Segment, ShardMeta, ShardWriter};
 use irtrain_core::template::ChatTemplate;
@@ -79,7 +79,7 @@ impl PyEncoder {
         first_example: i64,
     ) -> PyResult<(Bound<'py, PyDict>, RowErrors)> {
         let (flat, errors) = py.detach(|| {
-            let results = self.pool.install(|| self.inner.encode_lines(&buf, first_row, first_example, 0));
+            let results = self.pool.install(|| self.inner.encode_lines(&buf, first_row, first_example));
             let mut flat = Flat::default();
             let mut errors = Vec::new();
             for (row, r) in results {
@@ -163,8 +163,7 @@ impl PyPreparer {
 impl PyPreparer {
     #[new]
     #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, out_dir, *, max_len,
-                        truncation, pack, shard_rows, preview = 0, skip_invalid = false, threads = 0,
-                        window_tokens = 0))]
+                        truncation, pack, shard_rows, skip_invalid = false, threads = 0, window_tokens = 0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -178,7 +177,6 @@ impl PyPreparer {
         truncation: &str,
         pack: bool,
         shard_rows: usize,
-        preview: usize,
         skip_invalid: bool,
         threads: usize,
         window_tokens: usize,
@@ -191,7 +189,6 @@ impl PyPreparer {
                     truncation: Truncation::parse(truncation)?,
                     pack,
                     shard_rows,
-                    preview,
                     skip_invalid,
                     threads,
                     window_tokens,
@@ -218,15 +215,14 @@ impl PyPreparer {
     }
 
     /// Pack what is left and close the shards. Returns JSON:
-    /// `{"shards": [...], "counts": {...}, "previews": [[id, [[[text, trained], ...], ...]], ...]}`.
+    /// `{"shards": [{"name", "rows", "segments", "tokens", "sha256": {...}}, ...], "counts": {...}}`.
     fn finish(&mut self, py: Python<'_>) -> PyResult<String> {
         let p = self
             .inner
             .take()
             .ok_or_else(|| to_pyerr(CoreError::Input("this Preparer is finished".into())))?;
-        let (metas, counts, previews) = py.detach(|| p.finish()).map_err(to_pyerr)?;
-        Ok(json!({"shards": metas_json(&metas), "counts": counts_json(&counts), "previews": previews_json(&previews)})
-            .to_string())
+        let (metas, counts) = py.detach(|| p.finish()).map_err(to_pyerr)?;
+        Ok(json!({"shards": metas_json(&metas), "counts": counts_json(&counts)}).to_string())
     }
 }
 
@@ -248,10 +244,6 @@ fn counts_json(c: &Counts) -> serde_json::Value {
         "truncated": c.truncated, "segments": c.segments, "rows": c.rows,
         "tokens_total": c.tokens_total, "tokens_trained": c.tokens_trained, "windows": c.windows,
     })
-}
-
-fn previews_json(p: &[Preview]) -> serde_json::Value {
-    p.iter().map(|(id, segs)| json!([id, segs])).collect()
 }
 
 /// The format a JSON row's fields indicate (chat, preference, prompt-completion, unpaired, ranked).
