@@ -301,3 +301,68 @@ def test_it_learns(tiny_model_dir, data_dir, heldout_dir, pref_dir, tmp_path):
     AutoTokenizer.from_pretrained(str(ck))
     # the reference log-probs were cached beside the shards
     assert len(list((Path(data_dir) / "reference").glob("*.safetensors"))) >= 1
+
+
+# --------------------------------------------------------------------------- bad input
+def _one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    text = (result.stderr if hasattr(result, "stderr") else result.output).strip()
+    assert text.startswith("error:") and "\n" not in text, text
+    assert "Traceback" not in result.output
+    return text
+
+
+def test_bad_input_fails_before_training_and_writes_nothing(tiny_model_dir, tokenizer_dirs, data_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from irtrain.shards import write_shard_set
+
+    other_tok = AutoTokenizer.from_pretrained(str(tokenizer_dirs["llama3"]))
+    other = make_sft_shards(other_tok, tmp_path / "other-tok", n=8)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_rows = tmp_path / "no-rows"
+    write_shard_set(no_rows, "chat", [], max_len=128)
+    pairs_only = make_preference_shards(AutoTokenizer.from_pretrained(str(tiny_model_dir)), tmp_path / "pairs", n=4)
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text('lr = 1e-4\nlearning_rate_typo = 3\n')
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    before = sorted(p.name for p in Path(data_dir).iterdir())
+    out = tmp_path / "out"
+    cases = {
+        "no such directory": ["--model", tmp_path / "no-model", "--out", out, data_dir],
+        "another tokenizer": ["--model", tiny_model_dir, "--out", out, other],
+        "not a shard directory": ["--model", tiny_model_dir, "--out", out, empty],
+        "holds no rows": ["--model", tiny_model_dir, "--out", out, no_rows],
+        "sft trains on chat": ["--model", tiny_model_dir, "--out", out, pairs_only],
+        "unknown config key 'learning_rate_typo'": ["--config", bad_toml, "--model", tiny_model_dir, "--out", out, data_dir],
+        "beyond the run": ["--model", tiny_model_dir, "--out", out, "--max-steps", "10", "--save-at", "5,11", data_dir],
+        "is not writable": ["--model", tiny_model_dir, "--out", "/sys/irtrain-sft-out", "--global-batch", "8", data_dir],
+        "is not a directory": ["--model", tiny_model_dir, "--out", a_file / "sub", "--global-batch", "8", data_dir],
+        "is not one of": ["--model", tiny_model_dir, "--out", out, "--loss", "mse", data_dir],
+    }
+    for expected, args in cases.items():
+        msg = _one_line_error(sft(*args))
+        assert expected in msg, (expected, msg)
+        assert not out.exists(), expected
+        assert not (a_file.parent / "sub").exists()
+    assert sorted(p.name for p in Path(data_dir).iterdir()) == before  # no reference cache written either
+
+
+# --------------------------------------------------------------------------- every loss and KL estimator runs in the loop
+@pytest.mark.parametrize("loss,kl", [("ce", "full"), ("dft", "k1"), ("pearson", "k2"), ("hellinger", "k3"), ("js", "full")])
+def test_losses_and_kl_in_the_loop(tiny_model_dir, data_dir, tmp_path, loss, kl):
+    out = tmp_path / "o"
+    r = sft("--model", tiny_model_dir, "--out", out, "--loss", loss, "--kl-coef", "0.1", "--kl-estimator", kl,
+            "--global-batch", "4", "--micro-batch", "2", "--max-steps", "2", "--lr", "1e-3", "--no-tensorboard", data_dir)
+    assert r.exit_code == 0, r.output
+    m = read_metrics(out)
+    assert [x["step"] for x in m] == [1, 2]
+    assert all(np.isfinite(x["loss"]) and x.get("skipped") is None for x in m)
+    first = m[0]
+    assert abs(first["kl/k3"]) < 1e-6  # the model is the reference at step 1
+    if kl == "full":
+        assert abs(first["kl/full"]) < 1e-6 and m[1]["kl/full"] > 0
+    # at step 1 the KL term is 0, so the step loss is the SFT loss alone
+    assert first["loss"] == pytest.approx(first[f"loss/{loss}"], rel=1e-5, abs=1e-6)

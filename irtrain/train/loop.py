@@ -312,8 +312,12 @@ def check_out_dir(out: Path) -> Path:
         parent = parent.parent
     if not parent.is_dir():
         raise IrtrainIOError(f"--out {out}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise IrtrainIOError(f"--out {out} is not writable ({parent} does not allow writing)")
+    try:  # os.access is not enough (root, read-only mounts): try it, leaving nothing behind
+        import tempfile
+
+        os.rmdir(tempfile.mkdtemp(prefix=".irtrain-probe-", dir=parent))
+    except OSError as e:
+        raise IrtrainIOError(f"--out {out} is not writable ({parent}: {e.strerror or e})") from None
     return out
 
 
