@@ -102,7 +102,7 @@ def _check(cfg: PrepareConfig) -> None:
 def _detect(source: Any) -> str:
     line = first_row(source)
     if line is None:
-        raise DataError("no rows to detect the format from", path=source.name)
+        raise DataError("file is empty (no rows)", path=source.name)
     try:
         return _rust.detect_format(line)
     except DataError as e:
@@ -124,11 +124,13 @@ def _previous_output(out: Path) -> dict[str, Any] | None:
     exist; ShardError when it exists and is something else."""
     if not out.exists():
         return None
+    if not (out / MANIFEST).is_file():
+        raise ShardError(f"--out {out} exists and is not an irtrain prepare output (no {MANIFEST}); "
+                         "choose another --out or remove it")
     try:
         ss = ShardSet(out)
     except ShardError as e:
-        raise ShardError(f"--out {out} exists and is not an irtrain prepare output ({e}); "
-                         "choose another --out or remove it") from None
+        raise ShardError(f"--out {out} is not a usable prepare output ({e}); choose another --out or remove it") from None
     if "cache_key" not in ss.manifest:
         raise ShardError(f"--out {out} holds shards not written by `irtrain prepare`; choose another --out or remove it")
     return ss.manifest

@@ -1,0 +1,193 @@
+"""irtrain.data and the Rust pieces under it, each against a pure-Python oracle or its peer:
+the shard writer against `shards.write_shard_set` (byte for byte), packing against the
+rules (hypothesis) and TRL's BFD, rendering and tokenization against transformers."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from irtrain import data
+from irtrain.errors import DataError, TemplateError
+from irtrain.shards import ARRAYS, Segment, write_shard_set
+
+
+# --------------------------------------------------------------------------- shard writer
+segments = st.builds(
+    lambda ids, labels_on, ex, part, score: Segment(
+        input_ids=ids, labels=[t if on else -100 for t, on in zip(ids, labels_on * len(ids))], example=ex,
+        part=part, score=score),
+    st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=12),
+    st.lists(st.booleans(), min_size=1, max_size=1),
+    st.integers(0, 10**12),
+    st.integers(0, 7),
+    st.one_of(st.just(float("nan")), st.floats(-1e6, 1e6, width=32)),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.lists(st.lists(segments, min_size=1, max_size=4), max_size=9), shard_rows=st.integers(1, 4))
+def test_rust_writer_is_byte_identical_to_the_reference(tmp_path_factory, rows, shard_rows):
+    root = tmp_path_factory.mktemp("w")
+    ref = write_shard_set(root / "ref", "chat", rows, max_len=64, shard_rows=shard_rows)
+    metas = data.write_shards(root / "rust", rows, shard_rows=shard_rows)
+    assert [m["name"] for m in metas] == [m["name"] for m in ref["shards"]]
+    for mine, theirs in zip(metas, ref["shards"]):
+        assert mine == theirs  # rows, segments, tokens and every file's sha256
+        for name in ARRAYS:
+            a = (root / "rust" / mine["name"] / f"{name}.bin").read_bytes()
+            b = (root / "ref" / mine["name"] / f"{name}.bin").read_bytes()
+            assert a == b, name
+
+
+def test_write_shards_rejects_inconsistent_arrays(tmp_path):
+    from irtrain import _rust
+
+    with pytest.raises(DataError, match="array lengths"):
+        _rust.write_shards(str(tmp_path / "x"), 4, np.zeros(3, np.uint32), np.zeros(3, np.int32),
+                           np.array([0, 3], np.int64), np.zeros(2, np.int64), np.zeros(1, np.int32),
+                           np.zeros(1, np.float32), np.array([0, 1], np.int64))
+
+
+# --------------------------------------------------------------------------- packing
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), max_size=200), cap=st.integers(300, 1000))
+def test_bfd_packs_every_item_once_within_capacity(lengths, cap):
+    rows = data.pack_bfd(lengths, cap)
+    flat = sorted(i for r in rows for i in r)
+    assert flat == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in r) <= cap for r in rows)
+    assert all(r for r in rows)
+    assert len(rows) >= math.ceil(sum(lengths) / cap)
+    # best fit decreasing never leaves two rows that could be merged
+    loads = sorted(sum(lengths[i] for i in r) for r in rows)
+    assert len(loads) < 2 or loads[0] + loads[1] > cap
+
+
+def test_bfd_rejects_items_longer_than_a_row():
+    with pytest.raises(DataError, match="more than the row capacity"):
+        data.pack_bfd([5, 11], 10)
+
+
+def test_bfd_needs_no_more_rows_than_trl():
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(6.5, 0.8, size=3000).astype(int), 1, 4096)
+    ds = Dataset.from_dict({"input_ids": [[1] * int(n) for n in lengths]})
+    trl_rows = len(pack_dataset(ds, 4096, strategy="bfd"))
+    ours = len(data.pack_bfd(lengths.tolist(), 4096))
+    assert ours <= trl_rows, (ours, trl_rows)
+
+
+# --------------------------------------------------------------------------- tokenizer files and rendering
+def test_load_tokenizer_reads_template_and_specials(tokenizer_dirs):
+    tok = data.load_tokenizer(str(tokenizer_dirs["llama3"]))
+    assert dict(tok.special_tokens)["bos_token"] == "<|begin_of_text|>"
+    assert "<|start_header_id|>" in tok.chat_template
+    assert len(tok.hash) == 64
+
+
+def test_tokenizer_hash_matches_what_training_checks(tokenizer_dirs):
+    """`irtrain.train` compares manifests' tokenizer_hash with sha256(backend_tokenizer.to_str())."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    d = tokenizer_dirs["chatml"]
+    backend = AutoTokenizer.from_pretrained(str(d)).backend_tokenizer
+    assert data.load_tokenizer(str(d)).hash == hashlib.sha256(backend.to_str().encode()).hexdigest()
+
+
+def test_missing_tokenizer_dir_is_an_error(tmp_path):
+    from irtrain.errors import TokenizerError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+        data.load_tokenizer(str(tmp_path / "empty"))
+
+
+HF_STYLE_TEMPLATE = (
+    # constructs real hub templates use: namespace, loop controls, python string methods,
+    # selectattr, tojson, whitespace control, trim_blocks/lstrip_blocks, raise_exception
+    "{%- set ns = namespace(sys='') -%}\n"
+    "{%- for m in messages %}\n"
+    "    {%- if m.role == 'system' %}{% set ns.sys = m.content.strip() %}{% continue %}{% endif %}\n"
+    "    {%- if m.role not in ['user', 'assistant'] %}{{ raise_exception('bad role ' + m.role) }}{% endif %}\n"
+    "<|{{ m.role }}|>\n"
+    "    {% if loop.first and ns.sys %}[{{ ns.sys | upper }}] {% endif %}\n"
+    "{{ m.content.replace('  ', ' ') | trim }}{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}\n"
+    "{% endfor %}\n"
+    "{%- if messages | selectattr('role', 'equalto', 'user') | list | length > 1 %}#{{ messages[-1] | tojson }}{% endif %}\n"
+    "{%- if add_generation_prompt %}<|assistant|>\n{% endif %}\n"
+)
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "mistral", "hf_style"])
+def test_render_matches_transformers(tokenizer_dirs, template, tmp_path):
+    from transformers import AutoTokenizer
+
+    d = tokenizer_dirs["chatml" if template == "hf_style" else template]
+    tok = AutoTokenizer.from_pretrained(str(d))
+    src = None
+    if template == "hf_style":
+        (tmp_path / "t.jinja").write_text(HF_STYLE_TEMPLATE)
+        src = str(tmp_path / "t.jinja")
+        tok.chat_template = HF_STYLE_TEMPLATE
+    enc = data.Encoder(str(d), chat_template=src)
+    convs = [
+        [{"role": "user", "content": "  hi  there \n"}, {"role": "assistant", "content": "yo 🎉 \"q\" <b>&"}],
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}, {"role": "user", "content": "日本語\tx"},
+         {"role": "assistant", "content": "b\n\n"}],
+    ]
+    if template != "mistral":
+        convs.append([{"role": "system", "content": " sys "}, {"role": "user", "content": "u"}])
+    for msgs in convs:
+        for gen in (False, True):
+            assert enc.render(msgs, gen) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+
+def test_template_errors(tokenizer_dirs, tmp_path):
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}{{ m.content }")
+    with pytest.raises(TemplateError, match="bad.jinja.*does not parse"):
+        data.Encoder(str(tokenizer_dirs["chatml"]), chat_template=str(bad))
+    enc = data.Encoder(str(tokenizer_dirs["mistral"]))
+    docs, errors = enc.encode([{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                                             {"role": "assistant", "content": "a"}]}])
+    assert docs == [] and errors[0][:2] == (1, "template")
+    assert "Conversation roles must alternate" in errors[0][2]
+
+
+# --------------------------------------------------------------------------- encode_rows (what `score` can reuse)
+def test_encode_rows_shapes(tokenizer_dirs):
+    tok = str(tokenizer_dirs["chatml"])
+    chat = data.encode_rows([{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}], tok)
+    assert chat[0]["id"] == 0 and len(chat[0]["input_ids"]) == len(chat[0]["labels"])
+    pref = data.encode_rows([{"prompt": "q", "chosen": "good", "rejected": "bad"}], tok, fmt="preference")
+    assert set(pref[0]) == {"id", "chosen", "rejected"}
+    ranked = data.encode_rows([{"prompt": "q", "completions": ["x", "y", "z"], "scores": [1, 3, 2]}], tok, fmt="ranked")
+    assert [c["score"] for c in ranked[0]["candidates"]] == [3.0, 2.0, 1.0]
+    kto = data.encode_rows([{"prompt": "q", "completion": "c", "label": False}], tok, fmt="unpaired")
+    assert kto[0]["label"] is False
+    with pytest.raises(DataError, match=r"<rows>:2: .*no 'messages'"):
+        data.encode_rows([{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
+                          {"text": "x"}], tok)
+
+
+def test_detect_format():
+    assert data.detect_format(json.dumps({"messages": []})) == "chat"
+    assert data.detect_format(json.dumps({"prompt": "p", "chosen": [], "rejected": [], "messages": []})) == "preference"
+    with pytest.raises(DataError, match="cannot tell the format"):
+        data.detect_format(json.dumps({"text": "x"}))
+
+
+def test_iter_documents_is_reexported():
+    from irtrain import shards
+
+    assert data.iter_documents is shards.iter_documents
