@@ -91,6 +91,8 @@ def train(cfg: Any, objective: Objective) -> TrainResult:
     model.config.use_cache = False
     model = strategy.setup(model)
     state = load_checkpoint(resume_from, strategy=strategy) if resume_from else TrainState()
+    if resume_from and hasattr(objective, "load_state_dict"):  # optional: an objective's own state (dpo's joint lambda)
+        objective.load_state_dict(state.extra.get("objective", {}))
     refs = References(cfg, strategy, model, model_path, tok_hash, fresh=resume_from is None)
     ctx = TrainContext(cfg=cfg, strategy=strategy, data=data, model_path=model_path, out=out, tokenizer=tokenizer,
                        reference_logps_for=refs.logps, reference_model=refs.model)
@@ -113,6 +115,8 @@ def train(cfg: Any, objective: Objective) -> TrainResult:
         return ev
 
     def checkpoint(step_state: TrainState, keep: bool) -> Path:
+        if hasattr(objective, "state_dict"):  # optional, JSON-serialisable; restored on --resume
+            step_state.extra["objective"] = objective.state_dict()
         path = save_checkpoint(out, step_state, model=model, tokenizer=tokenizer, strategy=strategy,
                                config=config_dict, keep=keep)
         if strategy.is_main:
