@@ -324,3 +324,58 @@ def problem_from_prompt(prompt: str) -> Problem:
     start = int(toks[0])
     ops = tuple((toks[i], int(toks[i + 1])) for i in range(1, len(toks), 2))
     return Problem(start, ops)
+
+
+# --------------------------------------------------------------------------- accuracy by generation
+def generate_responses(model: Any, tokenizer: Any, problems: list[Problem], *, max_new_tokens: int = 64,
+                       batch_size: int = 128) -> list[str]:
+    """Greedy responses of a transformers causal LM to the problems' prompts (chat template,
+    generation prompt, left padding), decoded without special tokens. Generation stops at
+    the tokenizer's EOS (the end-of-turn token of the toy templates)."""
+    import torch
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        for i in range(0, len(problems), batch_size):
+            chunk = problems[i : i + batch_size]
+            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False,
+                                                     add_generation_prompt=True) for p in chunk]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        if was_training:
+            model.train()
+    return out
+
+
+def task_accuracy(model_dir: str | Path, problems: list[Problem], *, max_new_tokens: int = 64,
+                  batch_size: int = 128, samples: int = 3) -> dict[str, Any]:
+    """Held-out task accuracy of the model saved in ``model_dir`` by greedy generation.
+
+    Returns ``accuracy`` (the final answer is exact, `check_answer`), ``steps_accuracy``
+    (every step right too, `check_steps`), ``n`` and a few ``samples`` (prompt, response, ok).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not problems:
+        raise ValueError("no problems to evaluate")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    texts = generate_responses(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    ok = [check_answer(p, t) for p, t in zip(problems, texts)]
+    strict = [check_steps(p, t) for p, t in zip(problems, texts)]
+    return {
+        "accuracy": sum(ok) / len(ok),
+        "steps_accuracy": sum(strict) / len(strict),
+        "n": len(ok),
+        "samples": [{"prompt": p.prompt, "response": t, "correct": c} for p, t, c in list(zip(problems, texts, ok))[:samples]],
+    }
