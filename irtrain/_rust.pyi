@@ -64,3 +64,9 @@ def write_shards(
     seg_score: npt.NDArray[np.float32],
     row_segments: npt.NDArray[np.int64],
 ) -> str: ...
+
+# --------------------------------------------------------------------------- statistics (irtrain.stats)
+def kendall_tau(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> tuple[float, float]: ...
+def kendall_tau_matrix(
+    m: npt.NDArray[np.float64],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

@@ -3,6 +3,7 @@
 //! Each module holds one piece of logic with its own `#[cfg(test)]` tests;
 //! the pyo3 bindings live in the separate `irtrain-py` crate.
 pub mod error;
+pub mod kendall;
 // data path (`irtrain prepare`)
 pub mod mask;
 pub mod pack;

@@ -4,11 +4,13 @@ use pyo3::prelude::*;
 
 mod data;
 mod errors;
+mod stats;
 
 #[pymodule]
 fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     errors::register(m)?;
     data::register(m)?;
+    stats::register(m)?;
     Ok(())
 }
