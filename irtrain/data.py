@@ -52,7 +52,7 @@ class TokenizerFiles:
     chat_template: str | None  # the template text (None: the tokenizer has none)
     chat_template_origin: str  # where the template came from, for error messages
     special_tokens: list[tuple[str, str]]  # (name, token), e.g. ("bos_token", "<s>")
-    hash: str  # sha256 of the canonical tokenizer.json (as `tokenizers` serializes it)
+    file_sha256: str  # sha256 of the tokenizer.json and tokenizer_config.json bytes (cache keys)
 
     @property
     def chat_template_hash(self) -> str:
@@ -134,15 +134,12 @@ def load_tokenizer(name_or_dir: str, chat_template_file: str | None = None) -> T
                 ct = next((t.get("template") for t in ct if isinstance(t, dict) and t.get("name") == "default"), None)
             if isinstance(ct, str):
                 template, origin = ct, f"{cfg_path} (chat_template)"
-    try:
-        from tokenizers import Tokenizer
-
-        canonical = Tokenizer.from_file(str(tj)).to_str()
-    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exception on bad files
-        raise TokenizerError(f"{tj}: cannot load: {e}") from None
+    h = hashlib.sha256(Path(tj).read_bytes())
+    if cfg_path is not None:
+        h.update(Path(cfg_path).read_bytes())
     return TokenizerFiles(
         name=name_or_dir, tokenizer_file=str(tj), chat_template=template, chat_template_origin=origin,
-        special_tokens=specials, hash=hashlib.sha256(canonical.encode("utf-8")).hexdigest(),
+        special_tokens=specials, file_sha256=h.hexdigest(),
     )
 
 
@@ -359,6 +356,12 @@ class Encoder:
             self._enc = _rust.Encoder(tok.tokenizer_file, tok.chat_template, tok.special_tokens, fmt, mask, threads)
         except TemplateError as e:
             raise TemplateError(e.message, path=tok.chat_template_origin) from None
+
+    @property
+    def tokenizer_hash(self) -> str:
+        """sha256 of the tokenizer's canonical serialization: what manifests record and what
+        `irtrain.train` compares with sha256(transformers' `backend_tokenizer.to_str()`)."""
+        return self._enc.tokenizer_hash
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         """The chat template applied to `messages` (what transformers' apply_chat_template renders)."""

@@ -113,7 +113,7 @@ def cache_key(cfg: PrepareConfig, fmt: str, tok: TokenizerFiles, fingerprints: l
     """What identifies a prepare output: tokenizer, template, inputs' hashes, config."""
     conf = {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_IN_KEY}
     conf["format"] = fmt
-    blob = json.dumps({"v": PREPARE_VERSION, "shards": FORMAT_VERSION, "tokenizer": tok.hash,
+    blob = json.dumps({"v": PREPARE_VERSION, "shards": FORMAT_VERSION, "tokenizer": tok.file_sha256,
                        "chat_template": tok.chat_template_hash, "sources": fingerprints, "config": conf},
                       sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
@@ -170,6 +170,7 @@ def _build(cfg: PrepareConfig, fmt: str, tok: TokenizerFiles, sources: list[Any]
             src.rows = prep.progress()[0] - docs_before  # non-blank rows, skipped ones included
             if src.rows == 0:
                 raise DataError("file is empty (no rows)", path=src.name)
+    tokenizer_hash = prep.tokenizer_hash
     result = json.loads(prep.finish())
     shards, c = result["shards"], result["counts"]
     slots = c["rows"] * cfg.max_len
@@ -184,7 +185,7 @@ def _build(cfg: PrepareConfig, fmt: str, tok: TokenizerFiles, sources: list[Any]
     }
     return {
         "irtrain_shards": FORMAT_VERSION, "format": fmt, "packed": bool(cfg.pack), "max_len": cfg.max_len,
-        "tokenizer_hash": tok.hash, "chat_template_hash": tok.chat_template_hash,
+        "tokenizer_hash": tokenizer_hash, "chat_template_hash": tok.chat_template_hash,
         "sources": [{"path": s.name, "sha256": fp, "rows": s.rows} for s, fp in zip(sources, fingerprints)],
         "config": config_to_dict(cfg), "report": report, "shards": shards,
         "content_hash": content_hash(shards), "cache_key": key,

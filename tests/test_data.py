@@ -90,7 +90,7 @@ def test_load_tokenizer_reads_template_and_specials(tokenizer_dirs):
     tok = data.load_tokenizer(str(tokenizer_dirs["llama3"]))
     assert dict(tok.special_tokens)["bos_token"] == "<|begin_of_text|>"
     assert "<|start_header_id|>" in tok.chat_template
-    assert len(tok.hash) == 64
+    assert len(tok.file_sha256) == 64
 
 
 def test_tokenizer_hash_matches_what_training_checks(tokenizer_dirs):
@@ -101,7 +101,7 @@ def test_tokenizer_hash_matches_what_training_checks(tokenizer_dirs):
 
     d = tokenizer_dirs["chatml"]
     backend = AutoTokenizer.from_pretrained(str(d)).backend_tokenizer
-    assert data.load_tokenizer(str(d)).hash == hashlib.sha256(backend.to_str().encode()).hexdigest()
+    assert data.Encoder(str(d)).tokenizer_hash == hashlib.sha256(backend.to_str().encode()).hexdigest()
 
 
 def test_missing_tokenizer_dir_is_an_error(tmp_path):

@@ -101,6 +101,11 @@ impl Encoder {
         Self { tok, tpl, format, mask }
     }
 
+    /// See `Tok::canonical_hash`.
+    pub fn tokenizer_hash(&self) -> &str {
+        self.tok.canonical_hash()
+    }
+
     /// Render a conversation given as a JSON list of messages (for checks
     /// against transformers; no validation beyond "a list of objects").
     pub fn render_json(&self, messages_json: &str, add_generation_prompt: bool) -> Result<String> {
@@ -350,6 +355,10 @@ impl Preparer {
         self.pending.clear();
         self.pending_tokens = 0;
         Ok(())
+    }
+
+    pub fn encoder(&self) -> &Encoder {
+        &self.enc
     }
 
     pub fn counts(&self) -> &Counts {

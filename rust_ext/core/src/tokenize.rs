@@ -16,6 +16,7 @@ pub struct Encoded {
 /// off, as `apply_chat_template(..., truncation=False, padding=False)` does.
 pub struct Tok {
     inner: Tokenizer,
+    hash: String,
 }
 
 impl Tok {
@@ -24,11 +25,19 @@ impl Tok {
         let mut inner: Tokenizer = json
             .parse()
             .map_err(|e| CoreError::Tokenizer(format!("cannot load tokenizer.json: {e}")))?;
+        let hash = hash_of(&inner)?;
         inner
             .with_truncation(None)
             .map_err(|e| CoreError::Tokenizer(format!("cannot disable truncation: {e}")))?;
         inner.with_padding(None);
-        Ok(Self { inner })
+        Ok(Self { inner, hash })
+    }
+
+    /// sha256 (hex) of the tokenizer's canonical serialization, as loaded: what
+    /// `tokenizers.Tokenizer.from_file(path).to_str()` (and transformers'
+    /// `backend_tokenizer.to_str()`) hashes to, whatever the file's formatting.
+    pub fn canonical_hash(&self) -> &str {
+        &self.hash
     }
 
     /// Load from a `tokenizer.json` file.
@@ -59,6 +68,13 @@ impl Tok {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+fn hash_of(tok: &Tokenizer) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let canonical = serde_json::to_string(tok)
+        .map_err(|e| CoreError::Tokenizer(format!("cannot serialize the tokenizer: {e}")))?;
+    Ok(Sha256::digest(canonical.as_bytes()).iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]

@@ -97,6 +97,12 @@ impl PyEncoder {
         Ok((flat.into_dict(py)?, row_errors(errors)))
     }
 
+    /// sha256 of the tokenizer's canonical serialization (= of `Tokenizer.from_file(path).to_str()`).
+    #[getter]
+    fn tokenizer_hash(&self) -> String {
+        self.inner.tokenizer_hash().to_string()
+    }
+
     /// Render one conversation (a JSON list of messages) with the chat template.
     #[pyo3(signature = (messages_json, add_generation_prompt = false))]
     fn render(&self, messages_json: &str, add_generation_prompt: bool) -> PyResult<String> {
@@ -206,6 +212,12 @@ impl PyPreparer {
         let p = self.get()?;
         let outcome = py.detach(|| p.add_lines(&buf, first_row)).map_err(to_pyerr)?;
         Ok((outcome.rows, row_errors(outcome.errors)))
+    }
+
+    /// sha256 of the tokenizer's canonical serialization (= of `Tokenizer.from_file(path).to_str()`).
+    #[getter]
+    fn tokenizer_hash(&mut self) -> PyResult<String> {
+        Ok(self.get()?.encoder().tokenizer_hash().to_string())
     }
 
     /// Rows read so far, examples kept, tokens written (for progress display).
