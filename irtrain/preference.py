@@ -1,0 +1,251 @@
+"""Joint SFT+DPO with an adaptive lambda, and the alternating SFT/DPO schedule.
+
+FORMULAS.md "Multi-objective and alternating SFT/DPO" (seed 001 App. D). The paper found
+both hurt; they exist so that users can reproduce and study that.
+
+- Joint (`irtrain dpo --joint-sft SFT_DIR`): the SFT shards join the training data, so
+  every step samples both kinds of rows; the loss is `L_sft + lambda * L_pref` with
+  `L_sft` the per-token `ce` of the SFT rows (reduced by the SFT tokens of the step) and
+  `L_pref` the preference loss (mean over the step's pairs). Every `--lambda-interval`
+  steps the preference accuracy of those steps (`rewards/accuracies`) is compared with
+  `--target-accuracy`; `adapt_lambda` is the rule. `joint/lambda` is logged every step.
+- Alternating (`irtrain dpo --alternate-with SFT_DIR --rounds K`): both datasets are split
+  into K parts (rows, a seeded permutation) and the stages SFT_1 -> DPO_1 -> ... ->
+  SFT_K -> DPO_K run one after the other, each starting from the previous stage's final
+  checkpoint, each with its starting model as reference. Stage k writes `OUT/stage-kk-sft`
+  or `OUT/stage-kk-dpo` (its own metrics.jsonl, with a `stage` column) and a line to
+  `OUT/stages.jsonl`; `--resume` skips finished stages and resumes the unfinished one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from irtrain.config import SFTConfig, TrainConfig
+from irtrain.errors import ConfigError, ShardError
+from irtrain.shards import ARRAYS, FORMAT_VERSION, MANIFEST, ShardSet, content_hash, file_sha256
+
+
+# ============================================================================ joint SFT + DPO
+def adapt_lambda(lam: float, accuracy: float, cfg: Any) -> float:
+    """FORMULAS.md: if a* - acc <= delta then lambda/2 else 2 lambda, clamped to [min, max].
+
+    (Preference accuracy close enough to the target: weigh the preference term less.)"""
+    new = lam / 2 if cfg.target_accuracy - accuracy <= cfg.lambda_delta else lam * 2
+    return float(min(max(new, cfg.lambda_min), cfg.lambda_max))
+
+
+def check_joint_config(cfg: Any) -> None:
+    if cfg.alternate_with:
+        raise ConfigError("--joint-sft and --alternate-with are two different schedules: give one")
+    if cfg.loss == "kto":
+        raise ConfigError("--joint-sft adapts lambda on the preference accuracy, which kto (unpaired data) does not have")
+    if not 0 < cfg.target_accuracy <= 1:
+        raise ConfigError(f"--target-accuracy must be in (0, 1], got {cfg.target_accuracy}")
+    if cfg.lambda_interval < 1:
+        raise ConfigError(f"--lambda-interval must be >= 1, got {cfg.lambda_interval}")
+    if cfg.lambda_delta < 0:
+        raise ConfigError(f"--lambda-delta must be >= 0, got {cfg.lambda_delta}")
+    if not 0 < cfg.lambda_min <= cfg.lambda_init <= cfg.lambda_max:
+        raise ConfigError(f"need 0 < --lambda-min <= --lambda-init <= --lambda-max, got {cfg.lambda_min}, {cfg.lambda_init}, {cfg.lambda_max}")
+
+
+def joint_config(cfg: Any) -> Any:
+    """The run's config with the SFT shards added to its data (idempotent, so a resolved
+    config.toml fed back with --resume gives the same data)."""
+    check_joint_config(cfg)
+    sft = ShardSet(cfg.joint_sft)
+    if sft.format not in ("chat", "prompt-completion"):
+        raise ShardError(f"--joint-sft {cfg.joint_sft}: needs chat or prompt-completion shards, got `{sft.format}`")
+    data = list(cfg.data)
+    if str(cfg.joint_sft) not in data:
+        data.append(str(cfg.joint_sft))
+    return dataclasses.replace(cfg, data=data)
+
+
+# ============================================================================ splitting shard sets
+def split_rows(sets: list[ShardSet], parts: int, seed: int) -> list[list[tuple[int, int]]]:
+    """The rows (set, row) of `sets`, permuted by `seed`, dealt into `parts` near-equal parts."""
+    ids = [(k, i) for k, s in enumerate(sets) for i in range(len(s))]
+    perm = np.random.default_rng([seed, 7]).permutation(len(ids))
+    return [sorted(ids[j] for j in perm[p::parts]) for p in range(parts)]
+
+
+def write_rows(sets: list[ShardSet], rows: list[tuple[int, int]], out: Path, note: dict[str, Any]) -> ShardSet:
+    """Write the given packed rows of `sets` (same format and tokenizer) as a new shard set
+    (the format of `irtrain.shards`, one shard), atomically. Example ids of later sets are
+    offset so they stay unique."""
+    offsets, base = [], 0
+    for s in sets:
+        offsets.append(base)
+        ex = [np.asarray(sh.arrays["seg_example"]) for sh in s.shards]
+        base += int(max((e.max() for e in ex if len(e)), default=-1)) + 1
+    cols: dict[str, list[np.ndarray]] = {name: [] for name in ARRAYS}
+    row_off, seg_off, n = [0], [0], 0
+    for k, i in rows:
+        r = sets[k].row(i)
+        cols["input_ids"].append(np.asarray(r.input_ids))
+        cols["labels"].append(np.asarray(r.labels))
+        cols["position_ids"].append(np.asarray(r.position_ids))
+        cols["seg_example"].append(np.asarray(r.seg_example, dtype=np.int64) + offsets[k])
+        cols["seg_part"].append(np.asarray(r.seg_part))
+        cols["seg_score"].append(np.asarray(r.seg_score))
+        seg_off.extend((np.asarray(r.cu_seqlens[1:], dtype=np.int64) + n).tolist())
+        n += r.num_tokens
+        row_off.append(n)
+    cols["row_offsets"] = [np.asarray(row_off, dtype=np.int64)]
+    cols["seg_offsets"] = [np.asarray(seg_off, dtype=np.int64)]
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "shard-00000").mkdir(parents=True)
+    try:
+        digests = {}
+        for name, (dtype, _) in ARRAYS.items():
+            arr = np.concatenate(cols[name]).astype(dtype) if cols[name] else np.zeros(0, dtype=dtype)
+            path = tmp / "shard-00000" / f"{name}.bin"
+            arr.tofile(path)
+            digests[f"{name}.bin"] = file_sha256(path)
+        shard = {"name": "shard-00000", "rows": len(rows), "segments": len(seg_off) - 1, "tokens": n, "sha256": digests}
+        first = sets[0].manifest
+        manifest = {"irtrain_shards": FORMAT_VERSION, "format": first["format"], "packed": first.get("packed", True),
+                    "max_len": max(int(s.manifest.get("max_len", 0)) for s in sets), "tokenizer_hash": first["tokenizer_hash"],
+                    "chat_template_hash": first.get("chat_template_hash", ""),
+                    "sources": [{"path": str(s.path), "content_hash": s.content_hash} for s in sets],
+                    "config": note, "report": {}, "shards": [shard], "content_hash": content_hash([shard])}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ShardSet(out)
+
+
+def split_data(dirs: list[str], parts: int, seed: int, out_dir: Path, name: str) -> list[Path]:
+    """`dirs` split into `parts` shard sets under out_dir/<name>-part-<k>; an existing split of
+    the same sources (same content hashes, parts and seed) is reused."""
+    sets = [ShardSet(d) for d in dirs]
+    note = {"split_of": [s.content_hash for s in sets], "parts": parts, "seed": seed}
+    paths = [out_dir / f"{name}-part-{p + 1}" for p in range(parts)]
+    if all((p / MANIFEST).is_file() for p in paths):
+        if all({k: v for k, v in ShardSet(p).manifest["config"].items() if k != "part"} == note for p in paths):
+            return paths
+        raise ConfigError(f"{out_dir} holds a split of other data; use another --out")
+    for p, rows in enumerate(split_rows(sets, parts, seed)):
+        if not rows:
+            raise ConfigError(f"{', '.join(dirs)}: {sum(len(s) for s in sets)} packed rows cannot be split into {parts} parts")
+        if paths[p].exists():
+            shutil.rmtree(paths[p])
+        write_rows(sets, rows, paths[p], {**note, "part": p + 1})
+    return paths
+
+
+# ============================================================================ the alternating schedule
+def _stage_sft_objective(cfg: SFTConfig, stage: int) -> Any:
+    from irtrain.sft import SFTObjective
+
+    class StageSFT(SFTObjective):
+        """The SFT objective, logging its stage number."""
+
+        def micro_step(self, model: Any, batch: Any, denominator: float) -> Any:
+            loss, stats = super().micro_step(model, batch, denominator)
+            stats["stage"] = (float(stage), 1.0)
+            return loss, stats
+
+    return StageSFT(cfg)
+
+
+def _check_alternating(cfg: Any) -> tuple[list[ShardSet], ShardSet]:
+    """Everything checkable before the first stage writes anything."""
+    from irtrain.dpo import PreferenceObjective, check_preference_shards, resolve_loss
+    from irtrain.train.loop import check_out_dir, check_tokenizer, load_tokenizer, resolve_model
+
+    if cfg.joint_sft:
+        raise ConfigError("--joint-sft and --alternate-with are two different schedules: give one")
+    if cfg.ref_model:
+        raise ConfigError("--alternate-with: each stage's reference is its starting model; --ref-model does not apply")
+    if cfg.rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {cfg.rounds}")
+    if cfg.sft_lr is not None and not cfg.sft_lr > 0:
+        raise ConfigError(f"--sft-lr must be > 0, got {cfg.sft_lr}")
+    resolve_loss(cfg)
+    out = check_out_dir(Path(cfg.out))
+    if not cfg.resume and (out / "stages.jsonl").is_file():
+        raise ConfigError(f"--out {out} already holds an alternating run: pass --resume to continue it, or pick another --out")
+    model_path = resolve_model(cfg.model)
+    tok = load_tokenizer(model_path)
+    if not cfg.data:
+        raise ConfigError("no preference data: give one or more shard directories made by `irtrain prepare`")
+    pref = [ShardSet(d) for d in cfg.data]
+    sft = ShardSet(cfg.alternate_with)
+    if sft.format not in ("chat", "prompt-completion"):
+        raise ShardError(f"--alternate-with {cfg.alternate_with}: needs chat or prompt-completion shards, got `{sft.format}`")
+    obj = PreferenceObjective(cfg)
+    allowed = {"preference": ("preference",), "unpaired": ("unpaired",), "ranked": ("ranked",)}[obj.spec.data_format]
+    for s in pref:
+        if s.format not in allowed and not (cfg.loss == "plackett_luce" and s.format == "preference"):
+            raise ShardError(f"{s.path}: these are `{s.format}` shards; {cfg.loss} needs `{allowed[0]}` shards")
+        check_preference_shards(s, s.format, cfg.loss)
+    if len({s.format for s in pref}) > 1 or len({s.tokenizer_hash for s in pref}) > 1:
+        raise ShardError("the preference shard directories differ in format or tokenizer; they are split together")
+    check_tokenizer(model_path, tok, pref + [sft])
+    if cfg.max_steps <= 0:
+        for what, sets in (("--alternate-with", [sft]), ("preference data", pref)):
+            rows = sum(len(s) for s in sets)
+            if cfg.global_batch_tokens <= 0 and int(cfg.epochs * (rows // cfg.rounds)) < cfg.global_batch:
+                raise ConfigError(f"{what}: {rows} packed rows split into {cfg.rounds} parts leave fewer rows per part than "
+                                  f"--global-batch {cfg.global_batch}; lower --rounds or --global-batch, or set --max-steps")
+    return pref, sft
+
+
+def run_alternating(cfg: Any) -> list[Any]:
+    """SFT_1 -> DPO_1 -> ... -> SFT_K -> DPO_K (see the module docstring). Returns each stage's
+    `TrainResult`, in order."""
+    from irtrain.dpo import PreferenceObjective
+    from irtrain.train.loop import train
+
+    _check_alternating(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    K = cfg.rounds
+    sft_parts = split_data([cfg.alternate_with], K, cfg.seed, out / "data", "sft")
+    pref_parts = split_data(list(cfg.data), K, cfg.seed, out / "data", "pref")
+    log_path = out / "stages.jsonl"
+    done = {}
+    if log_path.is_file():
+        for line in log_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done[rec["stage"]] = rec
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
+    model = str(cfg.model)
+    results = []
+    for r in range(K):
+        for kind in ("sft", "dpo"):
+            stage = 2 * r + (1 if kind == "sft" else 2)
+            stage_out = out / f"stage-{stage:02d}-{kind}"
+            if stage in done:
+                model = done[stage]["checkpoint"]
+                continue
+            resume = cfg.resume and stage_out.is_dir() and any(stage_out.glob("checkpoint-*"))
+            if kind == "sft":
+                scfg = SFTConfig(**{**shared, "model": model, "data": [str(sft_parts[r])], "out": str(stage_out),
+                                    "lr": cfg.sft_lr if cfg.sft_lr is not None else cfg.lr, "resume": resume})
+                result = train(scfg, _stage_sft_objective(scfg, stage))
+            else:
+                dcfg = dataclasses.replace(cfg, model=model, data=[str(pref_parts[r])], out=str(stage_out),
+                                           alternate_with=None, resume=resume)
+                result = train(dcfg, PreferenceObjective(dcfg, stage=stage))
+            model = str(result.last_checkpoint)
+            rec = {"stage": stage, "round": r + 1, "kind": kind, "out": str(stage_out), "checkpoint": model,
+                   "steps": result.steps, "data": str((sft_parts if kind == "sft" else pref_parts)[r])}
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            results.append(result)
+    return results
