@@ -32,7 +32,7 @@ from irtrain.train.metrics import read_metrics
 from irtrain.train.packed import packed_forward
 from irtrain.train.reference import sequence_logps
 
-from test_train_common import make_preference_shards, make_sft_shards
+from test_train_common import make_preference_shards, make_sft_shards, prepare_task
 
 runner = CliRunner()
 
@@ -45,18 +45,24 @@ def tok(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tok, tmp_path_factory):
-    return make_sft_shards(tok, tmp_path_factory.mktemp("sft") / "train", n=160, seed=0, max_len=128)
+def task_shards(tiny_model_dir, tmp_path_factory):
+    """The generated arithmetic task through the real `irtrain prepare`."""
+    return prepare_task(tmp_path_factory.mktemp("task"), tiny_model_dir, n_sft=200, n_heldout=48, seed=0, max_len=128)
 
 
 @pytest.fixture(scope="module")
-def heldout_dir(tok, tmp_path_factory):
-    return make_sft_shards(tok, tmp_path_factory.mktemp("sft") / "heldout", n=48, seed=123, max_len=128)
+def data_dir(task_shards):
+    return task_shards["sft"]
 
 
 @pytest.fixture(scope="module")
-def pref_dir(tok, tmp_path_factory):
-    return make_preference_shards(tok, tmp_path_factory.mktemp("pref") / "pairs", n=24)
+def heldout_dir(task_shards):
+    return task_shards["heldout"]
+
+
+@pytest.fixture(scope="module")
+def pref_dir(task_shards):
+    return task_shards["heldout_pref"]
 
 
 def load_model(path):
@@ -79,14 +85,15 @@ def base_args(model, data, out, *extra):
 
 # --------------------------------------------------------------------------- 2. packed = separate
 def test_packed_equals_separate(tiny_model_dir, data_dir):
-    """Per-document losses of a packed row equal each document run alone (exact CPU fallback:
-    transformers' block-diagonal mask from position_ids, sdpa and eager)."""
+    """Per-document losses of a packed micro-batch equal each document run alone, for the
+    exact CPU paths: per-document SDPA (irtrain_varlen, the CPU default) and transformers'
+    block-diagonal mask from position_ids (sdpa, eager)."""
     ss = ShardSet(data_dir)
     rows = [ss.row(0), ss.row(1)]  # a micro-batch of two packed rows, concatenated
     packed = collate(rows)
     assert packed.num_segments >= 4, "the fixture packs several documents per row"
     ids_all, labels_all = packed.input_ids[0], packed.labels[0]
-    for impl in ("sdpa", "eager"):
+    for impl in ("irtrain_varlen", "sdpa", "eager"):
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), attn_implementation=impl, dtype=torch.float32).eval()
@@ -271,7 +278,7 @@ def test_it_learns(tiny_model_dir, data_dir, heldout_dir, pref_dir, tmp_path):
     """`irtrain sft` (the real CLI) lowers held-out loss by more than 60% on the generated task; every
     step logs the metrics of the issue, value/s0 included; checkpoints load with from_pretrained."""
     out = tmp_path / "run"
-    r = sft("--model", tiny_model_dir, "--out", out, "--lr", "3e-3", "--global-batch", "8", "--micro-batch", "4",
+    r = sft("--model", tiny_model_dir, "--out", out, "--lr", "3e-3", "--global-batch", "4", "--micro-batch", "4",
             "--max-steps", "60", "--warmup-ratio", "0.1", "--save-at", "30", "--eval-pairs", pref_dir, "--eval-steps", "30",
             "--no-tensorboard", data_dir)
     assert r.exit_code == 0, r.output

@@ -13,7 +13,30 @@ from irtrain.shards import Segment, write_shard_set
 
 
 def tokenizer_hash(tokenizer) -> str:
+    """As `irtrain prepare` computes it (sha256 of the canonical tokenizer.json)."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+def prepare_task(out: Path, model_dir: Path, *, n_sft: int, n_heldout: int = 0, n_pref: int = 0, seed: int = 0,
+                 max_len: int = 256) -> dict[str, Path]:
+    """The project's generated task (irtrain.tasks) through the real `irtrain prepare`:
+    shard dirs `sft`, `heldout` (chat) and `heldout_pref` (preference) tokenized with the
+    model's tokenizer."""
+    from typer.testing import CliRunner
+
+    from irtrain.cli.main import app
+    from irtrain.tasks import make_task, write_task
+
+    files = write_task(make_task(n_sft, n_pref, n_heldout, seed=seed), out / "jsonl")
+    shards = {}
+    for name in ("sft", "heldout", "heldout_pref"):
+        if name != "sft" and not n_heldout:
+            continue
+        r = CliRunner().invoke(app, ["prepare", str(files[name]), "--out", str(out / name), "--tokenizer", str(model_dir),
+                                     "--max-len", str(max_len)])
+        assert r.exit_code == 0, r.output
+        shards[name] = out / name
+    return shards
 
 
 def arithmetic_conversations(n: int, seed: int) -> list[list[dict[str, str]]]:

@@ -180,7 +180,7 @@ def train(cfg: Any, objective: Objective) -> TrainResult:
 
                 # log
                 metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt if dt > 0 else 0.0,
-                           "tokens": state.tokens, "trained_tokens": state.trained_tokens, "step_time_s": dt,
+                           "tokens": state.tokens, "trained_tokens": state.trained_tokens, "step_time_s": dt, "elapsed_s": state.elapsed,
                            "bad_steps": state.bad_steps, "epoch": state.rows_consumed / len(data)}
                 for j, n in enumerate(names):
                     s, c = flat[1 + 2 * j], flat[2 + 2 * j]
@@ -363,20 +363,20 @@ def open_shards(path: str, what: str) -> ShardSet:
     return s
 
 
-def tokenizer_hash_of(model_path: Path, tokenizer: Any) -> str:
-    """The hash `irtrain prepare` writes into manifests (`tokenizer_hash`), for the model's
-    tokenizer: sha256 of its canonical tokenizer.json serialization."""
+def tokenizer_hash_of(tokenizer: Any) -> str:
+    """The `tokenizer_hash` that `irtrain prepare` writes into manifests, for the model's
+    tokenizer: sha256 of the canonical serialization of its `tokenizers` backend."""
     import hashlib
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return ""
+        raise TokenizerError("the model's tokenizer is not a fast (tokenizers) tokenizer; irtrain needs tokenizer.json")
     return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
 
 
 def check_tokenizer(model_path: Path, tokenizer: Any, sets: list[ShardSet]) -> str:
     """Shards must have been made with the model's tokenizer. Returns its hash."""
-    h = tokenizer_hash_of(model_path, tokenizer)
+    h = tokenizer_hash_of(tokenizer)
     for s in sets:
         if s.tokenizer_hash and h and s.tokenizer_hash != h:
             raise TokenizerError(

@@ -30,6 +30,10 @@ on micro-batch size, accumulation or world size. (The strategy undoes DeepSpeed'
 averaging over ranks.) A filler micro-batch (`batch.weight == 0`, keeps ranks in
 lockstep) must contribute zero: multiply by `batch.weight`.
 
+Optional hooks: `state_dict() -> dict` (JSON-serialisable) is saved in every checkpoint and
+handed back to `load_state_dict(d)` on --resume, for objectives with state of their own
+(e.g. dpo's adaptive lambda).
+
 `stats` maps metric names to (sum, count) pairs of 0-d tensors (or floats); the loop adds
 them over micro-batches and ranks and logs sum / count, so a metric is a mean over
 whatever `count` counts (tokens, segments, pairs). Keep them detached.

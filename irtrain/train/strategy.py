@@ -94,9 +94,10 @@ class Strategy:
     def load_model(self, path: str | Path, *, attn_implementation: str | None, trust_remote_code: bool = False) -> Any:
         from transformers import AutoModelForCausalLM
 
-        kwargs: dict[str, Any] = {"dtype": self.param_dtype(), "trust_remote_code": trust_remote_code}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
+        from irtrain.train.packed import default_attn_implementation
+
+        kwargs: dict[str, Any] = {"dtype": self.param_dtype(), "trust_remote_code": trust_remote_code,
+                                  "attn_implementation": attn_implementation or default_attn_implementation(self.device)}
         with self._init_context():
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         return model
