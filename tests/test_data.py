@@ -128,17 +128,94 @@ HF_STYLE_TEMPLATE = (
 )
 
 
-@pytest.mark.parametrize("template", ["chatml", "llama3", "mistral", "hf_style"])
+# in the style of Qwen2.5's template (tools, tool calls via tojson, system default)
+QWEN_STYLE_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}{%- else %}{{- 'You are a helpful assistant.' }}{%- endif %}
+    {%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}
+    {{- '<|im_end|>\\n' }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}
+            {{- '\\n<tool_call>\\n{"name": "' }}{{- tool_call.name }}{{- '", "arguments": ' }}{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}{{- '<|im_start|>user' }}{%- endif %}
+        {{- '\\n<tool_response>\\n' }}{{- message.content }}{{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}{{- '<|im_end|>\\n' }}{%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
+# in the style of Llama-3.1's template (system split off, items filter, trim, header tokens)
+LLAMA31_STYLE_TEMPLATE = """{{- bos_token }}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
+{{- "Cutting Knowledge Date: December 2023\\n\\n" }}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}{{- '"parameters": ' }}{{- tool_call.arguments | tojson }}{{- "}" }}
+        {%- for k, v in tool_call.arguments | items %}{{ '' if loop.first else ',' }}{{ k }}{%- endfor %}
+        {{- "<|eot_id|>" }}
+    {%- else %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\\n\\n" }}
+        {%- if message.content is mapping or message.content is iterable %}{{- message.content | tojson }}{%- else %}{{- message.content }}{%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
+{%- endif %}
+"""
+TEMPLATES = {"hf_style": HF_STYLE_TEMPLATE, "qwen_style": QWEN_STYLE_TEMPLATE, "llama31_style": LLAMA31_STYLE_TEMPLATE}
+TOOL_CONV = [
+    {"role": "system", "content": "Use tools. "},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "days": 2, "ratio": 0.5}}}]},
+    {"role": "tool", "content": "{\"temp\": 21}"},
+    {"role": "assistant", "content": "21 °C <sunny> & \"nice\""},
+]
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "mistral", "hf_style", "qwen_style", "llama31_style"])
 def test_render_matches_transformers(tokenizer_dirs, template, tmp_path):
     from transformers import AutoTokenizer
 
-    d = tokenizer_dirs["chatml" if template == "hf_style" else template]
+    d = tokenizer_dirs[template if template in tokenizer_dirs else "chatml"]
     tok = AutoTokenizer.from_pretrained(str(d))
     src = None
-    if template == "hf_style":
-        (tmp_path / "t.jinja").write_text(HF_STYLE_TEMPLATE)
+    if template in TEMPLATES:
+        (tmp_path / "t.jinja").write_text(TEMPLATES[template])
         src = str(tmp_path / "t.jinja")
-        tok.chat_template = HF_STYLE_TEMPLATE
+        tok.chat_template = TEMPLATES[template]
     enc = data.Encoder(str(d), chat_template=src)
     convs = [
         [{"role": "user", "content": "  hi  there \n"}, {"role": "assistant", "content": "yo 🎉 \"q\" <b>&"}],
@@ -147,6 +224,8 @@ def test_render_matches_transformers(tokenizer_dirs, template, tmp_path):
     ]
     if template != "mistral":
         convs.append([{"role": "system", "content": " sys "}, {"role": "user", "content": "u"}])
+    if template in ("qwen_style", "llama31_style"):
+        convs.append(TOOL_CONV)
     for msgs in convs:
         for gen in (False, True):
             assert enc.render(msgs, gen) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)

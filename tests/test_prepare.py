@@ -53,6 +53,8 @@ def reference_labels(tok, msgs: list[dict], mask: str) -> list[int]:
     """The mask computed with transformers alone: render prefixes, find each trained turn's
     character span, mark every token whose offsets overlap one; the first token is never trained."""
     full = tok.apply_chat_template(msgs, tokenize=False)
+    for i in range(1, len(msgs)):  # the construction needs prefix-stable renders
+        assert full.startswith(tok.apply_chat_template(msgs[:i], tokenize=False))
     render = lambda m, gen: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)  # noqa: E731
     assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
     if mask == "all":
@@ -77,23 +79,30 @@ def transformers_ids(tok, msgs: list[dict]) -> list[int]:
     return list(out["input_ids"] if hasattr(out, "keys") else out)  # transformers 5 returns a BatchEncoding
 
 
-@pytest.mark.parametrize("template", ["chatml", "llama3", "mistral"])
+@pytest.mark.parametrize("template", ["chatml", "llama3", "mistral", "qwen_style"])
 @pytest.mark.parametrize("mask", ["assistant", "last", "completion", "all"])
 def test_token_for_token_identity_with_transformers(tokenizer_dirs, tmp_path, template, mask):
+    from test_data import QWEN_STYLE_TEMPLATE, TOOL_CONV
     from transformers import AutoTokenizer
 
-    tok_dir = tokenizer_dirs[template]
+    tok_dir = tokenizer_dirs["chatml" if template == "qwen_style" else template]
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     convs = corpus(system=template != "mistral")  # the Mistral template has no system role
+    extra = {}
+    if template == "qwen_style":  # a tool-calling template, given with --chat-template
+        (tmp_path / "qwen.jinja").write_text(QWEN_STYLE_TEMPLATE)
+        tok.chat_template = QWEN_STYLE_TEMPLATE
+        extra["chat_template"] = str(tmp_path / "qwen.jinja")
+        convs.append(TOOL_CONV)
     src = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in convs])
-    prep(tmp_path, tok_dir, [src], max_len=16384, mask=mask)
+    prep(tmp_path, tok_dir, [src], max_len=16384, mask=mask, **extra)
     docs = list(iter_documents(tmp_path / "out"))
     assert [d["id"] for d in docs] == list(range(len(convs)))
     for d, msgs in zip(docs, convs):
         assert d["input_ids"] == transformers_ids(tok, msgs)
         assert d["labels"] == reference_labels(tok, msgs, mask)
     # the end-of-turn token is trained (the model must learn to stop)
-    eot = tok.convert_tokens_to_ids({"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>"}[template])
+    eot = tok.convert_tokens_to_ids({"mistral": "</s>", "llama3": "<|eot_id|>"}.get(template, "<|im_end|>"))
     assert eot in docs[0]["labels"]
 
 

@@ -106,12 +106,16 @@ impl Encoder {
         self.tok.canonical_hash()
     }
 
-    /// Render a conversation given as a JSON list of messages (for checks
-    /// against transformers; no validation beyond "a list of objects").
+    /// Render a conversation given as a JSON list of message objects, normalised
+    /// as transformers does (null values dropped, reasoning aliases) but not
+    /// validated (for checks against transformers and for callers that render).
     pub fn render_json(&self, messages_json: &str, add_generation_prompt: bool) -> Result<String> {
-        let msgs: Vec<serde_json::Value> = serde_json::from_str(messages_json)
-            .map_err(|e| CoreError::Input(format!("messages are not a JSON list: {e}")))?;
-        let values: Vec<minijinja::Value> = msgs.into_iter().map(|m| minijinja::Value::from(minijinja::value::Serde(m))).collect();
+        let msgs: Vec<serde_json::Map<String, serde_json::Value>> = serde_json::from_str(messages_json)
+            .map_err(|e| CoreError::Input(format!("messages are not a JSON list of objects: {e}")))?;
+        let values: Vec<minijinja::Value> = msgs
+            .iter()
+            .map(|m| minijinja::Value::from(minijinja::value::Serde(serde_json::Value::Object(crate::rows::normalise(m)))))
+            .collect();
         self.tpl.render(&values, add_generation_prompt)
     }
 

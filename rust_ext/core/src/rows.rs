@@ -350,7 +350,7 @@ pub fn message_list(v: &Json, field: &str) -> Result<Vec<Json>> {
 const REASONING: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
 
 /// transformers' message normalisation: drop null values; alias reasoning fields.
-fn normalise(obj: &Map<String, Json>) -> Map<String, Json> {
+pub fn normalise(obj: &Map<String, Json>) -> Map<String, Json> {
     let plain: Map<String, Json> = obj.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
     let Some(reasoning) = REASONING.iter().find_map(|k| plain.get(*k)).cloned() else {
         return plain;
