@@ -1,0 +1,226 @@
+"""irtrain.score: values and log-probs against transformers, step splitting, rewards, inputs."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from irtrain.config import ScoreConfig
+from irtrain.errors import ConfigError, DataError
+from irtrain.score import incremental_token_bytes, read_table_meta, run, step_ends, token_bytes
+from irtrain.shards import Segment, write_shard_set
+
+DELIM = "\n\n"
+
+
+def responses(n: int) -> list[tuple[str, str]]:
+    return [(f"what is {i} plus {i * 3}?",
+             f"Let's think.\n\nStep 1: {i} + {i * 3} = {i * 4}.\n\nThe answer is {i * 4}.") for i in range(n)]
+
+
+def encode(tok, prompt: str, response: str) -> tuple[list[int], list[int], list[int]]:
+    """(prompt ids, response ids) with the chat template; the response ends with <|im_end|>."""
+    p = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    p_ids = tok(p, add_special_tokens=False).input_ids
+    r_ids = tok(response + "<|im_end|>", add_special_tokens=False).input_ids
+    return p_ids, r_ids, [-100] * len(p_ids) + r_ids
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ref_model_dir(tokenizer_dirs, tmp_path_factory):
+    from irtrain.toy import tiny_llama
+
+    return tiny_llama(tokenizer_dirs["chatml"], tmp_path_factory.mktemp("ref"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def chat_shards(tok, tmp_path_factory):
+    """Packed shards: rows of 1-3 documents, so that packing across documents is exercised."""
+    docs = [encode(tok, p, r) for p, r in responses(7)]
+    segs = [Segment(input_ids=p + r, labels=lab, example=i) for i, (p, r, lab) in enumerate(docs)]
+    rows = [segs[0:3], segs[3:4], segs[4:6], segs[6:7]]
+    out = tmp_path_factory.mktemp("chat") / "shards"
+    write_shard_set(out, "chat", rows, max_len=512)
+    return out, docs
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0].double()
+
+
+# --------------------------------------------------------------------------- values vs transformers
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_value_is_logsumexp_of_transformers_logits_at_the_states(tmp_path, tiny_model_dir, tok, model, chat_shards, tau):
+    shards, docs = chat_shards
+    summary = run(ScoreConfig(data=str(shards), model=str(tiny_model_dir), out=str(tmp_path), value_temperature=tau,
+                              batch_tokens=150))  # several forwards, several documents per forward
+    df = pl.read_parquet(tmp_path / f"{tiny_model_dir.name}.parquet")
+    assert summary["tables"] == {tiny_model_dir.name: f"{tiny_model_dir.name}.parquet"}
+    assert df.height == 4 * len(docs)
+    for i, (p_ids, r_ids, _) in enumerate(docs):
+        rows = df.filter(pl.col("example_id") == i).sort("step")
+        ids = p_ids + r_ids
+        logits = full_logits(model, ids)  # the document alone, no packing
+        pos = np.array(rows["position"].to_list())
+        want = tau * torch.logsumexp(logits[pos] / tau, dim=-1).numpy()
+        np.testing.assert_allclose(rows["value"].to_numpy(), want, rtol=0, atol=2e-5)
+        # s_0 is the last prompt position; the last state the last response token
+        assert pos[0] == len(p_ids) - 1 and pos[-1] == len(ids) - 1
+        assert rows["value_s0"].to_list() == [rows["value"][0]] * 4
+        # the state after step k is the token that completes step k's text (its delimiter included)
+        text = tok.decode(r_ids)
+        cut = [m + len(DELIM) for m in (text.index(DELIM), text.index(DELIM, text.index(DELIM) + 1))]
+        for k, c in enumerate(cut, start=1):
+            e = int(pos[k]) - len(p_ids)
+            assert len(tok.decode(r_ids[:e])) < c <= len(tok.decode(r_ids[: e + 1]))
+        # log pi(y|x) = sum over response tokens of log_softmax(l(s_t))[a_t]
+        lp = torch.log_softmax(logits, -1)
+        logp = sum(float(lp[t - 1, ids[t]]) for t in range(len(p_ids), len(ids)))
+        assert rows["logp"][0] == pytest.approx(logp, abs=1e-4)
+        assert rows["num_tokens"][0] == len(r_ids)
+        assert rows["logp_mean"][0] == pytest.approx(logp / len(r_ids), abs=1e-5)
+        assert rows["num_steps"].to_list() == [3] * 4
+    meta = read_table_meta(tmp_path / f"{tiny_model_dir.name}.parquet")
+    assert meta["kind"] == "irtrain-score" and meta["step_delimiter"] == DELIM and meta["value_temperature"] == tau
+    assert meta["data_hash"] == json.loads((shards / "manifest.json").read_text())["content_hash"]
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["data"]["content_hash"] == meta["data_hash"]
+    assert on_disk["models"][tiny_model_dir.name]["value/s0"] == pytest.approx(float(df.filter(pl.col("step") == 0)["value"].mean()))
+
+
+# --------------------------------------------------------------------------- steps
+def test_step_ends_on_hand_made_pieces():
+    pieces = [b"a", b"\n", b"\nb", b"c\n\n", b"\n\n", b"d"]  # "a\n\nbc\n\n\n\nd"
+    assert step_ends(pieces, b"\n\n") == [2, 4, 5]  # a run of delimiters is one boundary
+    assert step_ends([b"\n\n", b"x"], b"\n\n") == [1]  # a leading delimiter opens no step
+    assert step_ends([b"x\n\n"], b"\n\n") == [0]  # a trailing one closes the last step only
+    assert step_ends([b"x", b"y"], b"\n\n") == [1]  # no delimiter: one step
+    assert step_ends([b"x\n\ny"], b"\n\n") == [0]  # two steps ending in one token: kept once
+    assert step_ends([b"s1 ", b"##", b"s2", b"##"], b"##") == [1, 3]
+    assert step_ends([], b"\n\n") == []
+
+
+def test_token_bytes_are_exact_for_byte_level_bpe(tok):
+    text = "Unicode: café, naïve, 日本語, emoji 🎉🚀\n\nnext step\n\n\tand  spaces<|im_end|>"
+    ids = tok(text, add_special_tokens=False).input_ids
+    fast = token_bytes(tok, ids)
+    assert b"".join(fast) == text.encode("utf-8")
+    slow = incremental_token_bytes(tok, ids)
+    assert b"".join(slow) == text.encode("utf-8")
+    # incremental decoding gives a split character to the token completing it: same step ends
+    for delim in ("\n\n", "語", "🎉", "🚀", "é"):
+        delim = delim.encode()
+        assert step_ends(fast, delim) == step_ends(slow, delim)
+
+
+def test_incremental_bytes_for_a_non_byte_level_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Metaspace()
+    t.decoder = decoders.Metaspace()
+    t.train_from_iterator(["step one is here\n\nstep two is there", "and the answer is 4"] * 20,
+                          trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>"], show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")
+    text = "step one is here and the answer is 4"
+    ids = fast(text, add_special_tokens=False).input_ids
+    pieces = token_bytes(fast, ids)  # not byte-level: falls back to incremental decoding
+    assert b"".join(pieces).decode() == fast.decode(ids, clean_up_tokenization_spaces=False)
+    ends = step_ends(pieces, b" is ")
+    assert ends[-1] == len(ids) - 1 and ends == sorted(set(ends))
+
+
+# --------------------------------------------------------------------------- rewards and pairs
+def test_reference_rewards_and_dpo_pair_metrics(tmp_path, tiny_model_dir, ref_model_dir, tok, model):
+    from transformers import AutoModelForCausalLM
+
+    pairs = []
+    for i in range(3):
+        p, good, _ = encode(tok, f"what is {i} plus {i}?", f"Step 1: ok.\n\nThe answer is {2 * i}.")
+        _, bad, _ = encode(tok, f"what is {i} plus {i}?", f"The answer is {2 * i + 1}.")
+        pairs.append((p, good, bad))
+    rows = [[Segment(p + c, [-100] * len(p) + c, example=i, part=0), Segment(p + r, [-100] * len(p) + r, example=i, part=1)]
+            for i, (p, c, r) in enumerate(pairs)]
+    shards = tmp_path / "pref"
+    write_shard_set(shards, "preference", rows, max_len=256)
+    beta = 0.1
+    run(ScoreConfig(data=str(shards), model=str(tiny_model_dir), ref_model=str(ref_model_dir), beta=beta, out=str(tmp_path / "o")))
+    df = pl.read_parquet(tmp_path / "o" / f"{tiny_model_dir.name}.parquet").filter(pl.col("step") == 0).sort("example_id", "part")
+    ref = AutoModelForCausalLM.from_pretrained(str(ref_model_dir), dtype=torch.float32).eval()
+
+    def seq_logp(m, p, r):
+        lp = torch.log_softmax(full_logits(m, p + r), -1)
+        return sum(float(lp[len(p) + t - 1, r[t]]) for t in range(len(r)))
+
+    for i, (p, c, r) in enumerate(pairs):
+        got = df.filter(pl.col("example_id") == i)
+        want_ref = [seq_logp(ref, p, c), seq_logp(ref, p, r)]
+        np.testing.assert_allclose(got["ref_logp"].to_numpy(), want_ref, atol=1e-4)
+        rewards = beta * (got["logp"].to_numpy() - got["ref_logp"].to_numpy())
+        np.testing.assert_allclose(got["reward"].to_numpy(), rewards, atol=1e-12)
+        m = rewards[0] - rewards[1]
+        assert got["margin"].to_list() == pytest.approx([m, m], abs=1e-12)
+        assert got["dpo_loss"][0] == pytest.approx(math.log1p(math.exp(-m)), abs=1e-12)  # -log sigmoid(m)
+        assert got["dpo_accuracy"][0] == float(m > 0)
+
+
+# --------------------------------------------------------------------------- inputs
+def test_raw_chat_file_is_prepared_then_scored(tmp_path, tiny_model_dir):
+    data = tmp_path / "chat.jsonl"
+    with data.open("w") as f:
+        for p, r in responses(4):
+            f.write(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}) + "\n")
+    out = tmp_path / "out"
+    summary = run(ScoreConfig(data=str(data), model=str(tiny_model_dir), out=str(out)))
+    assert (out / "prepared" / "manifest.json").is_file()
+    assert summary["data"]["format"] == "chat" and summary["data"]["segments"] == 4
+    df = pl.read_parquet(out / f"{tiny_model_dir.name}.parquet")
+    assert df["num_steps"].unique().to_list() == [3]
+    assert sorted(df["example_id"].unique().to_list()) == [0, 1, 2, 3]
+
+
+def test_checkpoints_directory_scores_every_model_in_order(tmp_path, tiny_model_dir, chat_shards):
+    import shutil
+
+    ck = tmp_path / "run"
+    for step in (20, 3):
+        shutil.copytree(tiny_model_dir, ck / f"checkpoint-{step:07d}")
+    (ck / "logs").mkdir()  # not a model: ignored
+    summary = run(ScoreConfig(data=str(chat_shards[0]), checkpoints=str(ck), out=str(tmp_path / "s")))
+    assert list(summary["tables"]) == ["checkpoint-0000003", "checkpoint-0000020"]
+    a, b = (pl.read_parquet(tmp_path / "s" / f) for f in summary["tables"].values())
+    assert a.equals(b)  # the same weights give the same table
+
+
+def test_bad_input_is_a_clear_error(tmp_path, tiny_model_dir, chat_shards):
+    shards = str(chat_shards[0])
+    with pytest.raises(ConfigError, match="no model"):
+        run(ScoreConfig(data=shards, out=str(tmp_path)))
+    with pytest.raises(ConfigError, match="no model in it"):
+        run(ScoreConfig(data=shards, checkpoints=str(tmp_path), out=str(tmp_path / "o")))
+    with pytest.raises(DataError, match="no such file"):
+        run(ScoreConfig(data=str(tmp_path / "nope.jsonl"), model=str(tiny_model_dir), out=str(tmp_path / "o")))
+    with pytest.raises(DataError, match="more than --max-len 16"):
+        run(ScoreConfig(data=shards, model=str(tiny_model_dir), out=str(tmp_path / "o"), max_len=16))
+    with pytest.raises(ConfigError, match="value_temperature"):
+        run(ScoreConfig(data=shards, model=str(tiny_model_dir), out=str(tmp_path / "o"), value_temperature=0))
