@@ -1,8 +1,384 @@
-"""`irtrain rank`: not built yet (issue 5)."""
+"""`irtrain rank`: do models agree on which reasoning states are worth more?
+
+Reads two or more score tables (`irtrain score`), aligns their states by
+``(example_id, part, step)`` and computes Kendall's τ-b between every pair of models'
+values V(s) (FORMULAS.md, "Value ranking"; Rust, `irtrain.stats`):
+
+- **pooled**: over all aligned states at once, with its asymptotic p-value;
+- **per trace**: within each response (``(example_id, part)``), then the mean and median
+  over traces (traces whose τ is undefined, e.g. all values equal, are left out and
+  counted);
+- ``--bootstrap N``: 95% percentile intervals of both, resampling traces with replacement.
+
+Outputs, in ``--out``: ``tau_matrix.parquet`` (pooled τ, one row per model, one column per
+model), ``tau_pairs.parquet`` (every statistic per ordered pair of models),
+``tau_heatmap.png``, ``summary.json``; and a table in the terminal.
+
+Bad input is a one-line error: fewer than two tables, a file that is not a score table,
+an empty table, NaN values, tables of different data (content hash) or step delimiter or
+value temperature, and states present in some tables only (unless ``--intersect``).
+"""
 from __future__ import annotations
 
-from irtrain.errors import NotBuiltError
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from irtrain.config import RankConfig, config_to_dict
+from irtrain.errors import ConfigError, DataError, IrtrainIOError
+from irtrain.stats import kendall_tau_matrix
+
+KEY = ("example_id", "part", "step")
+TRACE = ("example_id", "part")
+SUMMARY = "summary.json"
+CI = 0.95
+#: settings that must agree for values to be comparable (metadata key, what it is)
+_MUST_MATCH = (("data_hash", "data (content hash)"), ("step_delimiter", "step delimiter"),
+               ("value_temperature", "value temperature"))
 
 
-def run(cfg) -> None:
-    raise NotBuiltError("irtrain rank is not built yet (issue 5)")
+# =========================================================================== entry point
+def run(cfg: RankConfig, *, console: Any = None) -> dict[str, Any]:
+    """Rank as `cfg` says; write the outputs into `cfg.out`; return the summary."""
+    from rich.console import Console
+
+    console = console or Console(highlight=False)
+    if not cfg.out:
+        raise ConfigError("no output directory: give --out")
+    if cfg.bootstrap < 0:
+        raise ConfigError(f"bootstrap = {cfg.bootstrap} must be >= 0")
+    tables = resolve_tables(cfg.tables)
+    loaded = [load_table(label, path) for label, path in tables]
+    check_compatible(loaded)
+    aligned = align(loaded, intersect=cfg.intersect)
+    result = rank_values(aligned.values, aligned.trace_starts, bootstrap=cfg.bootstrap, seed=cfg.seed)
+
+    from irtrain.train.loop import check_out_dir
+
+    out = check_out_dir(Path(cfg.out))
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [t.label for t in loaded]
+    summary = {
+        "irtrain_rank": 1,
+        "models": {t.label: str(t.path) for t in loaded},
+        "data_hash": loaded[0].meta.get("data_hash"),
+        "states": int(aligned.values.shape[1]), "traces": len(aligned.trace_starts) - 1,
+        "dropped_states": aligned.dropped, "bootstrap": cfg.bootstrap, "ci": CI if cfg.bootstrap else None,
+        "config": config_to_dict(cfg),
+        "tau_pooled": _nested(labels, result.tau), "pvalue_pooled": _nested(labels, result.pvalue),
+        "tau_trace_mean": _nested(labels, result.trace_mean), "tau_trace_median": _nested(labels, result.trace_median),
+        "traces_used": _nested(labels, result.traces_used),
+        "files": {"matrix": "tau_matrix.parquet", "pairs": "tau_pairs.parquet", "heatmap": "tau_heatmap.png"},
+    }
+    if cfg.bootstrap:
+        summary["tau_pooled_ci"] = _nested(labels, np.stack([result.pooled_ci[0], result.pooled_ci[1]], -1))
+        summary["tau_trace_mean_ci"] = _nested(labels, np.stack([result.trace_mean_ci[0], result.trace_mean_ci[1]], -1))
+    write_outputs(out, labels, result, summary, states=int(aligned.values.shape[1]))
+    print_table(labels, result, summary, console)
+    return summary
+
+
+# =========================================================================== inputs
+@dataclass
+class Table:
+    label: str
+    path: Path
+    meta: dict[str, Any]
+    frame: Any  # polars DataFrame: KEY + value
+
+
+def resolve_tables(items: list[str]) -> list[tuple[str, Path]]:
+    """(label, path) per table. A file is labelled by its name; a directory holding one table
+    by the directory's name; a directory of several tables (its `summary.json`'s list, or
+    every *.parquet) by the tables' names. Clashing labels get their parent's name."""
+    found: list[tuple[str, Path]] = []
+    for item in items:
+        p = Path(item)
+        if p.is_file():
+            found.append((p.stem, p))
+        elif p.is_dir():
+            listed = _listed_tables(p)
+            if not listed:
+                raise DataError("no score tables (*.parquet) in this directory", path=str(p))
+            if len(listed) == 1:
+                found.append((p.resolve().name, listed[0]))
+            else:
+                found += [(t.stem, t) for t in listed]
+        else:
+            raise DataError("no such file or directory", path=str(p))
+    if len(found) < 2:
+        what = f"got {len(found)}: {found[0][1]}" if found else "got none"
+        raise ConfigError(f"rank needs at least two score tables to compare, {what}")
+    labels = [label for label, _ in found]
+    out = []
+    for label, path in found:
+        if labels.count(label) > 1:
+            label = f"{path.resolve().parent.name}/{label}"
+        out.append((label, path))
+    seen: dict[str, int] = {}
+    final = []
+    for label, path in out:
+        k = seen.get(label, 0)
+        seen[label] = k + 1
+        final.append((label if k == 0 else f"{label}#{k + 1}", path))
+    return final
+
+
+def _listed_tables(d: Path) -> list[Path]:
+    s = d / SUMMARY
+    if s.is_file():
+        try:
+            names = json.loads(s.read_text(encoding="utf-8")).get("tables", {})
+        except (ValueError, UnicodeDecodeError):
+            names = {}
+        listed = [d / n for n in names.values() if (d / n).is_file()]
+        if listed:
+            return listed
+    return sorted(d.glob("*.parquet"))
+
+
+def load_table(label: str, path: Path) -> Table:
+    """Read a score table's keys and values, refusing anything rank cannot use."""
+    import polars as pl
+
+    from irtrain.score import read_table_meta
+
+    meta = read_table_meta(path)
+    if meta.get("kind") != "irtrain-score":
+        raise DataError("not a score table written by `irtrain score` (no irtrain metadata)", path=str(path))
+    try:
+        frame = pl.read_parquet(path, columns=[*KEY, "value"])
+    except Exception as e:  # noqa: BLE001 - polars raises several kinds for a bad file
+        raise DataError(f"cannot read the score table: {e}", path=str(path)) from None
+    if frame.height == 0:
+        raise DataError("the score table is empty (no scored states)", path=str(path))
+    bad = frame.filter(pl.col("value").is_null() | pl.col("value").is_nan() | pl.col("value").is_infinite())
+    if bad.height:
+        r = bad.row(0, named=True)
+        raise DataError(f"{bad.height} state(s) have a NaN or infinite value (first: example {r['example_id']}, "
+                        f"part {r['part']}, step {r['step']}); re-score with a healthy model", path=str(path))
+    if frame.select(pl.struct(list(KEY)).is_duplicated().any()).item():
+        raise DataError("the same (example_id, part, step) appears twice", path=str(path))
+    return Table(label=label, path=path, meta=meta, frame=frame.sort(list(KEY)))
+
+
+def check_compatible(tables: list[Table]) -> None:
+    ref = tables[0]
+    for t in tables[1:]:
+        for key, what in _MUST_MATCH:
+            if t.meta.get(key) != ref.meta.get(key):
+                a, b = ref.meta.get(key), t.meta.get(key)
+                if key == "data_hash":
+                    a, b = str(a)[:12], str(b)[:12]
+                raise DataError(f"score tables of different {what}: {ref.path} has {a!r}, {t.path} has {b!r}; "
+                                "rank compares models on the same states")
+
+
+@dataclass
+class Aligned:
+    values: np.ndarray  # [M, n] float64, states sorted by KEY
+    trace_starts: np.ndarray  # [T+1] offsets of the traces in the state order
+    dropped: int  # states left out by --intersect (over all tables)
+
+
+def align(tables: list[Table], *, intersect: bool) -> Aligned:
+    import polars as pl
+
+    keys = [t.frame.select(KEY) for t in tables]
+    common = keys[0]
+    for k in keys[1:]:
+        common = common.join(k, on=list(KEY), how="inner")
+    dropped = 0
+    for t, k in zip(tables, keys):
+        extra = k.height - common.height
+        if extra and not intersect:
+            missing_from, example = _missing(tables, t)
+            raise DataError(f"{extra} state(s) of {t.path} are missing from {missing_from} (e.g. example "
+                            f"{example[0]}, part {example[1]}, step {example[2]}); score the same data with "
+                            "every model, or pass --intersect to keep only the states all tables have")
+        dropped += extra
+    if common.height == 0:
+        raise DataError("the tables have no state in common")
+    common = common.sort(list(KEY))
+    values = np.stack([common.join(t.frame, on=list(KEY), how="left", maintain_order="left")["value"].to_numpy()
+                       for t in tables]).astype(np.float64)
+    trace = common.select(TRACE).to_numpy()
+    change = np.flatnonzero((trace[1:] != trace[:-1]).any(axis=1)) + 1
+    starts = np.concatenate([[0], change, [common.height]]).astype(np.int64)
+    return Aligned(values=values, trace_starts=starts, dropped=int(dropped))
+
+
+def _missing(tables: list[Table], t: Table) -> tuple[str, tuple[int, int, int]]:
+    for other in tables:
+        if other is t:
+            continue
+        gone = t.frame.select(KEY).join(other.frame.select(KEY), on=list(KEY), how="anti")
+        if gone.height:
+            return str(other.path), tuple(int(v) for v in gone.row(0))  # type: ignore[return-value]
+    return "another table", (-1, -1, -1)
+
+
+# =========================================================================== statistics
+@dataclass
+class RankResult:
+    """[M, M] matrices (symmetric)."""
+
+    tau: np.ndarray  # pooled tau-b
+    pvalue: np.ndarray
+    trace_mean: np.ndarray  # mean over traces of the per-trace tau-b
+    trace_median: np.ndarray
+    traces_used: np.ndarray  # traces with a defined tau, per pair
+    pooled_ci: tuple[np.ndarray, np.ndarray] | None = None
+    trace_mean_ci: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def per_trace_tau(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """[T, M, M] tau-b within each trace (NaN where undefined)."""
+    return np.stack([kendall_tau_matrix(values[:, a:b])[0] for a, b in zip(starts[:-1], starts[1:])])
+
+
+def rank_values(values: np.ndarray, starts: np.ndarray, *, bootstrap: int = 0, seed: int = 0) -> RankResult:
+    """Pooled and per-trace Kendall tau-b between the rows of `values` [M, n] (states in
+    trace order, traces at `starts`), with bootstrap intervals over traces."""
+    tau, p = kendall_tau_matrix(values)
+    traces = per_trace_tau(values, starts)
+    ok = np.isfinite(traces)
+    used = ok.sum(0)
+    with np.errstate(invalid="ignore"):
+        mean = np.where(used > 0, np.nansum(traces, 0) / np.maximum(used, 1), np.nan)
+    median = _nanmedian(traces)
+    res = RankResult(tau=tau, pvalue=p, trace_mean=mean, trace_median=median, traces_used=used)
+    if bootstrap:
+        rng = np.random.default_rng(seed)
+        n_tr = len(starts) - 1
+        lens = np.diff(starts)
+        pooled_bs, mean_bs = [], []
+        for _ in range(bootstrap):
+            pick = rng.integers(0, n_tr, n_tr)
+            idx = np.concatenate([np.arange(starts[i], starts[i] + lens[i]) for i in pick])
+            pooled_bs.append(kendall_tau_matrix(values[:, idx])[0])
+            tr = traces[pick]
+            k = np.isfinite(tr).sum(0)
+            with np.errstate(invalid="ignore"):
+                mean_bs.append(np.where(k > 0, np.nansum(tr, 0) / np.maximum(k, 1), np.nan))
+        lo, hi = (1 - CI) / 2 * 100, (1 + CI) / 2 * 100
+        res.pooled_ci = (np.nanpercentile(pooled_bs, lo, axis=0), np.nanpercentile(pooled_bs, hi, axis=0))
+        res.trace_mean_ci = (np.nanpercentile(mean_bs, lo, axis=0), np.nanpercentile(mean_bs, hi, axis=0))
+    return res
+
+
+def _nanmedian(a: np.ndarray) -> np.ndarray:
+    out = np.full(a.shape[1:], np.nan)
+    for i in np.ndindex(*a.shape[1:]):
+        col = a[(slice(None), *i)]
+        col = col[np.isfinite(col)]
+        if len(col):
+            out[i] = np.median(col)
+    return out
+
+
+# =========================================================================== outputs
+def _nested(labels: list[str], m: np.ndarray) -> dict[str, dict[str, Any]]:
+    def clean(v: Any) -> Any:
+        if isinstance(v, np.ndarray):
+            return [clean(x) for x in v]
+        v = float(v)
+        return v if math.isfinite(v) else None
+
+    return {a: {b: clean(m[i, j]) for j, b in enumerate(labels)} for i, a in enumerate(labels)}
+
+
+def write_outputs(out: Path, labels: list[str], r: RankResult, summary: dict[str, Any], *, states: int) -> None:
+    import polars as pl
+
+    matrix = pl.DataFrame({"model": labels, **{b: r.tau[:, j] for j, b in enumerate(labels)}})
+    rows: dict[str, list[Any]] = {k: [] for k in ("model_a", "model_b", "tau_pooled", "pvalue_pooled", "tau_trace_mean",
+                                                  "tau_trace_median", "traces_used", "states")}
+    if r.pooled_ci is not None:
+        for k in ("tau_pooled_lo", "tau_pooled_hi", "tau_trace_mean_lo", "tau_trace_mean_hi"):
+            rows[k] = []
+    for i, a in enumerate(labels):
+        for j, b in enumerate(labels):
+            rows["model_a"].append(a)
+            rows["model_b"].append(b)
+            rows["tau_pooled"].append(float(r.tau[i, j]))
+            rows["pvalue_pooled"].append(float(r.pvalue[i, j]))
+            rows["tau_trace_mean"].append(float(r.trace_mean[i, j]))
+            rows["tau_trace_median"].append(float(r.trace_median[i, j]))
+            rows["traces_used"].append(int(r.traces_used[i, j]))
+            rows["states"].append(states)
+            if r.pooled_ci is not None and r.trace_mean_ci is not None:
+                rows["tau_pooled_lo"].append(float(r.pooled_ci[0][i, j]))
+                rows["tau_pooled_hi"].append(float(r.pooled_ci[1][i, j]))
+                rows["tau_trace_mean_lo"].append(float(r.trace_mean_ci[0][i, j]))
+                rows["tau_trace_mean_hi"].append(float(r.trace_mean_ci[1][i, j]))
+    try:
+        _atomic(out / "tau_matrix.parquet", lambda p: matrix.write_parquet(p))
+        _atomic(out / "tau_pairs.parquet", lambda p: pl.DataFrame(rows).write_parquet(p))
+        _atomic(out / "tau_heatmap.png", lambda p: heatmap(labels, r.tau, p, states=states))
+        _atomic(out / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8"))
+    except OSError as e:
+        raise IrtrainIOError(f"{out}: cannot write the rank outputs: {e}") from None
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def heatmap(labels: list[str], tau: np.ndarray, path: Path, *, states: int) -> None:
+    """The pooled tau-b matrix as an annotated heatmap (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = len(labels)
+    size = max(4.0, 0.6 * m + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(np.ma.masked_invalid(tau), cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(m), labels, rotation=45, ha="right")
+    ax.set_yticks(range(m), labels)
+    if m <= 20:
+        for i in range(m):
+            for j in range(m):
+                v = tau[i, j]
+                ax.text(j, i, "—" if not np.isfinite(v) else f"{v:.2f}", ha="center", va="center",
+                        color="white" if np.isfinite(v) and abs(v) > 0.6 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, label="Kendall τ-b")
+    ax.set_title(f"Agreement of value rankings V(s)\n(pooled over {states} states)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def print_table(labels: list[str], r: RankResult, summary: dict[str, Any], console: Any) -> None:
+    from rich.table import Table as RichTable
+
+    t = RichTable(title=f"Kendall τ-b of V(s): {summary['states']} states in {summary['traces']} traces",
+                  title_justify="left")
+    for col in ("model A", "model B", "pooled τ", "p", "per-trace mean", "median", "traces"):
+        t.add_column(col, justify="left" if col.startswith("model") else "right")
+    for i in range(len(labels)):
+        for j in range(i + 1, len(labels)):
+            pooled = _f(r.tau[i, j])
+            mean = _f(r.trace_mean[i, j])
+            if r.pooled_ci is not None and r.trace_mean_ci is not None:
+                pooled += f" [{_f(r.pooled_ci[0][i, j])}, {_f(r.pooled_ci[1][i, j])}]"
+                mean += f" [{_f(r.trace_mean_ci[0][i, j])}, {_f(r.trace_mean_ci[1][i, j])}]"
+            t.add_row(labels[i], labels[j], pooled, f"{r.pvalue[i, j]:.2g}", mean, _f(r.trace_median[i, j]),
+                      str(int(r.traces_used[i, j])))
+    console.print(t)
+
+
+def _f(v: float) -> str:
+    return f"{v:.3f}" if np.isfinite(v) else "—"
