@@ -152,14 +152,14 @@ class DPOConfig(TrainConfig):
 class ScoreConfig(_Validated):
     """Score states with a model's soft value V(s) and, with a reference, implicit rewards."""
 
-    data: str = opt("", "Shards from `prepare`, or a raw file (chat, preference, or prompt+response traces).", positional=True)
+    data: str = opt("", "Shards from `prepare`, or a raw file/directory (chat, preference, or prompt+completion traces), prepared first.", positional=True)
     model: str | None = opt(None, "Model to score: a local directory or hub name.")
-    checkpoints: str | None = opt(None, "Score every checkpoint in this directory instead of --model.")
+    checkpoints: str | None = opt(None, "Score every checkpoint in this directory (each subdirectory with a config.json, by step), besides --model if given.")
     ref_model: str | None = opt(None, "Reference model for implicit rewards beta*log(pi/pi_ref).")
     tokenizer: str | None = opt(None, "Tokenizer for raw data (default: the model's).")
-    format: str = opt("auto", "Raw data format.", choices=("auto", "chat", "preference", "prompt-completion"))
-    out: str = opt("", "Output directory: one Parquet table per model and a summary JSON.")
-    step_delimiter: str = opt("\n\n", "Split responses into steps at this string.")
+    format: str = opt("auto", "Raw data format (auto: detected from the first row).", choices=("auto", "chat", "preference", "prompt-completion"))
+    out: str = opt("", "Output directory: one Parquet table per model and summary.json (raw input is prepared into OUT/prepared).")
+    step_delimiter: str = opt("\n\n", "Split responses into steps at this string (\\n, \\t, \\r, \\\\ typed as escapes are unescaped).")
     value_temperature: float = opt(1.0, "Temperature tau of V(s) = tau*logsumexp(l/tau).")
     beta: float = opt(0.01, "Beta of the implicit reward and the per-pair DPO loss.")
     dtype: str = opt("auto", "Compute dtype (auto: bf16 on GPU, fp32 on CPU).", choices=("auto", "float32", "bfloat16", "float16"))
@@ -173,10 +173,10 @@ class ScoreConfig(_Validated):
 class RankConfig(_Validated):
     """Kendall tau-b between models' value rankings of the same states."""
 
-    tables: list[str] = opt([], "Score tables (Parquet) or directories of them; at least two.", positional=True)
+    tables: list[str] = opt([], "Score tables (Parquet) or directories of them (`irtrain score --out`); at least two.", positional=True)
     out: str = opt("", "Output directory: tau matrix (Parquet), heatmap (PNG), summary JSON.")
     intersect: bool = opt(False, "Keep only states present in every table (otherwise a missing state is an error).")
-    bootstrap: int = opt(0, "Bootstrap resamples (over traces) for confidence intervals (0 = none).")
+    bootstrap: int = opt(0, "Bootstrap resamples (over traces) for 95% confidence intervals (0 = none).")
     seed: int = opt(0, "Seed of the bootstrap.")
 
 
