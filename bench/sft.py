@@ -32,6 +32,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 
+#: Llama shapes (hidden, layers, heads, kv heads, intermediate). "tiny" is the tests' model.
+SIZES = {"tiny": (64, 2, 4, 2, 128), "small": (256, 4, 8, 4, 688)}
+VOCAB = 1000
+
 
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
@@ -44,22 +48,25 @@ def peak_rss_mb() -> float:
 
 # --------------------------------------------------------------------------- setup
 def setup(work: Path, args: argparse.Namespace) -> None:
+    """Data (JSONL for TRL, shards for irtrain), a tokenizer, and one model per size."""
     from irtrain.tasks import TaskSpec, make_task, write_jsonl
     from irtrain.toy import tiny_llama, train_tokenizer
 
-    if (work / "ready").is_file():
+    stamp = json.dumps({"examples": args.examples, "min_ops": args.min_ops, "max_ops": args.max_ops, "sizes": SIZES})
+    if (work / "ready").is_file() and (work / "ready").read_text() == stamp:
         return
-    task = make_task(args.examples, 0, 0, seed=0, spec=TaskSpec(min_ops=3, max_ops=6))
-    tok_dir = train_tokenizer(task.texts(), work / "tokenizer", template="chatml", vocab_size=args.vocab)
-    tiny_llama(tok_dir, work / "model", hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-               num_kv_heads=args.kv_heads, intermediate_size=args.intermediate, seed=0)
+    task = make_task(args.examples, 0, 0, seed=0, spec=TaskSpec(min_ops=args.min_ops, max_ops=args.max_ops, max_value=99))
+    tok_dir = train_tokenizer(task.texts(), work / "tokenizer", template="chatml", vocab_size=VOCAB)
+    for name, (hidden, layers, heads, kv, inter) in SIZES.items():
+        tiny_llama(tok_dir, work / f"model-{name}", hidden_size=hidden, num_layers=layers, num_heads=heads,
+                   num_kv_heads=kv, intermediate_size=inter, seed=0)
     rows = task.sft_rows()
     write_jsonl(work / "chat.jsonl", rows)
     write_jsonl(work / "prompt_completion.jsonl",
                 [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
     subprocess.run([sys.executable, "-m", "irtrain.cli.main", "prepare", str(work / "chat.jsonl"), "--out", str(work / "shards"),
-                    "--tokenizer", str(work / "model"), "--no-pack", "--max-len", "1024"], check=True, capture_output=True)
-    (work / "ready").write_text("ok")
+                    "--tokenizer", str(tok_dir), "--no-pack", "--max-len", "1024"], check=True, capture_output=True)
+    (work / "ready").write_text(stamp)
 
 
 # --------------------------------------------------------------------------- workers (each in its own process)
@@ -69,7 +76,7 @@ def run_irtrain(work: Path, args: argparse.Namespace) -> dict:
     from irtrain.train.metrics import read_metrics
 
     out = work / f"out-irtrain-{time.time_ns()}"
-    cfg = SFTConfig(model=str(work / "model"), data=[str(work / "shards")], out=str(out), lr=args.lr, warmup_ratio=0.1,
+    cfg = SFTConfig(model=str(work / f"model-{args.size}"), data=[str(work / "shards")], out=str(out), lr=args.lr, warmup_ratio=0.1,
                     lr_schedule="cosine", global_batch=args.global_batch, micro_batch=args.micro_batch, max_steps=args.steps,
                     kl_metrics=False, tensorboard=False, seed=0, weight_decay=0.0)
     base = rss_mb()
@@ -87,7 +94,7 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    tok = AutoTokenizer.from_pretrained(str(work / "model"))
+    tok = AutoTokenizer.from_pretrained(str(work / f"model-{args.size}"))
     ds = load_dataset("json", data_files=str(work / "prompt_completion.jsonl"), split="train")
 
     class Clock(TrainerCallback):
@@ -105,10 +112,10 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
     accum = args.global_batch // args.micro_batch
     cfg = SFTConfig(output_dir=str(work / f"out-trl-{time.time_ns()}"), per_device_train_batch_size=args.micro_batch,
                     gradient_accumulation_steps=accum, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="cosine",
-                    warmup_ratio=0.1, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], seed=0,
+                    warmup_steps=0.1, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], seed=0,
                     use_cpu=True, bf16=False, fp16=False, max_length=1024, dataloader_num_workers=0,
                     adam_beta2=0.95, max_grad_norm=1.0)
-    model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(work / f"model-{args.size}"), dtype=torch.float32)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[clock])
     base = rss_mb()
     trainer.train()
@@ -126,50 +133,64 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--examples", type=int, default=2000)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--intermediate", type=int, default=688)
-    p.add_argument("--vocab", type=int, default=1000)
+    p.add_argument("--sizes", default="tiny,small", help=f"model sizes to run, of: {', '.join(SIZES)}")
+    p.add_argument("--size", help=argparse.SUPPRESS)
+    p.add_argument("--min-ops", type=int, default=1, help="task problems have min..max operations (sets the length spread)")
+    p.add_argument("--max-ops", type=int, default=12)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads in each run (0 = torch's default, the core count)")
     p.add_argument("--worker", choices=("irtrain", "trl"), help=argparse.SUPPRESS)
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.worker:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         res = run_irtrain(work, args) if args.worker == "irtrain" else run_trl(work, args)
         print("RESULT " + json.dumps(res), flush=True)
         return
 
     setup(work, args)
     forwarded = [a for a in sys.argv[1:]]
-    results: dict[str, list[dict]] = {"irtrain": [], "trl": []}
-    for r in range(args.repeats):
-        for who in ("irtrain", "trl"):
-            proc = subprocess.run([sys.executable, str(HERE), *forwarded, "--worker", who], capture_output=True, text=True,
-                                  env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu"))
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                sys.exit(f"{who} run failed:\n{proc.stderr[-3000:]}")
-            res = json.loads(line[len("RESULT "):])
-            res["tokens_per_s"] = res["tokens"] / res["wall_s"]
-            results[who].append(res)
-            print(f"[{r + 1}/{args.repeats}] {who:8s} {res['tokens_per_s']:9.0f} tokens/s  {res['wall_s']:6.2f} s  "
-                  f"{res['tokens']} tokens  peak RSS {res['peak_rss_mb']:.0f} MB (+{res['peak_rss_mb'] - res['base_rss_mb']:.0f})  "
-                  f"final loss {res['final_loss']:.3f}", flush=True)
-    best = {who: max(rs, key=lambda x: x["tokens_per_s"]) for who, rs in results.items()}
-    ours, theirs = best["irtrain"], best["trl"]
+    summary = []
+    for size in args.sizes.split(","):
+        if size not in SIZES:
+            sys.exit(f"unknown size {size!r}; one of {', '.join(SIZES)}")
+        results: dict[str, list[dict]] = {"irtrain": [], "trl": []}
+        for r in range(args.repeats):
+            for who in ("irtrain", "trl"):
+                proc = subprocess.run([sys.executable, str(HERE), *forwarded, "--size", size, "--worker", who],
+                                      capture_output=True, text=True,
+                                      env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu"))
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if proc.returncode or line is None:
+                    sys.exit(f"{who} run failed:\n{proc.stderr[-3000:]}")
+                res = json.loads(line[len("RESULT "):])
+                res["tokens_per_s"] = res["tokens"] / res["wall_s"]
+                results[who].append(res)
+                print(f"[{size} {r + 1}/{args.repeats}] {who:8s} {res['tokens_per_s']:9.0f} tokens/s  {res['wall_s']:6.2f} s  "
+                      f"{res['tokens']:.0f} tokens  peak RSS {res['peak_rss_mb']:.0f} MB (+{res['peak_rss_mb'] - res['base_rss_mb']:.0f})  "
+                      f"final loss {res['final_loss']:.3f}", flush=True)
+        best = {who: max(rs, key=lambda x: x["tokens_per_s"]) for who, rs in results.items()}
+        summary.append((size, best["irtrain"], best["trl"]))
+
     print()
-    print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; fp32 CPU, {os.cpu_count()} cores, "
-          f"torch threads default")
-    print(f"run:   {args.steps} steps x {args.global_batch} sequences (micro-batch {args.micro_batch})")
-    print(f"{'':10s}{'tokens/s':>12s}{'peak RSS MB':>14s}{'RSS growth MB':>15s}")
-    for who, r in (("irtrain", ours), ("TRL", theirs)):
-        print(f"{who:10s}{r['tokens_per_s']:12.0f}{r['peak_rss_mb']:14.0f}{r['peak_rss_mb'] - r['base_rss_mb']:15.0f}")
-    print(f"ratio (irtrain / TRL): tokens/s {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x, "
-          f"peak RSS {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x")
+    print(f"data: {args.examples} generated conversations ({args.min_ops}-{args.max_ops} operations each); "
+          f"{args.steps} steps x {args.global_batch} sequences (micro-batch {args.micro_batch}); fp32 CPU, "
+          f"{os.cpu_count()} cores, torch threads {args.threads or 'default'}; best of {args.repeats}")
+    print(f"{'model':28s}{'':9s}{'tokens/s':>10s}{'peak RSS MB':>13s}{'RSS growth MB':>15s}")
+    for size, ours, theirs in summary:
+        h, layers, *_ = SIZES[size]
+        label = f"{size} (hidden {h}, {layers} layers)"
+        for who, r in (("irtrain", ours), ("TRL", theirs)):
+            print(f"{label:28s}{who:9s}{r['tokens_per_s']:10.0f}{r['peak_rss_mb']:13.0f}{r['peak_rss_mb'] - r['base_rss_mb']:15.0f}")
+            label = ""
+        print(f"{'':28s}{'ratio':9s}{ours['tokens_per_s'] / theirs['tokens_per_s']:9.2f}x"
+              f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:12.2f}x"
+              f"{(ours['peak_rss_mb'] - ours['base_rss_mb']) / max(1.0, theirs['peak_rss_mb'] - theirs['base_rss_mb']):14.2f}x")
 
 
 if __name__ == "__main__":

@@ -373,3 +373,25 @@ def test_losses_and_kl_in_the_loop(tiny_model_dir, data_dir, tmp_path, loss, kl)
         assert abs(first["kl/full"]) < 1e-6 and m[1]["kl/full"] > 0
     # at step 1 the KL term is 0, so the step loss is the SFT loss alone
     assert first["loss"] == pytest.approx(first[f"loss/{loss}"], rel=1e-5, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- the example configs
+def test_example_configs(tiny_model_dir, data_dir, pref_dir, tmp_path):
+    """examples/sft-tiny.toml runs through the CLI (paths overridden by flags, which win);
+    the Llama-3-8B recipe resolves to the paper's settings."""
+    root = Path(__file__).resolve().parents[1] / "examples"
+    r = sft("--config", root / "sft-tiny.toml", "--model", tiny_model_dir, "--out", tmp_path / "o", "--eval-pairs", pref_dir,
+            "--max-steps", "2", "--save-at", "1", "--eval-steps", "0", "--global-batch", "8", data_dir)
+    assert r.exit_code == 0, r.output
+    assert [m["step"] for m in read_metrics(tmp_path / "o")] == [0, 1, 2]
+    printed = sft("--config", root / "sft-llama3-8b-ultrachat.toml", "--print-config")
+    assert printed.exit_code == 0, printed.output
+    recipe = load_config(SFTConfig, root / "sft-llama3-8b-ultrachat.toml")
+    assert (recipe.model, recipe.lr, recipe.global_batch, recipe.epochs) == ("meta-llama/Meta-Llama-3-8B", 5e-6, 128, 1.0)
+    assert recipe.deepspeed.endswith("zero3.json") and (root / "deepspeed" / "zero3.json").is_file()
+    from irtrain.train.strategy import deepspeed_config
+
+    ds = deepspeed_config(str(root / "deepspeed" / "zero3.json"), recipe, bf16=True, world_size=8)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"] is True
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (128, 2, 8)
+    assert ds["gradient_clipping"] == recipe.max_grad_norm

@@ -41,11 +41,14 @@ def varlen_sdpa_attention(module: Any, query: Tensor, key: Tensor, value: Tensor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"{VARLEN} expects one packed sequence (batch 1), got batch {query.shape[0]}")
-    gqa = query.shape[1] != key.shape[1]
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:  # grouped-query attention: SDPA's enable_gqa is slower on CPU than repeating
+        key = key[:, :, None].expand(-1, -1, n_rep, -1, -1).flatten(1, 2)
+        value = value[:, :, None].expand(-1, -1, n_rep, -1, -1).flatten(1, 2)
     p = dropout if module.training else 0.0
     bounds = cu.tolist()
     outs = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, is_causal=True,
-                                           scale=scaling, enable_gqa=gqa)
+                                           scale=scaling)
             for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).contiguous(), None

@@ -173,10 +173,13 @@ class Strategy:
 _ZERO = {"zero1": 1, "zero2": 2, "zero3": 3}
 
 
-def deepspeed_config(spec: str, cfg: Any, *, bf16: bool, micro_steps: int, world_size: int) -> dict[str, Any]:
+def deepspeed_config(spec: str, cfg: Any, *, bf16: bool, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config: a preset (zero1|zero2|zero3) or a user file whose "auto"
-    values are filled in. Batch sizes are bookkeeping only: the loop sets accumulation
-    boundaries itself (`set_gradient_accumulation_boundary`) and scales losses itself."""
+    values are filled in from the flags. DeepSpeed's batch sizes are bookkeeping only (the
+    loop sets accumulation boundaries and scales losses itself); they are filled in to
+    describe the run: micro-batch rows, accumulation steps, global batch."""
+    micro = max(1, cfg.micro_batch)
+    micro_steps = max(1, cfg.global_batch // (micro * world_size)) if cfg.global_batch_tokens <= 0 else 1
     if spec in _ZERO:
         ds: dict[str, Any] = {"zero_optimization": {"stage": _ZERO[spec], "overlap_comm": False, "contiguous_gradients": True}}
         if _ZERO[spec] == 3:
@@ -196,7 +199,7 @@ def deepspeed_config(spec: str, cfg: Any, *, bf16: bool, micro_steps: int, world
         if d.get(key, "auto") == "auto":
             d[key] = value
 
-    fill(ds, "train_micro_batch_size_per_gpu", 1)
+    fill(ds, "train_micro_batch_size_per_gpu", micro)
     fill(ds, "gradient_accumulation_steps", max(1, micro_steps))
     fill(ds, "train_batch_size", ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world_size)
     fill(ds, "gradient_clipping", cfg.max_grad_norm)
@@ -240,7 +243,7 @@ class DeepSpeedStrategy(Strategy):
         self.bf16 = (self.on_gpu and cfg.dtype == "auto") or cfg.dtype == "bfloat16"
         if cfg.dtype == "float16":
             raise ConfigError("--dtype float16 is not supported with --deepspeed (use bfloat16)")
-        self.ds_config = deepspeed_config(cfg.deepspeed, cfg, bf16=self.bf16, micro_steps=1, world_size=self.world_size)
+        self.ds_config = deepspeed_config(cfg.deepspeed, cfg, bf16=self.bf16, world_size=self.world_size)
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self._hf_ds_config: Any = None
         self.engine: Any = None
