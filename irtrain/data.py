@@ -343,7 +343,7 @@ class Encoder:
     """
 
     def __init__(self, tokenizer: str | TokenizerFiles, *, fmt: str = "chat", mask: str = "assistant",
-                 chat_template: str | None = None, threads: int = 0):
+                 chat_template: str | None = None, threads: int = 0, fast_bpe: bool = True):
         tok = tokenizer if isinstance(tokenizer, TokenizerFiles) else load_tokenizer(tokenizer, chat_template)
         if tok.chat_template is None:
             raise TemplateError(f"{tok.name}: the tokenizer has no chat template; pass --chat-template FILE")
@@ -353,9 +353,15 @@ class Encoder:
         self.format = fmt
         self.mask = mask
         try:
-            self._enc = _rust.Encoder(tok.tokenizer_file, tok.chat_template, tok.special_tokens, fmt, mask, threads)
+            self._enc = _rust.Encoder(tok.tokenizer_file, tok.chat_template, tok.special_tokens, fmt, mask, threads,
+                                      fast_bpe)
         except TemplateError as e:
             raise TemplateError(e.message, path=tok.chat_template_origin) from None
+
+    @property
+    def fast_bpe(self) -> bool:
+        """Whether the fast byte-level BPE path is in use (token-identical; else the `tokenizers` crate)."""
+        return self._enc.fast_bpe
 
     @property
     def tokenizer_hash(self) -> str:

@@ -270,3 +270,47 @@ def test_iter_documents_is_reexported():
     from irtrain import shards
 
     assert data.iter_documents is shards.iter_documents
+
+
+# --------------------------------------------------------------------------- fast byte-level BPE path
+texts = st.lists(
+    st.one_of(
+        st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40),
+        st.sampled_from(["<|im_end|>", "<|im_start|>", "<|endoftext|>", "  ", "\n\n", " 123456", "'s", "🎉🚀", "é", "\u00a0"]),
+    ),
+    max_size=12,
+).map("".join)
+
+
+@pytest.fixture(scope="module")
+def encoders(tokenizer_dirs):
+    d = str(tokenizer_dirs["chatml"])
+    return data.Encoder(d, mask="all"), data.Encoder(d, mask="all", fast_bpe=False)
+
+
+@settings(max_examples=150, deadline=None)
+@given(user=texts, answer=texts)
+def test_fast_bpe_is_token_identical_to_the_tokenizers_crate(encoders, user, answer):
+    fast, slow = encoders
+    assert fast.fast_bpe and not slow.fast_bpe
+    rows = [{"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}]
+    a, ea = fast.encode_jsonl(json.dumps(rows[0]).encode())
+    b, eb = slow.encode_jsonl(json.dumps(rows[0]).encode())
+    assert ea == eb
+    for k in ("input_ids", "labels", "seg_offsets"):
+        assert np.array_equal(a[k], b[k]), k
+
+
+def test_fast_bpe_matches_transformers_on_hard_text(tokenizer_dirs):
+    from transformers import AutoTokenizer
+
+    d = str(tokenizer_dirs["llama3"])
+    tok = AutoTokenizer.from_pretrained(d)
+    enc = data.Encoder(d, mask="all")
+    assert enc.fast_bpe
+    hard = "x" + " " * 300 + "\n" * 50 + "a" * 500 + "🎉" * 30 + "<|eot_id|>" * 3 + "\u0301\u200d" * 20 + "1234567890" * 20
+    msgs = [{"role": "user", "content": hard}, {"role": "assistant", "content": hard[::-1]}]
+    (doc,), errors = enc.encode([{"messages": msgs}])
+    assert not errors
+    out = tok.apply_chat_template(msgs, tokenize=True)
+    assert doc["input_ids"] == list(out["input_ids"])

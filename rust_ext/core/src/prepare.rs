@@ -101,6 +101,11 @@ impl Encoder {
         Self { tok, tpl, format, mask }
     }
 
+    /// Whether tokenization takes the fast byte-level BPE path (`Tok::is_fast`).
+    pub fn fast_bpe(&self) -> bool {
+        self.tok.is_fast()
+    }
+
     /// See `Tok::canonical_hash`.
     pub fn tokenizer_hash(&self) -> &str {
         self.tok.canonical_hash()

@@ -30,8 +30,9 @@ fn build_encoder(
     special_tokens: &[(String, String)],
     format: &str,
     mask: &str,
+    fast_bpe: bool,
 ) -> Result<Encoder, CoreError> {
-    let tok = Tok::from_file(tokenizer_file)?;
+    let tok = Tok::from_file(tokenizer_file, fast_bpe)?;
     let tpl = ChatTemplate::new(chat_template, special_tokens)?;
     Ok(Encoder::new(tok, tpl, Format::parse(format)?, MaskKind::parse(mask)?))
 }
@@ -46,7 +47,8 @@ pub struct PyEncoder {
 #[pymethods]
 impl PyEncoder {
     #[new]
-    #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, threads = 0))]
+    #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, threads = 0, fast_bpe = true))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         tokenizer_file: &str,
@@ -55,9 +57,10 @@ impl PyEncoder {
         format: &str,
         mask: &str,
         threads: usize,
+        fast_bpe: bool,
     ) -> PyResult<Self> {
         let inner = py
-            .detach(|| build_encoder(tokenizer_file, chat_template, &special_tokens, format, mask))
+            .detach(|| build_encoder(tokenizer_file, chat_template, &special_tokens, format, mask, fast_bpe))
             .map_err(to_pyerr)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -101,6 +104,12 @@ impl PyEncoder {
     #[getter]
     fn tokenizer_hash(&self) -> String {
         self.inner.tokenizer_hash().to_string()
+    }
+
+    /// Whether the fast byte-level BPE path is in use (else the `tokenizers` crate).
+    #[getter]
+    fn fast_bpe(&self) -> bool {
+        self.inner.fast_bpe()
     }
 
     /// Render one conversation (a JSON list of messages) with the chat template.
@@ -169,7 +178,8 @@ impl PyPreparer {
 impl PyPreparer {
     #[new]
     #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, out_dir, *, max_len,
-                        truncation, pack, shard_rows, skip_invalid = false, threads = 0, window_tokens = 0))]
+                        truncation, pack, shard_rows, skip_invalid = false, threads = 0, window_tokens = 0,
+                        fast_bpe = true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -186,10 +196,11 @@ impl PyPreparer {
         skip_invalid: bool,
         threads: usize,
         window_tokens: usize,
+        fast_bpe: bool,
     ) -> PyResult<Self> {
         let inner = py
             .detach(|| {
-                let enc = build_encoder(tokenizer_file, chat_template, &special_tokens, format, mask)?;
+                let enc = build_encoder(tokenizer_file, chat_template, &special_tokens, format, mask, fast_bpe)?;
                 let opts = Options {
                     max_len,
                     truncation: Truncation::parse(truncation)?,
@@ -218,6 +229,12 @@ impl PyPreparer {
     #[getter]
     fn tokenizer_hash(&mut self) -> PyResult<String> {
         Ok(self.get()?.encoder().tokenizer_hash().to_string())
+    }
+
+    /// Whether the fast byte-level BPE path is in use (else the `tokenizers` crate).
+    #[getter]
+    fn fast_bpe(&mut self) -> PyResult<bool> {
+        Ok(self.get()?.encoder().fast_bpe())
     }
 
     /// Rows read so far, examples kept, tokens written (for progress display).
