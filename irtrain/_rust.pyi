@@ -1,20 +1,22 @@
 """Type stubs of the private Rust extension `irtrain._rust` (reach it through
 `irtrain.data` and `irtrain.stats`, never from CLI code)."""
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
 
+__all__ = ["__version__", "Encoder", "Preparer", "detect_format", "kendall_tau", "kendall_tau_matrix", "pack_bfd", "write_shards"]
 __version__: str
 
 # --------------------------------------------------------------------------- data path (irtrain.data)
-RowErrors = list[tuple[int, str, str]]  # (1-based row, kind: "data"|"template"|"tokenizer"|"io", message)
+_RowErrors = list[tuple[int, str, str]]  # (1-based row, kind: "data"|"template"|"tokenizer"|"io", message)
 
+@final
 class Encoder:
     """Renders (chat template), tokenizes (offsets) and masks JSON rows; no packing, no files."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         tokenizer_file: str,
         chat_template: str,
         special_tokens: list[tuple[str, str]],
@@ -22,21 +24,22 @@ class Encoder:
         mask: str,
         threads: int = 0,
         fast_bpe: bool = True,
-    ) -> None: ...
+    ) -> Encoder: ...
     def encode_jsonl(
         self, buf: bytes, first_row: int = 1, first_example: int = 0
-    ) -> tuple[dict[str, npt.NDArray[Any]], RowErrors]: ...
+    ) -> tuple[dict[str, npt.NDArray[Any]], _RowErrors]: ...
     def render(self, messages_json: str, add_generation_prompt: bool = False) -> str: ...
     @property
     def tokenizer_hash(self) -> str: ...
     @property
     def fast_bpe(self) -> bool: ...
 
+@final
 class Preparer:
     """The `prepare` pipeline writing shards into `out_dir`, fed JSON-lines buffers."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         tokenizer_file: str,
         chat_template: str,
         special_tokens: list[tuple[str, str]],
@@ -52,8 +55,8 @@ class Preparer:
         threads: int = 0,
         window_tokens: int = 0,
         fast_bpe: bool = True,
-    ) -> None: ...
-    def add_jsonl(self, buf: bytes, first_row: int) -> tuple[int, RowErrors]: ...
+    ) -> Preparer: ...
+    def add_jsonl(self, buf: bytes, first_row: int) -> tuple[int, _RowErrors]: ...
     def progress(self) -> tuple[int, int, int]: ...
     @property
     def tokenizer_hash(self) -> str: ...

@@ -30,7 +30,7 @@ from irtrain.shards import ShardSet, iter_documents
 
 __all__ = [
     "iter_documents", "ShardSet", "TokenizerFiles", "load_tokenizer", "Source", "Chunk", "resolve_inputs",
-    "Encoder", "encode_rows", "detect_format", "pack_bfd", "write_shards", "row_error", "FORMATS", "MASKS",
+    "Encoder", "encode_rows", "detect_format", "pack_bfd", "write_shards", "preparer", "row_error", "FORMATS", "MASKS",
 ]
 
 FORMATS = ("chat", "preference", "prompt-completion", "unpaired", "ranked")
@@ -213,11 +213,12 @@ class Source:
             yield Chunk(rest, row, len(rest))
 
     def _json(self) -> Iterator[Chunk]:
-        raw = Path(self.name).read_bytes()
-        start = raw.lstrip()[:1]
-        if start != b"[":  # a .json file holding JSON lines
+        with open(self.name, "rb") as f:
+            head = f.read(1 << 16)
+        if head.lstrip()[:1] != b"[":  # a .json file holding JSON lines
             yield from self._jsonl()
             return
+        raw = Path(self.name).read_bytes()  # a JSON array is parsed whole (not streamed)
         try:
             rows = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -265,7 +266,8 @@ def _load_hf(name: str, subset: str | None, split: str) -> Any:
     try:
         ds = datasets.load_dataset(name, subset, split=split)
     except Exception as e:  # noqa: BLE001 - load_dataset raises many kinds
-        raise DataError(f"cannot load as a Hugging Face dataset: {type(e).__name__}: {e}", path=name) from None
+        raise DataError(f"not a local path, and cannot load it as a Hugging Face dataset: {type(e).__name__}: {e}",
+                        path=name) from None
     if not isinstance(ds, datasets.Dataset):
         raise DataError(f"load_dataset returned {type(ds).__name__}, expected a Dataset (give --split)", path=name)
     return ds
@@ -321,6 +323,22 @@ def first_row(source: Source) -> str | None:
                 except UnicodeDecodeError:
                     return None
     return None
+
+
+def preparer(tok: TokenizerFiles, fmt: str, mask: str, out_dir: str, *, max_len: int, truncation: str, pack: bool,
+             shard_rows: int, skip_invalid: bool = False, threads: int = 0, window_tokens: int = 0,
+             fast_bpe: bool = True) -> Any:
+    """The Rust pipeline behind `irtrain prepare` (`irtrain._rust.Preparer`), writing shard
+    folders into `out_dir`: feed it `Chunk`s with `add_jsonl(data, first_row)`, then `finish()`."""
+    if tok.chat_template is None:
+        raise TemplateError(f"{tok.name}: the tokenizer has no chat template; pass --chat-template FILE")
+    try:
+        return _rust.Preparer(tok.tokenizer_file, tok.chat_template, tok.special_tokens, fmt, mask, out_dir,
+                              max_len=max_len, truncation=truncation, pack=pack, shard_rows=shard_rows,
+                              skip_invalid=skip_invalid, threads=threads, window_tokens=window_tokens,
+                              fast_bpe=fast_bpe)
+    except TemplateError as e:
+        raise TemplateError(e.message, path=tok.chat_template_origin) from None
 
 
 def row_error(path: str, row: int, kind: str, message: str) -> Exception:

@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from irtrain import _rust
 from irtrain.config import PrepareConfig, config_to_dict
-from irtrain.data import TokenizerFiles, first_row, load_tokenizer, resolve_inputs, row_error
+from irtrain.data import TokenizerFiles, detect_format, first_row, load_tokenizer, preparer, resolve_inputs, row_error
 from irtrain.errors import ConfigError, DataError, ShardError, TemplateError
 from irtrain.shards import FORMAT_VERSION, MANIFEST, ShardSet, content_hash, iter_documents
 
@@ -104,7 +103,7 @@ def _detect(source: Any) -> str:
     if line is None:
         raise DataError("file is empty (no rows)", path=source.name)
     try:
-        return _rust.detect_format(line)
+        return detect_format(line)
     except DataError as e:
         raise DataError(e.message, path=source.name, row=1) from None
 
@@ -140,14 +139,8 @@ def _build(cfg: PrepareConfig, fmt: str, tok: TokenizerFiles, sources: list[Any]
            key: str, tmp: Path, console: Any) -> dict[str, Any]:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    try:
-        prep = _rust.Preparer(
-            tok.tokenizer_file, tok.chat_template, tok.special_tokens, fmt, cfg.mask, str(tmp),
-            max_len=cfg.max_len, truncation=cfg.truncation, pack=cfg.pack, shard_rows=cfg.shard_rows,
-            skip_invalid=cfg.skip_invalid, threads=cfg.threads,
-        )
-    except TemplateError as e:
-        raise TemplateError(e.message, path=tok.chat_template_origin) from None
+    prep = preparer(tok, fmt, cfg.mask, str(tmp), max_len=cfg.max_len, truncation=cfg.truncation, pack=cfg.pack,
+                    shard_rows=cfg.shard_rows, skip_invalid=cfg.skip_invalid, threads=cfg.threads)
     skipped: list[dict[str, Any]] = []
     n_skipped = 0
     with Progress(TextColumn("[bold]prepare[/] {task.description}"), BarColumn(), DownloadColumn(),

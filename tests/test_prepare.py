@@ -232,17 +232,15 @@ def test_packing_keeps_every_document_once_and_intact(tokenizer_dirs, tmp_path_f
 
 
 def test_packing_over_several_windows_is_still_valid(tokenizer_dirs, tmp_path):
-    from irtrain import _rust
-    from irtrain.data import load_tokenizer
+    from irtrain.data import load_tokenizer, preparer
 
     tok = load_tokenizer(str(tokenizer_dirs["chatml"]))
     rng = np.random.default_rng(1)
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "w " * int(n)}]}
             for n in rng.integers(1, 80, size=300)]
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    p = _rust.Preparer(tok.tokenizer_file, tok.chat_template, tok.special_tokens, "chat", "assistant",
-                       str(tmp_path / "shards"), max_len=256, truncation="drop", pack=True, shard_rows=7,
-                       window_tokens=2000, threads=2)
+    p = preparer(tok, "chat", "assistant", str(tmp_path / "shards"), max_len=256, truncation="drop", pack=True,
+                 shard_rows=7, window_tokens=2000, threads=2)
     for k in range(0, len(rows), 50):  # several buffers, several packing windows
         chunk = b"".join(data.splitlines(keepends=True)[k : k + 50])
         assert p.add_jsonl(chunk, k + 1)[0] == 50
