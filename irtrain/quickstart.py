@@ -65,6 +65,7 @@ class Plan:
     dpo_batch: int = 8  # packed rows per step (2 pairs each)
     # evaluation
     max_new_tokens: int = 48
+    bootstrap: int = 200  # rank: bootstrap resamples for the tau confidence intervals
 
     @classmethod
     def at(cls, scale: float, seed: int = 0) -> Plan:
@@ -325,25 +326,27 @@ def stage_evaluate(q: Quickstart) -> None:
 
 
 def stage_score(q: Quickstart) -> None:
+    """`irtrain score` of every model on the held-out traces (one table per model)."""
     from irtrain import score
     from irtrain.config import ScoreConfig
 
     tables = {}
     for name, path in models(q).items():
-        out = q.p["scores"] / name.replace("@", "-")
+        out = q.p["scores"] / name.replace("@", "-")  # rank labels a one-table directory by its name
         score.run(ScoreConfig(data=str(q.shards["heldout"]), model=str(path), out=str(out)))
-        tables[name] = out
-    q.results["scores"] = {k: str(v) for k, v in tables.items()}
+        tables[name] = str(out)
+    q.results["scores"] = tables
 
 
 def stage_rank(q: Quickstart) -> None:
+    """`irtrain rank`: Kendall tau between the models' value rankings of the held-out states."""
     from irtrain import rank
     from irtrain.config import RankConfig
 
-    tables = list(q.results["scores"].values())
-    res = rank.run(RankConfig(tables=tables, out=str(q.p["rank"]), seed=q.plan.seed))
-    q.results["rank"] = {"out": str(q.p["rank"])}
-    return res
+    summary = rank.run(RankConfig(tables=list(q.results["scores"].values()), out=str(q.p["rank"]),
+                                  bootstrap=q.plan.bootstrap, seed=q.plan.seed))
+    q.results["rank"] = {k: summary.get(k) for k in ("states", "traces", "tau_pooled", "tau_trace_mean",
+                                                      "tau_trace_median", "tau_pooled_ci", "files")}
 
 
 def stage_report(q: Quickstart) -> Path:
@@ -416,14 +419,13 @@ def stage_report(q: Quickstart) -> Path:
 
 
 def _rank_summary(q: Quickstart) -> dict[str, Any]:
-    """What `irtrain rank` wrote: the tau matrix and its heatmap (empty when rank did not run)."""
-    out: dict[str, Any] = {}
-    rd = q.p["rank"]
-    if "rank" not in q.results or not rd.is_dir():
-        return out
-    pngs = sorted(rd.glob("*.png"))
-    if pngs:
-        out["heatmap"] = pngs[0]
+    """What `irtrain rank` wrote: its summary and the heatmap (empty when rank did not run)."""
+    if "rank" not in q.results:
+        return {}
+    out = dict(q.results["rank"])
+    png = q.p["rank"] / (out.get("files") or {}).get("heatmap", "tau_heatmap.png")
+    if png.is_file():
+        out["heatmap"] = png
     return out
 
 
@@ -518,8 +520,8 @@ def _report_markdown(q: Quickstart, plots: dict[str, str], tau: dict[str, Any], 
               "V(s0) = logsumexp of the logits at the last prompt position (seed 001 §4.5: rises fast, then plateaus).",
               "", md_table(["step"] + [str(s) for s in _pick(x, 8)], [["value/s0"] + [y[x.index(s)] for s in _pick(x, 8)]]), ""]
 
-    if tau:
-        L += ["## Value rankings across checkpoints (Kendall τ)", "", "See the heatmap below; `rank/` holds the matrix.", ""]
+    if tau.get("tau_pooled"):
+        L += _tau_section(tau)
 
     if plots:
         L += ["## Plots", ""]
@@ -529,6 +531,32 @@ def _report_markdown(q: Quickstart, plots: dict[str, str], tau: dict[str, Any], 
             if key in plots:
                 L += [f"### {title}", "", f"![{title}]({plots[key]})", ""]
     return "\n".join(L) + "\n"
+
+
+def _tau_section(tau: dict[str, Any]) -> list[str]:
+    """The Kendall tau matrix (pooled over states) and per-trace means, as markdown."""
+    from irtrain.report import md_table
+
+    pooled, trace = tau["tau_pooled"], tau.get("tau_trace_mean") or {}
+    labels = list(pooled)
+    L = ["## Value rankings across checkpoints (Kendall τ)", "",
+         f"`irtrain score` read V(s) = logsumexp of the logits at s0 and after every worked step of the "
+         f"{tau.get('traces')} held-out traces ({tau.get('states')} states); `irtrain rank` computed Kendall τ-b between "
+         "every two models' values, pooled over all states (below) and within each trace (mean, second table). "
+         "Seed 001 §4.4: models trained on the same domain rank states alike (τ > 0).", ""]
+    L.append(md_table(["pooled τ"] + labels, [[a] + [pooled[a][b] for b in labels] for a in labels]))
+    L.append("")
+    if trace:
+        L.append(md_table(["per-trace mean τ"] + labels, [[a] + [trace[a][b] for b in labels] for a in labels]))
+        L.append("")
+    trained = [x for x in labels if x != "untrained"]
+    offdiag = [pooled[a][b] for i, a in enumerate(trained) for b in trained[i + 1:]
+               if isinstance(pooled[a][b], float) and math.isfinite(pooled[a][b])]
+    if offdiag:
+        L.append(f"Between trained checkpoints, pooled τ ranges from {min(offdiag):.3f} to {max(offdiag):.3f} "
+                 f"({sum(t > 0 for t in offdiag)} of {len(offdiag)} pairs > 0).")
+        L.append("")
+    return L
 
 
 def _pick(xs: list[int], k: int) -> list[int]:

@@ -40,11 +40,11 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 STEP_DELIMITER = "\n\n"
 ANSWER_PREFIX = "Answer: "
-ERROR_KINDS = ("step", "final")
+ERROR_KINDS = ("step", "slip", "final")
 
 
 @dataclass(frozen=True)
@@ -151,15 +151,19 @@ def generate_problems(n: int, seed: int, spec: TaskSpec = TaskSpec(), *, exclude
 
 
 # --------------------------------------------------------------------------- planted errors
-def corrupt(problem: Problem, rng: random.Random, kind: str | None = None) -> tuple[str, str]:
+def corrupt(problem: Problem, rng: random.Random, kind: str | None = None,
+            kinds: Sequence[str] = ERROR_KINDS) -> tuple[str, str]:
     """A wrong response for ``problem`` with one planted error. Returns ``(response, kind)``.
 
     - ``step``: the result of one step is off by 1-3; later steps start from the
       wrong value and are computed correctly from it, so the final answer is wrong too.
+    - ``slip``: the result written for one step is off by 1-3, but the next steps go on
+      from the right value: the final answer is right, the worked steps are not.
     - ``final``: every step is right; the answer line is off by 1-3.
-    The response differs from the correct solution and always fails `check_answer`.
+    The response differs from the correct solution and always fails `check_steps`
+    (``step`` and ``final`` also fail `check_answer`).
     """
-    kind = kind or rng.choice(ERROR_KINDS)
+    kind = kind or rng.choice(list(kinds))
     values = problem.values()
     delta = rng.choice([-3, -2, -1, 1, 2, 3])
     if kind == "step":
@@ -174,6 +178,13 @@ def corrupt(problem: Problem, rng: random.Random, kind: str | None = None) -> tu
             wrong.append(v)
         steps = _render_steps(problem.start, problem.ops, wrong)
         final = wrong[-1]
+    elif kind == "slip":
+        k = rng.randrange(len(values))
+        wrong = list(values)
+        wrong[k] = values[k] + delta if values[k] + delta >= 0 else values[k] - delta
+        prev = [problem.start] + values[:-1]  # each step starts from the right value
+        steps = [f"{a} {op} {b} = {w}" for a, (op, b), w in zip(prev, problem.ops, wrong)]
+        final = problem.answer
     elif kind == "final":
         steps = problem.steps()
         final = problem.answer + delta
@@ -182,7 +193,6 @@ def corrupt(problem: Problem, rng: random.Random, kind: str | None = None) -> tu
     else:
         raise ValueError(f"unknown error kind {kind!r}; one of {ERROR_KINDS}")
     response = STEP_DELIMITER.join(steps + [f"{ANSWER_PREFIX}{final}"])
-    assert final != problem.answer
     return response, kind
 
 
@@ -225,10 +235,12 @@ def sft_example(problem: Problem) -> dict[str, Any]:
     return {"messages": problem.messages()}
 
 
-def preference_example(problem: Problem, rng: random.Random, kind: str | None = None) -> dict[str, Any]:
+def preference_example(problem: Problem, rng: random.Random, kind: str | None = None,
+                       kinds: Sequence[str] = ERROR_KINDS) -> dict[str, Any]:
     """A preference pair, UltraFeedback-binarized style: ``chosen`` and ``rejected`` are
-    whole conversations sharing the user turn; ``error`` names the planted error."""
-    wrong, kind = corrupt(problem, rng, kind)
+    whole conversations sharing the user turn; ``error`` names the planted error (drawn
+    from ``kinds`` unless ``kind`` is given)."""
+    wrong, kind = corrupt(problem, rng, kind, kinds)
     return {
         "prompt": problem.prompt,
         "chosen": problem.messages(),
@@ -252,37 +264,42 @@ class TaskData:
     heldout: list[Problem]
     seed: int
     spec: TaskSpec
+    error_kinds: tuple[str, ...] = ERROR_KINDS  #: planted errors of the rejected answers, drawn uniformly
 
     def sft_rows(self) -> list[dict[str, Any]]:
         return [sft_example(p) for p in self.sft]
 
     def pref_rows(self) -> list[dict[str, Any]]:
         rng = random.Random(f"pref-{self.seed}")
-        return [preference_example(p, rng) for p in self.pref]
+        return [preference_example(p, rng, kinds=self.error_kinds) for p in self.pref]
 
     def heldout_pref_rows(self) -> list[dict[str, Any]]:
         """Preference pairs on the held-out problems (for held-out preference accuracy)."""
         rng = random.Random(f"heldout-pref-{self.seed}")
-        return [preference_example(p, rng) for p in self.heldout]
+        return [preference_example(p, rng, kinds=self.error_kinds) for p in self.heldout]
 
     def heldout_rows(self) -> list[dict[str, Any]]:
         return [heldout_example(p) for p in self.heldout]
 
     def texts(self) -> Iterator[str]:
-        """Every string of the task (for training a tokenizer on it)."""
+        """Text to train a tokenizer on: every prompt and worked solution, and the numbers a
+        planted error can produce (so the tokenizer does not depend on which errors are drawn)."""
         for p in self.sft + self.pref + self.heldout:
             yield p.prompt
             yield p.solution()
-        for row in self.pref_rows():
-            yield row["rejected"][-1]["content"]
+        yield " ".join(str(i) for i in range(-self.spec.max_operand - 3, self.spec.max_value + self.spec.max_operand + 4))
 
 
-def make_task(n_sft: int, n_pref: int, n_heldout: int, seed: int = 0, spec: TaskSpec = TaskSpec()) -> TaskData:
+def make_task(n_sft: int, n_pref: int, n_heldout: int, seed: int = 0, spec: TaskSpec = TaskSpec(),
+              error_kinds: Sequence[str] = ERROR_KINDS) -> TaskData:
     """Draw disjoint SFT, preference and held-out problem sets (no problem in two sets)."""
+    bad = [k for k in error_kinds if k not in ERROR_KINDS]
+    if bad or not error_kinds:
+        raise ValueError(f"error kinds must be a non-empty subset of {ERROR_KINDS}, got {tuple(error_kinds)}")
     held = generate_problems(n_heldout, seed * 1000 + 1, spec)
     sft = generate_problems(n_sft, seed * 1000 + 2, spec, exclude=held)
     pref = generate_problems(n_pref, seed * 1000 + 3, spec, exclude=held + sft)
-    return TaskData(sft=sft, pref=pref, heldout=held, seed=seed, spec=spec)
+    return TaskData(sft=sft, pref=pref, heldout=held, seed=seed, spec=spec, error_kinds=tuple(error_kinds))
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:

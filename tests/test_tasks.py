@@ -84,11 +84,16 @@ def test_planted_errors_are_wrong_and_minimal(kind):
         wrong, k = corrupt(p, rng, kind)
         assert k == kind
         assert wrong != p.solution()
-        assert not check_answer(p, wrong) and not check_steps(p, wrong)
+        assert not check_steps(p, wrong)
+        assert check_answer(p, wrong) == (kind == "slip")  # a slip keeps the right final answer
         good_steps, bad_steps = p.solution().split(STEP_DELIMITER), wrong.split(STEP_DELIMITER)
         assert len(good_steps) == len(bad_steps)  # same shape; only numbers differ
         if kind == "final":
             assert good_steps[:-1] == bad_steps[:-1]
+        elif kind == "slip":  # exactly one step's result differs
+            diff = [i for i, (g, b) in enumerate(zip(good_steps, bad_steps)) if g != b]
+            assert len(diff) == 1 and diff[0] < len(p.ops)
+            assert good_steps[diff[0]].partition(" = ")[0] == bad_steps[diff[0]].partition(" = ")[0]
         else:
             # the first differing step is an arithmetic error; later steps follow from it
             first = next(i for i, (g, b) in enumerate(zip(good_steps, bad_steps)) if g != b)
@@ -104,9 +109,16 @@ def test_preference_rows_share_the_prompt():
         assert row["chosen"][0] == row["rejected"][0] == {"role": "user", "content": row["prompt"]}
         p = problem_from_prompt(row["prompt"])
         assert check_steps(p, row["chosen"][1]["content"])
-        assert not check_answer(p, row["rejected"][1]["content"])
+        assert not check_steps(p, row["rejected"][1]["content"])
         kinds.add(row["error"])
     assert kinds == set(ERROR_KINDS)
+
+
+def test_error_kinds_can_be_chosen():
+    t = make_task(10, 30, 10, seed=0, error_kinds=("final",))
+    assert {r["error"] for r in t.pref_rows() + t.heldout_pref_rows()} == {"final"}
+    with pytest.raises(ValueError):
+        make_task(10, 10, 10, error_kinds=("nope",))
 
 
 def test_write_task(tmp_path):
