@@ -5,15 +5,19 @@
 //! τ_b = (n_c − n_d) / sqrt((n_0 − n_1)(n_0 − n_2)), n_0 = n(n−1)/2, n_1 and n_2 the
 //! pairs tied in x and in y. Three ways to the same counts, by input:
 //! - **few distinct values in both** (≤ `SMALL_DISTINCT` each, ≤ `TABLE_MAX` cells):
-//!   dense ranks by a small hash table, one pass into a contingency table (per thread),
-//!   then every count from the table in O(m_x·m_y). No sort at all.
-//! - **one pair, otherwise** (Knight): sort the (x, y) pairs, count ties in x and
-//!   joint ties from runs, then the discordant pairs are the strict inversions of the
-//!   y sequence, counted by a merge sort (halves in parallel) that also leaves y sorted
-//!   for its ties. No random memory access: it is what costs most on large inputs.
-//! - **a matrix** (rows are variables): each row is ranked once (dense ranks and its
-//!   order); a pair gathers one row's ranks in the other's order, sorts within tie
-//!   groups, and counts inversions by the same merge sort. Pairs run in parallel (rayon).
+//!   dense ranks from a small hash table (no sort), one pass into a contingency table
+//!   (per thread), then every count from the table in O(m_x·m_y).
+//! - **one pair, otherwise** (Knight): sort the (x, y) pairs, count ties in x and joint
+//!   ties from runs; the discordant pairs are the strict inversions of the y sequence,
+//!   counted by a merge sort (halves in parallel, branch-free two-ended merges) that also
+//!   leaves y sorted for its ties. No random memory access, which is what costs most on
+//!   large inputs.
+//! - **a matrix** (rows are variables): each row is ranked once (dense ranks, its rank
+//!   order). A pair lays y's ranks out in x's rank order, sorts them within groups of tied
+//!   x (those pairs are not discordant), makes them unique in order of appearance (tied y
+//!   are not discordant either), and counts the inversions of that permutation by binary
+//!   MSD radix partitions: ⌈log₂ n⌉ branch-free linear passes, groups in parallel. Pairs
+//!   run in parallel (rayon).
 //!
 //! Edge cases, as scipy: fewer than two observations or a constant variable give
 //! (NaN, NaN); a NaN anywhere gives (NaN, NaN) (scipy's default `nan_policy="propagate"`);
@@ -41,7 +45,7 @@ impl KendallTau {
 const SMALL_DISTINCT: usize = 1 << 10;
 /// Largest contingency table (cells) the few-values path builds.
 const TABLE_MAX: usize = 1 << 18;
-/// Below this length the merge sort does not split work across threads.
+/// Work below this many observations is not split across threads.
 const PAR_CUTOFF: usize = 1 << 15;
 /// Runs of this length are insertion-sorted before merging.
 const RUN: usize = 24;
@@ -338,7 +342,7 @@ fn knight_counts(x: &[f64], y: &[f64]) -> (Ties, Ties, PairCounts) {
     (xt, yt, PairCounts { discordant, joint_ties: joint.pairs })
 }
 
-// ------------------------------------------------------------------ matrix: rank once per row
+// ------------------------------------------------------------------ a matrix: ranks and a pair
 
 /// One variable ranked: dense ranks, the observations in rank order, and ties.
 struct Ranked {
@@ -353,19 +357,32 @@ struct Ranked {
 
 impl Ranked {
     fn new(values: &[f64]) -> Ranked {
-        if let Some(s) = SmallRanks::new(values) {
-            let mut starts = Vec::with_capacity(s.distinct() + 1);
-            let mut acc = 0u32;
-            for &c in &s.counts {
-                starts.push(acc);
-                acc += c as u32;
-            }
-            starts.push(acc);
-            return Ranked { ties: s.ties(), ranks: s.ranks, starts, order: OnceLock::new() };
+        match SmallRanks::new(values) {
+            Some(s) => Ranked::from_small(s),
+            None => Ranked::sorted(values),
         }
+    }
+
+    fn from_small(s: SmallRanks) -> Ranked {
+        let mut starts = Vec::with_capacity(s.distinct() + 1);
+        let mut acc = 0u32;
+        for &c in &s.counts {
+            starts.push(acc);
+            acc += c as u32;
+        }
+        starts.push(acc);
+        Ranked { ties: s.ties(), ranks: s.ranks, starts, order: OnceLock::new() }
+    }
+
+    /// By sorting (key, index) pairs: any number of distinct values.
+    fn sorted(values: &[f64]) -> Ranked {
         let n = values.len();
-        let mut keyed: Vec<(u64, u32)> = values.iter().enumerate().map(|(i, &v)| (order_key(v), i as u32)).collect();
-        keyed.sort_unstable();
+        let mut keyed: Vec<(u64, u32)> = values.par_iter().enumerate().map(|(i, &v)| (order_key(v), i as u32)).collect();
+        if n > PAR_CUTOFF {
+            keyed.par_sort_unstable();
+        } else {
+            keyed.sort_unstable();
+        }
         let mut ranks = vec![0u32; n];
         let mut starts = Vec::new();
         let mut ties = Ties::default();
@@ -382,7 +399,7 @@ impl Ranked {
             ties.add_group((n - *starts.last().unwrap_or(&0) as usize) as u64);
         }
         starts.push(n as u32);
-        let order = OnceLock::from(keyed.into_iter().map(|p| p.1).collect::<Vec<u32>>());
+        let order = OnceLock::from(keyed.into_par_iter().map(|p| p.1).collect::<Vec<u32>>());
         Ranked { ranks, starts, ties, order }
     }
 
@@ -425,7 +442,16 @@ fn ranked_counts(x: &Ranked, y: &Ranked) -> PairCounts {
             }
         }
     }
-    PairCounts { discordant: inversions(&mut seq), joint_ties }
+    if b.ties.pairs > 0 {
+        // Equal y get increasing unique ranks in order of appearance: never an inversion.
+        let mut next = b.starts[..b.distinct()].to_vec();
+        for v in seq.iter_mut() {
+            let u = next[*v as usize];
+            next[*v as usize] += 1;
+            *v = u;
+        }
+    }
+    PairCounts { discordant: permutation_inversions(seq), joint_ties }
 }
 
 // ------------------------------------------------------------------ inversions
@@ -528,6 +554,52 @@ fn merge_count<T: Copy + Ord>(src: &[T], mid: usize, out: &mut [T]) -> u64 {
     for k in j..rj {
         out[i + k] = r[k];
         inv += (nl - i) as u64;
+    }
+    inv
+}
+
+/// Inversions #{i < j : p[i] > p[j]} of a permutation `p` of 0..n, by binary MSD radix
+/// partitions. Invariant: before the pass on bit b, positions [g·2^(b+1), (g+1)·2^(b+1))
+/// hold exactly the values of that range (a permutation), so a group's halves have known
+/// places; each value with bit b clear is passed over by every earlier value with the bit
+/// set. Each pass is branch-free and linear; the groups of a pass run in parallel.
+fn permutation_inversions(mut src: Vec<u32>) -> u64 {
+    let n = src.len();
+    if n < 2 {
+        return 0;
+    }
+    let mut dst = vec![0u32; n];
+    let top = u32::BITS - ((n - 1) as u32).leading_zeros();
+    let mut inv = 0u64;
+    for bit in (0..top).rev() {
+        let group = 2usize << bit;
+        let chunk = group.max(PAR_CUTOFF); // a multiple of `group`: whole groups per task
+        inv += src
+            .par_chunks(chunk)
+            .zip(dst.par_chunks_mut(chunk))
+            .map(|(s, d)| s.chunks(group).zip(d.chunks_mut(group)).map(|(s, d)| partition_count(s, d, bit)).sum::<u64>())
+            .sum::<u64>();
+        std::mem::swap(&mut src, &mut dst);
+    }
+    inv
+}
+
+/// One group: values with `bit` clear to the front of `dst`, set to the back (stable),
+/// returning the pairs (set before clear).
+fn partition_count(src: &[u32], dst: &mut [u32], bit: u32) -> u64 {
+    assert_eq!(src.len(), dst.len());
+    let (mut lo, mut hi) = (0usize, (1usize << bit).min(src.len()));
+    let (mut set_seen, mut inv) = (0u64, 0u64);
+    for &v in src {
+        let b = ((v >> bit) & 1) as usize;
+        let at = if b == 1 { hi } else { lo };
+        // `at` < dst.len(): the group holds exactly 1 << bit values with the bit clear (or
+        // all of its values, in the last group), the rest with it set.
+        dst[at] = v;
+        lo += 1 - b;
+        hi += b;
+        inv += set_seen * (1 - b) as u64;
+        set_seen += b as u64;
     }
     inv
 }
@@ -746,9 +818,9 @@ mod tests {
     }
 
     #[test]
-    fn kendall_inversions_match_quadratic_count() {
-        let mut rng = Rng(99);
-        for n in [0usize, 1, 2, 23, 24, 25, 100, 1000, 3 * PAR_CUTOFF + 3] {
+    fn kendall_merge_sort_counts_strict_inversions() {
+        let mut rng = Rng(42);
+        for n in [0usize, 1, 2, 23, 24, 25, 100, 1000, 2 * PAR_CUTOFF + 5] {
             for m in [1u64, 2, 7, 2000, u64::MAX] {
                 let s: Vec<u64> = (0..n).map(|_| rng.next() % m).collect();
                 let mut sorted = s.clone();
@@ -758,19 +830,54 @@ mod tests {
                     let want: u64 = (0..n).map(|i| (i + 1..n).filter(|&j| s[i] > s[j]).count() as u64).sum();
                     assert_eq!(got, want, "n={n} m={m}");
                 } else {
-                    // the contingency-table count on the same sequence vs its index
-                    let (mut by_value, idx): (Vec<u64>, Vec<u32>) = (s.clone(), (0..n as u32).collect());
-                    by_value.sort_unstable();
-                    by_value.dedup();
-                    if by_value.len() <= 4096 {
-                        let r: Vec<u32> = s.iter().map(|v| by_value.binary_search(v).unwrap() as u32).collect();
-                        let c = table_counts(&idx.iter().map(|&i| i / 4096).collect::<Vec<_>>(), n / 4096 + 1, &r, by_value.len());
-                        // rows are blocks of 4096 positions: inversions across blocks only
-                        let within: u64 = s.chunks(4096).map(|b| inversions(&mut b.to_vec())).sum();
-                        assert_eq!(got, c.discordant + within, "n={n} m={m}");
+                    // the same count through unique ranks and the radix counter
+                    let mut idx: Vec<usize> = (0..n).collect();
+                    idx.sort_by_key(|&i| (s[i], i));
+                    let mut p = vec![0u32; n];
+                    for (r, &i) in idx.iter().enumerate() {
+                        p[i] = r as u32;
                     }
+                    assert_eq!(got, permutation_inversions(p), "n={n} m={m}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn kendall_permutation_inversions_match_direct_counts() {
+        let mut rng = Rng(99);
+        for n in [0usize, 1, 2, 3, 5, 8, 31, 32, 33, 100, 1000, 3 * PAR_CUTOFF + 3] {
+            let mut p: Vec<u32> = (0..n as u32).collect();
+            for i in (1..n).rev() {
+                p.swap(i, (rng.next() % (i as u64 + 1)) as usize);
+            }
+            let want: u64 = if n <= 1000 {
+                (0..n).map(|i| (i + 1..n).filter(|&j| p[i] > p[j]).count() as u64).sum()
+            } else {
+                // a Fenwick tree over the values seen so far
+                let mut tree = vec![0u64; n + 1];
+                let mut inv = 0u64;
+                for (seen, &v) in p.iter().enumerate() {
+                    let mut i = v as usize + 1;
+                    let mut le = 0;
+                    while i > 0 {
+                        le += tree[i];
+                        i &= i - 1;
+                    }
+                    inv += seen as u64 - le;
+                    let mut i = v as usize + 1;
+                    while i <= n {
+                        tree[i] += 1;
+                        i += i & i.wrapping_neg();
+                    }
+                }
+                inv
+            };
+            assert_eq!(permutation_inversions(p.clone()), want, "n={n}");
+            let sorted: Vec<u32> = (0..n as u32).collect();
+            assert_eq!(permutation_inversions(sorted.clone()), 0);
+            let rev: Vec<u32> = sorted.into_iter().rev().collect();
+            assert_eq!(permutation_inversions(rev), (n * n.saturating_sub(1) / 2) as u64);
         }
     }
 
