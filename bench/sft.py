@@ -10,6 +10,8 @@ machine only ever slows a run down).
   same thing on both sides), micro-batches concatenated padding-free.
 - TRL: prompt-completion conversations (completion-only loss, as irtrain trains only the
   assistant turn), its defaults otherwise (padding to the longest in the batch).
+- Both with and without gradient checkpointing (TRL's SFTConfig turns it on by default,
+  irtrain leaves it off), compared at the same setting.
 
 tokens/s = non-padding tokens processed / wall time from the start of the first
 optimizer step to the end of the last (model loading, data preparation and checkpoints
@@ -78,7 +80,8 @@ def run_irtrain(work: Path, args: argparse.Namespace) -> dict:
     out = work / f"out-irtrain-{time.time_ns()}"
     cfg = SFTConfig(model=str(work / f"model-{args.size}"), data=[str(work / "shards")], out=str(out), lr=args.lr, warmup_ratio=0.1,
                     lr_schedule="cosine", global_batch=args.global_batch, micro_batch=args.micro_batch, max_steps=args.steps,
-                    kl_metrics=False, tensorboard=False, seed=0, weight_decay=0.0)
+                    kl_metrics=False, tensorboard=False, seed=0, weight_decay=0.0,
+                    gradient_checkpointing=args.gc == "on")
     base = rss_mb()
     run(cfg)
     m = read_metrics(out)
@@ -114,7 +117,7 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
                     gradient_accumulation_steps=accum, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="cosine",
                     warmup_steps=0.1, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[], seed=0,
                     use_cpu=True, bf16=False, fp16=False, max_length=1024, dataloader_num_workers=0,
-                    adam_beta2=0.95, max_grad_norm=1.0)
+                    adam_beta2=0.95, max_grad_norm=1.0, gradient_checkpointing=args.gc == "on")
     model = AutoModelForCausalLM.from_pretrained(str(work / f"model-{args.size}"), dtype=torch.float32)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[clock])
     base = rss_mb()
@@ -140,6 +143,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads in each run (0 = torch's default, the core count)")
     p.add_argument("--worker", choices=("irtrain", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--gc", choices=("on", "off"), help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", default="off,on",
+                   help="gradient checkpointing settings to compare at (TRL's default is on, irtrain's off)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -159,36 +165,37 @@ def main() -> None:
     for size in args.sizes.split(","):
         if size not in SIZES:
             sys.exit(f"unknown size {size!r}; one of {', '.join(SIZES)}")
-        results: dict[str, list[dict]] = {"irtrain": [], "trl": []}
-        for r in range(args.repeats):
-            for who in ("irtrain", "trl"):
-                proc = subprocess.run([sys.executable, str(HERE), *forwarded, "--size", size, "--worker", who],
-                                      capture_output=True, text=True,
-                                      env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu"))
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if proc.returncode or line is None:
-                    sys.exit(f"{who} run failed:\n{proc.stderr[-3000:]}")
-                res = json.loads(line[len("RESULT "):])
-                res["tokens_per_s"] = res["tokens"] / res["wall_s"]
-                results[who].append(res)
-                print(f"[{size} {r + 1}/{args.repeats}] {who:8s} {res['tokens_per_s']:9.0f} tokens/s  {res['wall_s']:6.2f} s  "
-                      f"{res['tokens']:.0f} tokens  peak RSS {res['peak_rss_mb']:.0f} MB (+{res['peak_rss_mb'] - res['base_rss_mb']:.0f})  "
-                      f"final loss {res['final_loss']:.3f}", flush=True)
-        best = {who: max(rs, key=lambda x: x["tokens_per_s"]) for who, rs in results.items()}
-        summary.append((size, best["irtrain"], best["trl"]))
+        for gc in args.checkpointing.split(","):
+            results: dict[str, list[dict]] = {"irtrain": [], "trl": []}
+            for r in range(args.repeats):
+                for who in ("irtrain", "trl"):
+                    proc = subprocess.run([sys.executable, str(HERE), *forwarded, "--size", size, "--gc", gc, "--worker", who],
+                                          capture_output=True, text=True,
+                                          env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu"))
+                    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                    if proc.returncode or line is None:
+                        sys.exit(f"{who} run failed:\n{proc.stderr[-3000:]}")
+                    res = json.loads(line[len("RESULT "):])
+                    res["tokens_per_s"] = res["tokens"] / res["wall_s"]
+                    results[who].append(res)
+                    print(f"[{size} gc={gc} {r + 1}/{args.repeats}] {who:8s} {res['tokens_per_s']:9.0f} tokens/s  {res['wall_s']:6.2f} s  "
+                          f"{res['tokens']:.0f} tokens  peak RSS {res['peak_rss_mb']:.0f} MB (+{res['peak_rss_mb'] - res['base_rss_mb']:.0f})  "
+                          f"final loss {res['final_loss']:.3f}", flush=True)
+            best = {who: max(rs, key=lambda x: x["tokens_per_s"]) for who, rs in results.items()}
+            summary.append((size, gc, best["irtrain"], best["trl"]))
 
     print()
     print(f"data: {args.examples} generated conversations ({args.min_ops}-{args.max_ops} operations each); "
           f"{args.steps} steps x {args.global_batch} sequences (micro-batch {args.micro_batch}); fp32 CPU, "
           f"{os.cpu_count()} cores, torch threads {args.threads or 'default'}; best of {args.repeats}")
-    print(f"{'model':28s}{'':9s}{'tokens/s':>10s}{'peak RSS MB':>13s}{'RSS growth MB':>15s}")
-    for size, ours, theirs in summary:
+    print(f"{'model':30s}{'grad ckpt':>10s}  {'':9s}{'tokens/s':>10s}{'peak RSS MB':>13s}{'RSS growth MB':>15s}")
+    for size, gc, ours, theirs in summary:
         h, layers, *_ = SIZES[size]
         label = f"{size} (hidden {h}, {layers} layers)"
         for who, r in (("irtrain", ours), ("TRL", theirs)):
-            print(f"{label:28s}{who:9s}{r['tokens_per_s']:10.0f}{r['peak_rss_mb']:13.0f}{r['peak_rss_mb'] - r['base_rss_mb']:15.0f}")
+            print(f"{label:30s}{gc:>10s}  {who:9s}{r['tokens_per_s']:10.0f}{r['peak_rss_mb']:13.0f}{r['peak_rss_mb'] - r['base_rss_mb']:15.0f}")
             label = ""
-        print(f"{'':28s}{'ratio':9s}{ours['tokens_per_s'] / theirs['tokens_per_s']:9.2f}x"
+        print(f"{'':30s}{'':10s}  {'ratio':9s}{ours['tokens_per_s'] / theirs['tokens_per_s']:9.2f}x"
               f"{ours['peak_rss_mb'] / theirs['peak_rss_mb']:12.2f}x"
               f"{(ours['peak_rss_mb'] - ours['base_rss_mb']) / max(1.0, theirs['peak_rss_mb'] - theirs['base_rss_mb']):14.2f}x")
 
