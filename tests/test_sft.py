@@ -32,7 +32,7 @@ from irtrain.train.metrics import read_metrics
 from irtrain.train.packed import packed_forward
 from irtrain.train.reference import sequence_logps
 
-from test_train_common import make_preference_shards, make_sft_shards, prepare_task
+from test_train_common import make_preference_shards, make_sft_shards, one_torch_thread, prepare_task  # noqa: F401
 
 runner = CliRunner()
 
@@ -192,7 +192,7 @@ def test_sigterm_writes_resumable_checkpoint(tiny_model_dir, data_dir, tmp_path)
     out = tmp_path / "run"
     common = ("--lr-schedule", "constant", "--global-batch", "4")
     args = base_args(tiny_model_dir, data_dir, out, "--max-steps", "5000", *common)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "irtrain.cli.main", "sft", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 120

@@ -12,6 +12,19 @@ import pytest
 from irtrain.shards import Segment, write_shard_set
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Training tests run torch on one thread: on a shared 2-core machine, OpenMP's two
+    threads spin-wait for each other whenever a core is taken and runs slow down ~40x;
+    one thread keeps the suite's time predictable (and results do not depend on it)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tokenizer_hash(tokenizer) -> str:
     """As `irtrain prepare` computes it (sha256 of the canonical tokenizer.json)."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from irtrain.cli.main import app
 from irtrain.train.metrics import read_metrics
 
-from test_train_common import make_sft_shards
+from test_train_common import make_sft_shards, one_torch_thread  # noqa: F401
 
 pytest.importorskip("deepspeed")
 

@@ -19,7 +19,7 @@ from irtrain.train.reference import (ReferenceKey, ReferenceLogps, batch_referen
 from irtrain.train.strategy import Strategy
 from irtrain.config import SFTConfig
 
-from test_train_common import make_sft_shards
+from test_train_common import make_sft_shards, one_torch_thread  # noqa: F401
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,8 @@ class TrainResult:
     metrics: dict[str, Any]      # the last logged metrics
 
 
-# Fields that must not change when a run is resumed (they define the data order and the model).\n# (--max-steps / --epochs may change: the plan's prefix is the same, the lr schedule follows the new length.)
+# Fields that must not change when a run is resumed (they define the data order and the model).
+# (--max-steps / --epochs may change: the plan's prefix is the same, the lr schedule follows the new length.)
 _RESUME_FIXED = ("model", "data", "seed", "global_batch", "global_batch_tokens")
 
 
