@@ -206,6 +206,7 @@ def main() -> None:
     ap.add_argument("--num-proc", type=int, default=2, help="TRL dataset_num_proc")
     ap.add_argument("--work", default="/tmp/irtrain-bench-prepare")
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--skip-encode-batch", action="store_true")
     ap.add_argument("--streaming", action="store_true", help="also run irtrain on 10x the corpus")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -222,10 +223,13 @@ def main() -> None:
     print(f"irtrain prepare: {ir['seconds']:.1f} s, {ir['tokens'] / ir['seconds'] / 1e6:.2f} M tokens/s, "
           f"{ir['docs'] / ir['seconds']:.0f} docs/s, peak RSS {ir['rss_mib']:.0f} MiB, {ir['rows']} rows "
           f"(packing efficiency {ir['efficiency']:.1%}), {ir['tokens'] / a.n:.0f} tokens/conversation")
-    eb = run_encode_batch(corpus, tok)
-    assert eb["tokens"] == ir["tokens"], (eb["tokens"], ir["tokens"])
-    print(f"(b) tokenizers encode_batch on rendered text: {eb['seconds']:.1f} s, {eb['tokens'] / eb['seconds'] / 1e6:.2f} M tokens/s")
-    results = {"n": a.n, "irtrain": ir, "encode_batch": eb}
+    results = {"n": a.n, "irtrain": ir}
+    if not a.skip_encode_batch:
+        eb = run_encode_batch(corpus, tok)
+        assert eb["tokens"] == ir["tokens"], (eb["tokens"], ir["tokens"])
+        print(f"(b) tokenizers encode_batch on rendered text: {eb['seconds']:.1f} s, {eb['tokens'] / eb['seconds'] / 1e6:.2f} M tokens/s")
+        print(f"ratio irtrain / encode_batch: {eb['seconds'] / ir['seconds']:.2f}x")
+        results["encode_batch"] = eb
     if not a.skip_trl:
         trl = run_trl(corpus, tok, a.max_len, a.num_proc)
         print(f"(a) TRL SFTTrainer data prep: {trl['wall_seconds']:.1f} s, {trl['tokens'] / trl['wall_seconds'] / 1e6:.2f} M tokens/s, "
@@ -234,7 +238,6 @@ def main() -> None:
         results["trl"] = trl
         print(f"ratio irtrain / TRL: {trl['wall_seconds'] / ir['seconds']:.1f}x faster; rows {ir['rows']} vs {trl['rows']}; "
               f"trained tokens {ir['trained']} vs {trl['trained']}")
-    print(f"ratio irtrain / encode_batch: {eb['seconds'] / ir['seconds']:.2f}x")
     if a.streaming:
         big = work / f"corpus-{a.n * 10}.jsonl"
         if not big.exists():
