@@ -88,7 +88,11 @@ def train(cfg: Any, objective: Objective) -> TrainResult:
     model = strategy.load_model(resume_from or model_path, attn_implementation=cfg.attn_implementation,
                                 trust_remote_code=cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     model = strategy.setup(model)
     state = load_checkpoint(resume_from, strategy=strategy) if resume_from else TrainState()
