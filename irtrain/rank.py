@@ -75,7 +75,7 @@ def run(cfg: RankConfig, *, console: Any = None) -> dict[str, Any]:
         "traces_used": _nested(labels, result.traces_used),
         "files": {"matrix": "tau_matrix.parquet", "pairs": "tau_pairs.parquet", "heatmap": "tau_heatmap.png"},
     }
-    if cfg.bootstrap:
+    if result.pooled_ci is not None and result.trace_mean_ci is not None:
         summary["tau_pooled_ci"] = _nested(labels, np.stack([result.pooled_ci[0], result.pooled_ci[1]], -1))
         summary["tau_trace_mean_ci"] = _nested(labels, np.stack([result.trace_mean_ci[0], result.trace_mean_ci[1]], -1))
     write_outputs(out, labels, result, summary, states=int(aligned.values.shape[1]))

@@ -432,7 +432,8 @@ def load_model(path: Path, *, device: torch.device, dtype: torch.dtype, trust_re
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    return model.to(device).eval().requires_grad_(False)
+    model = model.to(device)  # type: ignore[arg-type]  # transformers' stubs: to(device) is fine
+    return model.eval().requires_grad_(False)
 
 
 def _batches(segments: list[Segment], shards: ShardSet, budget: int) -> Iterator[tuple[list[int], list[int]]]:
@@ -440,7 +441,9 @@ def _batches(segments: list[Segment], shards: ShardSet, budget: int) -> Iterator
     by_row: dict[int, list[int]] = {}
     for k, s in enumerate(segments):
         by_row.setdefault(s.row, []).append(k)
-    rows, segs, tokens = [], [], 0
+    rows: list[int] = []
+    segs: list[int] = []
+    tokens = 0
     for r in sorted(by_row):
         n = shards.row(r).num_tokens
         if rows and tokens + n > budget:
@@ -479,24 +482,23 @@ def score_model(path: Path, shards: ShardSet, segments: list[Segment], *, cfg: S
                 raise TokenizerError(f"{shards.path}: token id {int(batch.input_ids.max())} is outside {path}'s vocabulary ({vocab})")
             batch = batch.to(device)
             logits = packed_forward(model, batch)
-            _, sums, counts = batch_token_logps(batch, logits)
+            _, sums_t, counts_t = batch_token_logps(batch, logits)
+            sums, counts = sums_t.cpu().numpy(), counts_t.cpu().numpy()  # one device sync per forward
             # map (row, segment start) to the batch's segment index and token offset
-            row_off = np.cumsum([0] + [shards.row(r).num_tokens for r in rows])
-            seg_starts = batch.cu_seqlens[:-1].cpu().numpy()
-            where = {int(x): i for i, x in enumerate(seg_starts)}
-            pos, owner = [], []
+            row_off = dict(zip(rows, np.cumsum([0] + [shards.row(r).num_tokens for r in rows]).tolist()))
+            where = {int(x): i for i, x in enumerate(batch.cu_seqlens[:-1].cpu().numpy())}
+            pos: list[np.ndarray] = []
             for k in segs:
                 s = segments[k]
-                base = int(row_off[rows.index(s.row)]) + s.start
+                base = row_off[s.row] + s.start
                 j = where[base]
                 logp[k] = float(sums[j])
                 num_tokens[k] = int(counts[j])
                 pos.append(s.states + base)
-                owner.append(k)
             flat = torch.from_numpy(np.concatenate(pos)).to(device)
             v = state_values(logits, flat, cfg.value_temperature).double().cpu().numpy()
             off = 0
-            for k in owner:
+            for k in segs:
                 n = segments[k].num_states
                 values[k] = v[off:off + n]
                 off += n
