@@ -37,7 +37,11 @@ impl MaskKind {
             "last" => Self::Last,
             "completion" => Self::Completion,
             "all" => Self::All,
-            _ => return Err(CoreError::Input(format!("unknown mask {s:?} (assistant, last, completion, all)"))),
+            _ => {
+                return Err(CoreError::Input(format!(
+                    "unknown mask {s:?} (assistant, last, completion, all)"
+                )))
+            }
         })
     }
 
@@ -63,7 +67,11 @@ pub struct Rendered {
 /// Turns before `conv.trainable_from` (the prompt) are never trained by
 /// `assistant`/`last`; `completion` trains from the generation prompt after
 /// the first `conv.completion_start` messages to the end.
-pub fn render_and_mask(tpl: &ChatTemplate, conv: &Conversation, mask: MaskKind) -> Result<Rendered> {
+pub fn render_and_mask(
+    tpl: &ChatTemplate,
+    conv: &Conversation,
+    mask: MaskKind,
+) -> Result<Rendered> {
     let messages = &conv.messages[..];
     let is_assistant = &conv.is_assistant[..];
     let prompt_len = conv.trainable_from;
@@ -73,18 +81,29 @@ pub fn render_and_mask(tpl: &ChatTemplate, conv: &Conversation, mask: MaskKind) 
         MaskKind::Completion => {
             let start = conv.completion_start;
             if start >= messages.len() {
-                return Err(CoreError::Input("nothing after the prompt to train (mask 'completion')".into()));
+                return Err(CoreError::Input(
+                    "nothing after the prompt to train (mask 'completion')".into(),
+                ));
             }
             let prefix = tpl.render(&messages[..start], true)?;
             check_prefix(&prefix, &text, start, true)?;
             vec![(prefix.len(), text.len())]
         }
         MaskKind::Assistant | MaskKind::Last => {
-            let turns: Vec<usize> = (prompt_len..messages.len()).filter(|&i| is_assistant[i]).collect();
+            let turns: Vec<usize> = (prompt_len..messages.len())
+                .filter(|&i| is_assistant[i])
+                .collect();
             let turns: Vec<usize> = match (mask, turns.last()) {
                 (_, None) => {
-                    let what = if prompt_len > 0 { "no assistant turn after the prompt" } else { "no assistant turn" };
-                    return Err(CoreError::Input(format!("{what} to train (mask '{}')", mask.name())));
+                    let what = if prompt_len > 0 {
+                        "no assistant turn after the prompt"
+                    } else {
+                        "no assistant turn"
+                    };
+                    return Err(CoreError::Input(format!(
+                        "{what} to train (mask '{}')",
+                        mask.name()
+                    )));
                 }
                 (MaskKind::Last, Some(&last)) => vec![last],
                 _ => turns,
@@ -92,7 +111,11 @@ pub fn render_and_mask(tpl: &ChatTemplate, conv: &Conversation, mask: MaskKind) 
             let mut spans = Vec::with_capacity(turns.len());
             for i in turns {
                 let start = tpl.render(&messages[..i], true)?;
-                let end = if i + 1 == messages.len() { text.clone() } else { tpl.render(&messages[..i + 1], false)? };
+                let end = if i + 1 == messages.len() {
+                    text.clone()
+                } else {
+                    tpl.render(&messages[..i + 1], false)?
+                };
                 check_prefix(&start, &end, i, true)?;
                 check_prefix(&end, &text, i + 1, false)?;
                 spans.push((start.len(), end.len()));
@@ -107,7 +130,11 @@ fn check_prefix(prefix: &str, whole: &str, n: usize, generation_prompt: bool) ->
     if whole.starts_with(prefix) {
         return Ok(());
     }
-    let at = prefix.bytes().zip(whole.bytes()).take_while(|(a, b)| a == b).count();
+    let at = prefix
+        .bytes()
+        .zip(whole.bytes())
+        .take_while(|(a, b)| a == b)
+        .count();
     let what = if generation_prompt {
         format!("the first {n} messages rendered with add_generation_prompt=True")
     } else {
@@ -121,12 +148,22 @@ fn check_prefix(prefix: &str, whole: &str, n: usize, generation_prompt: bool) ->
 
 /// Labels for one tokenized segment: the token id where the token overlaps a
 /// trained span, `IGNORE_INDEX` elsewhere and at position 0.
-pub fn labels_from_offsets(ids: &[u32], offsets: &[(usize, usize)], spans: &[(usize, usize)]) -> Vec<i32> {
+pub fn labels_from_offsets(
+    ids: &[u32],
+    offsets: &[(usize, usize)],
+    spans: &[(usize, usize)],
+) -> Vec<i32> {
     let mut labels = vec![IGNORE_INDEX; ids.len()];
     let spans: Vec<(usize, usize)> = spans.iter().copied().filter(|(a, b)| b > a).collect();
     for (j, (&id, &(s, e))) in ids.iter().zip(offsets).enumerate() {
         // spans are few (one per trained turn): a direct check is cheapest
-        let hit = spans.iter().any(|&(a, b)| if s == e { a <= s && s < b } else { a < e && s < b });
+        let hit = spans.iter().any(|&(a, b)| {
+            if s == e {
+                a <= s && s < b
+            } else {
+                a < e && s < b
+            }
+        });
         if hit {
             labels[j] = id as i32;
         }
@@ -146,7 +183,12 @@ mod tests {
         let v: Vec<serde_json::Value> = serde_json::from_str(json).unwrap();
         let is_assistant = v.iter().map(|m| m["role"] == "assistant").collect();
         let messages = v.into_iter().map(|m| Value::from(Serde(m))).collect();
-        Conversation { messages, is_assistant, trainable_from, completion_start }
+        Conversation {
+            messages,
+            is_assistant,
+            trainable_from,
+            completion_start,
+        }
     }
 
     const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -174,8 +216,14 @@ mod tests {
     fn no_assistant_turn_is_an_input_error() {
         let t = ChatTemplate::new(CHATML, &[]).unwrap();
         let c = conv(r#"[{"role":"user","content":"u1"}]"#, 0, 1);
-        assert!(matches!(render_and_mask(&t, &c, MaskKind::Assistant), Err(CoreError::Input(_))));
-        assert!(matches!(render_and_mask(&t, &c, MaskKind::Completion), Err(CoreError::Input(_))));
+        assert!(matches!(
+            render_and_mask(&t, &c, MaskKind::Assistant),
+            Err(CoreError::Input(_))
+        ));
+        assert!(matches!(
+            render_and_mask(&t, &c, MaskKind::Completion),
+            Err(CoreError::Input(_))
+        ));
         assert!(render_and_mask(&t, &c, MaskKind::All).is_ok());
     }
 
@@ -184,9 +232,16 @@ mod tests {
         // drops earlier assistant turns' content: not prefix-stable
         let src = "{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}[old]{% else %}{{ m.content }}{% endif %}|{% endfor %}";
         let t = ChatTemplate::new(src, &[]).unwrap();
-        let c = conv(r#"[{"role":"user","content":"u"},{"role":"assistant","content":"a"},{"role":"user","content":"v"},{"role":"assistant","content":"b"}]"#, 0, 3);
+        let c = conv(
+            r#"[{"role":"user","content":"u"},{"role":"assistant","content":"a"},{"role":"user","content":"v"},{"role":"assistant","content":"b"}]"#,
+            0,
+            3,
+        );
         let err = render_and_mask(&t, &c, MaskKind::Assistant).unwrap_err();
-        assert!(matches!(&err, CoreError::Template(msg) if msg.contains("prefix-stable")), "{err}");
+        assert!(
+            matches!(&err, CoreError::Template(msg) if msg.contains("prefix-stable")),
+            "{err}"
+        );
         assert!(render_and_mask(&t, &c, MaskKind::Last).is_ok());
     }
 
@@ -194,10 +249,22 @@ mod tests {
     fn labels_by_overlap_and_first_token_masked() {
         let ids = [10, 11, 12, 13, 14];
         let offsets = [(0, 2), (2, 4), (4, 6), (6, 6), (6, 9)];
-        assert_eq!(labels_from_offsets(&ids, &offsets, &[(3, 6)]), vec![-100, 11, 12, -100, -100]);
-        assert_eq!(labels_from_offsets(&ids, &offsets, &[(0, 9)]), vec![-100, 11, 12, 13, 14]);
-        assert_eq!(labels_from_offsets(&ids, &offsets, &[(0, 1), (8, 9)]), vec![-100, -100, -100, -100, 14]);
+        assert_eq!(
+            labels_from_offsets(&ids, &offsets, &[(3, 6)]),
+            vec![-100, 11, 12, -100, -100]
+        );
+        assert_eq!(
+            labels_from_offsets(&ids, &offsets, &[(0, 9)]),
+            vec![-100, 11, 12, 13, 14]
+        );
+        assert_eq!(
+            labels_from_offsets(&ids, &offsets, &[(0, 1), (8, 9)]),
+            vec![-100, -100, -100, -100, 14]
+        );
         assert_eq!(labels_from_offsets(&ids, &offsets, &[]), vec![-100; 5]);
-        assert_eq!(labels_from_offsets(&ids, &offsets, &[(6, 7)]), vec![-100, -100, -100, 13, 14]);
+        assert_eq!(
+            labels_from_offsets(&ids, &offsets, &[(6, 7)]),
+            vec![-100, -100, -100, 13, 14]
+        );
     }
 }

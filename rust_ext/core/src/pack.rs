@@ -13,7 +13,9 @@ use crate::error::{CoreError, Result};
 /// O(n log n). An item longer than `capacity` is an error (truncate or drop it first).
 pub fn best_fit_decreasing(lengths: &[usize], capacity: usize) -> Result<Vec<Vec<usize>>> {
     if let Some((i, &len)) = lengths.iter().enumerate().find(|(_, &l)| l > capacity) {
-        return Err(CoreError::Input(format!("item {i} has {len} tokens, more than the row capacity {capacity}")));
+        return Err(CoreError::Input(format!(
+            "item {i} has {len} tokens, more than the row capacity {capacity}"
+        )));
     }
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
@@ -101,11 +103,17 @@ mod tests {
         let mut x: u64 = 42;
         let mut lengths = Vec::new();
         for _ in 0..5000 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             lengths.push(1 + (x >> 33) as usize % 1500);
         }
         let rows = check(&lengths, 4096);
         let lb = rows_lower_bound(&lengths, 4096);
-        assert!(rows.len() <= lb + lb / 50 + 1, "{} rows vs lower bound {lb}", rows.len());
+        assert!(
+            rows.len() <= lb + lb / 50 + 1,
+            "{} rows vs lower bound {lb}",
+            rows.len()
+        );
     }
 }

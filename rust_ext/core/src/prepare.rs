@@ -32,7 +32,11 @@ impl Truncation {
             "drop" => Self::Drop,
             "left" => Self::Left,
             "right" => Self::Right,
-            _ => return Err(CoreError::Input(format!("unknown truncation {s:?} (drop, left, right)"))),
+            _ => {
+                return Err(CoreError::Input(format!(
+                    "unknown truncation {s:?} (drop, left, right)"
+                )))
+            }
         })
     }
 }
@@ -55,7 +59,11 @@ impl RowError {
             CoreError::Tokenizer(_) => "tokenizer",
             CoreError::Io(_) => "io",
         };
-        Self { row, kind, message: e.to_string() }
+        Self {
+            row,
+            kind,
+            message: e.to_string(),
+        }
     }
 }
 
@@ -98,7 +106,12 @@ pub struct Encoder {
 
 impl Encoder {
     pub fn new(tok: Tok, tpl: ChatTemplate, format: Format, mask: MaskKind) -> Self {
-        Self { tok, tpl, format, mask }
+        Self {
+            tok,
+            tpl,
+            format,
+            mask,
+        }
     }
 
     /// Whether tokenization takes the fast byte-level BPE path (`Tok::is_fast`).
@@ -115,11 +128,17 @@ impl Encoder {
     /// as transformers does (null values dropped, reasoning aliases) but not
     /// validated (for checks against transformers and for callers that render).
     pub fn render_json(&self, messages_json: &str, add_generation_prompt: bool) -> Result<String> {
-        let msgs: Vec<serde_json::Map<String, serde_json::Value>> = serde_json::from_str(messages_json)
-            .map_err(|e| CoreError::Input(format!("messages are not a JSON list of objects: {e}")))?;
+        let msgs: Vec<serde_json::Map<String, serde_json::Value>> =
+            serde_json::from_str(messages_json).map_err(|e| {
+                CoreError::Input(format!("messages are not a JSON list of objects: {e}"))
+            })?;
         let values: Vec<minijinja::Value> = msgs
             .iter()
-            .map(|m| minijinja::Value::from(minijinja::value::Serde(serde_json::Value::Object(crate::rows::normalise(m)))))
+            .map(|m| {
+                minijinja::Value::from(minijinja::value::Serde(serde_json::Value::Object(
+                    crate::rows::normalise(m),
+                )))
+            })
             .collect();
         self.tpl.render(&values, add_generation_prompt)
     }
@@ -128,7 +147,11 @@ impl Encoder {
     pub fn encode_row(&self, line: &[u8], example: i64) -> Result<Example> {
         let text = std::str::from_utf8(line).map_err(|e| {
             let at = e.valid_up_to();
-            CoreError::Input(format!("not valid UTF-8: byte 0x{:02x} at column {}", line[at], at + 1))
+            CoreError::Input(format!(
+                "not valid UTF-8: byte 0x{:02x} at column {}",
+                line[at],
+                at + 1
+            ))
         })?;
         let specs = parse_row(text, self.format)?;
         let mut segments = Vec::with_capacity(specs.len());
@@ -136,17 +159,29 @@ impl Encoder {
             let r = render_and_mask(&self.tpl, &spec.conversation, self.mask)?;
             let enc = self.tok.encode(&r.text)?;
             if enc.ids.is_empty() {
-                return Err(CoreError::Input("the conversation renders to no tokens".into()));
+                return Err(CoreError::Input(
+                    "the conversation renders to no tokens".into(),
+                ));
             }
             let labels = labels_from_offsets(&enc.ids, &enc.offsets, &r.spans);
             if labels.iter().all(|&l| l == IGNORE_INDEX) {
                 return Err(CoreError::Input(format!(
                     "nothing to train: mask '{}' selects no token of {}",
                     self.mask.name(),
-                    if spec.part == 0 { "the example".to_string() } else { format!("segment {}", spec.part) }
+                    if spec.part == 0 {
+                        "the example".to_string()
+                    } else {
+                        format!("segment {}", spec.part)
+                    }
                 )));
             }
-            segments.push(Segment { input_ids: enc.ids, labels, example, part: spec.part, score: spec.score });
+            segments.push(Segment {
+                input_ids: enc.ids,
+                labels,
+                example,
+                part: spec.part,
+                score: spec.score,
+            });
         }
         Ok(Example { segments })
     }
@@ -166,7 +201,10 @@ impl Encoder {
             .enumerate()
             .map(|(k, &(row, line))| {
                 let id = first_example + k as i64;
-                (row, self.encode_row(line, id).map_err(|e| RowError::new(row, e)))
+                (
+                    row,
+                    self.encode_row(line, id).map_err(|e| RowError::new(row, e)),
+                )
             })
             .collect()
     }
@@ -269,8 +307,11 @@ impl Preparer {
             .num_threads(opts.threads)
             .build()
             .map_err(|e| CoreError::Input(format!("cannot start {} threads: {e}", opts.threads)))?;
-        let window_tokens =
-            if opts.window_tokens > 0 { opts.window_tokens } else { (4usize << 20).max(256 * opts.max_len) };
+        let window_tokens = if opts.window_tokens > 0 {
+            opts.window_tokens
+        } else {
+            (4usize << 20).max(256 * opts.max_len)
+        };
         let writer = ShardWriter::new(out_dir, opts.shard_rows)?;
         Ok(Self {
             enc,
@@ -290,8 +331,13 @@ impl Preparer {
     pub fn add_lines(&mut self, buf: &[u8], first_row: u64) -> Result<ChunkOutcome> {
         let first = self.next_example;
         let enc = &self.enc;
-        let results = self.pool.install(|| enc.encode_lines(buf, first_row, first));
-        let mut outcome = ChunkOutcome { rows: results.len() as u64, errors: Vec::new() };
+        let results = self
+            .pool
+            .install(|| enc.encode_lines(buf, first_row, first));
+        let mut outcome = ChunkOutcome {
+            rows: results.len() as u64,
+            errors: Vec::new(),
+        };
         let mut examples = Vec::with_capacity(results.len());
         for (_, r) in results {
             match r {
@@ -324,7 +370,10 @@ impl Preparer {
             let lens: Vec<usize> = ex.segments.iter().map(Segment::len).collect();
             let cap = truncation_cap(&lens, self.opts.max_len);
             truncate(&mut ex, cap, self.opts.truncation);
-            let nothing = ex.segments.iter().any(|s| s.labels.iter().all(|&l| l == IGNORE_INDEX));
+            let nothing = ex
+                .segments
+                .iter()
+                .any(|s| s.labels.iter().all(|&l| l == IGNORE_INDEX));
             if cap == 0 || nothing {
                 self.counts.dropped_nothing_trained += 1;
                 return Ok(());
@@ -335,7 +384,8 @@ impl Preparer {
         for s in &ex.segments {
             self.counts.segments += 1;
             self.counts.tokens_total += s.len() as u64;
-            self.counts.tokens_trained += s.labels.iter().filter(|&&l| l != IGNORE_INDEX).count() as u64;
+            self.counts.tokens_trained +=
+                s.labels.iter().filter(|&&l| l != IGNORE_INDEX).count() as u64;
         }
         if self.opts.pack {
             self.pending_tokens += ex.len();
@@ -356,7 +406,10 @@ impl Preparer {
         let lengths: Vec<usize> = self.pending.iter().map(Example::len).collect();
         let bins = best_fit_decreasing(&lengths, self.opts.max_len)?;
         for bin in &bins {
-            let row: Vec<&Segment> = bin.iter().flat_map(|&i| self.pending[i].segments.iter()).collect();
+            let row: Vec<&Segment> = bin
+                .iter()
+                .flat_map(|&i| self.pending[i].segments.iter())
+                .collect();
             self.writer.push_row(&row)?;
         }
         self.counts.rows += bins.len() as u64;
@@ -402,12 +455,22 @@ mod tests {
 
     #[test]
     fn truncation_keeps_the_right_end_and_remasks() {
-        let seg = Segment { input_ids: vec![1, 2, 3, 4, 5], labels: vec![-100, 2, 3, 4, 5], example: 0, part: 0, score: 0.0 };
-        let mut left = Example { segments: vec![seg.clone()] };
+        let seg = Segment {
+            input_ids: vec![1, 2, 3, 4, 5],
+            labels: vec![-100, 2, 3, 4, 5],
+            example: 0,
+            part: 0,
+            score: 0.0,
+        };
+        let mut left = Example {
+            segments: vec![seg.clone()],
+        };
         truncate(&mut left, 3, Truncation::Left);
         assert_eq!(left.segments[0].input_ids, vec![3, 4, 5]);
         assert_eq!(left.segments[0].labels, vec![-100, 4, 5]);
-        let mut right = Example { segments: vec![seg] };
+        let mut right = Example {
+            segments: vec![seg],
+        };
         truncate(&mut right, 3, Truncation::Right);
         assert_eq!(right.segments[0].input_ids, vec![1, 2, 3]);
         assert_eq!(right.segments[0].labels, vec![-100, 2, 3]);

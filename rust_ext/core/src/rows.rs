@@ -23,7 +23,14 @@ use serde_json::{Map, Value as Json};
 
 use crate::error::{CoreError, Result};
 
-pub const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "ipython"];
+pub const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "ipython",
+];
 
 /// The input formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +72,9 @@ impl Format {
     pub fn fields(self) -> &'static str {
         match self {
             Self::Chat => "'messages'",
-            Self::Preference => "'chosen' and 'rejected' (and 'prompt' unless they are whole conversations)",
+            Self::Preference => {
+                "'chosen' and 'rejected' (and 'prompt' unless they are whole conversations)"
+            }
             Self::PromptCompletion => "'prompt' and 'completion'",
             Self::Unpaired => "'prompt', 'completion' and 'label'",
             Self::Ranked => "'prompt', 'completions' and 'scores'",
@@ -128,7 +137,10 @@ pub struct SegmentSpec {
 fn parse_object(line: &str) -> Result<Map<String, Json>> {
     match serde_json::from_str::<Json>(line) {
         Ok(Json::Object(m)) => Ok(m),
-        Ok(other) => Err(CoreError::Input(format!("row is not a JSON object but {}", kind(&other)))),
+        Ok(other) => Err(CoreError::Input(format!(
+            "row is not a JSON object but {}",
+            kind(&other)
+        ))),
         Err(e) => Err(CoreError::Input(format!("invalid JSON: {e}"))),
     }
 }
@@ -148,14 +160,22 @@ fn kind(v: &Json) -> &'static str {
 pub fn parse_row(line: &str, format: Format) -> Result<Vec<SegmentSpec>> {
     let row = parse_object(line)?;
     let missing = |fields: &[&str]| -> Result<()> {
-        let absent: Vec<&str> = fields.iter().copied().filter(|f| !row.contains_key(*f)).collect();
+        let absent: Vec<&str> = fields
+            .iter()
+            .copied()
+            .filter(|f| !row.contains_key(*f))
+            .collect();
         if absent.is_empty() {
             return Ok(());
         }
         let keys: Vec<&str> = row.keys().map(|k| k.as_str()).collect();
         Err(CoreError::Input(format!(
             "row has no {} field (a {} row needs {}; it has {keys:?})",
-            absent.iter().map(|f| format!("'{f}'")).collect::<Vec<_>>().join(", "),
+            absent
+                .iter()
+                .map(|f| format!("'{f}'"))
+                .collect::<Vec<_>>()
+                .join(", "),
             format.name(),
             format.fields()
         )))
@@ -165,23 +185,40 @@ pub fn parse_row(line: &str, format: Format) -> Result<Vec<SegmentSpec>> {
             missing(&["messages"])?;
             let msgs = message_list(&row["messages"], "messages")?;
             let completion_start = last_non_assistant(&msgs).map_or(0, |i| i + 1);
-            Ok(vec![SegmentSpec { conversation: conversation(msgs, 0, completion_start), part: 0, score: f32::NAN }])
+            Ok(vec![SegmentSpec {
+                conversation: conversation(msgs, 0, completion_start),
+                part: 0,
+                score: f32::NAN,
+            }])
         }
         Format::PromptCompletion => {
             missing(&["prompt", "completion"])?;
             let p = turns(&row["prompt"], "prompt", "user")?;
             let c = turns(&row["completion"], "completion", "assistant")?;
-            Ok(vec![SegmentSpec { conversation: joined(p, c), part: 0, score: f32::NAN }])
+            Ok(vec![SegmentSpec {
+                conversation: joined(p, c),
+                part: 0,
+                score: f32::NAN,
+            }])
         }
         Format::Unpaired => {
             missing(&["prompt", "completion", "label"])?;
             let label = match &row["label"] {
                 Json::Bool(b) => *b,
-                other => return Err(CoreError::Input(format!("'label' must be true or false, not {}", kind(other)))),
+                other => {
+                    return Err(CoreError::Input(format!(
+                        "'label' must be true or false, not {}",
+                        kind(other)
+                    )))
+                }
             };
             let p = turns(&row["prompt"], "prompt", "user")?;
             let c = turns(&row["completion"], "completion", "assistant")?;
-            Ok(vec![SegmentSpec { conversation: joined(p, c), part: 0, score: if label { 1.0 } else { 0.0 } }])
+            Ok(vec![SegmentSpec {
+                conversation: joined(p, c),
+                part: 0,
+                score: if label { 1.0 } else { 0.0 },
+            }])
         }
         Format::Preference => {
             missing(&["chosen", "rejected"])?;
@@ -204,7 +241,8 @@ pub fn parse_row(line: &str, format: Format) -> Result<Vec<SegmentSpec>> {
                 if let Some(p) = &prompt {
                     if !prompt_matches(p, &row["prompt"], &cp) {
                         return Err(CoreError::Input(
-                            "the 'prompt' field differs from the prompt turns of chosen/rejected".into(),
+                            "the 'prompt' field differs from the prompt turns of chosen/rejected"
+                                .into(),
                         ));
                     }
                 }
@@ -218,15 +256,25 @@ pub fn parse_row(line: &str, format: Format) -> Result<Vec<SegmentSpec>> {
                 (joined(p.clone(), chosen), joined(p, rejected))
             };
             Ok(vec![
-                SegmentSpec { conversation: c, part: 0, score: f32::NAN },
-                SegmentSpec { conversation: r, part: 1, score: f32::NAN },
+                SegmentSpec {
+                    conversation: c,
+                    part: 0,
+                    score: f32::NAN,
+                },
+                SegmentSpec {
+                    conversation: r,
+                    part: 1,
+                    score: f32::NAN,
+                },
             ])
         }
         Format::Ranked => {
             missing(&["prompt", "completions", "scores"])?;
             let p = turns(&row["prompt"], "prompt", "user")?;
             let (Json::Array(cs), Json::Array(ss)) = (&row["completions"], &row["scores"]) else {
-                return Err(CoreError::Input("'completions' and 'scores' must be lists".into()));
+                return Err(CoreError::Input(
+                    "'completions' and 'scores' must be lists".into(),
+                ));
             };
             if cs.len() < 2 || cs.len() != ss.len() {
                 return Err(CoreError::Input(format!(
@@ -237,10 +285,9 @@ pub fn parse_row(line: &str, format: Format) -> Result<Vec<SegmentSpec>> {
             }
             let mut cands = Vec::with_capacity(cs.len());
             for (k, (c, s)) in cs.iter().zip(ss).enumerate() {
-                let score = s
-                    .as_f64()
-                    .filter(|x| x.is_finite())
-                    .ok_or_else(|| CoreError::Input(format!("scores[{k}] is not a finite number")))?;
+                let score = s.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
+                    CoreError::Input(format!("scores[{k}] is not a finite number"))
+                })?;
                 cands.push((score, turns(c, &format!("completions[{k}]"), "assistant")?));
             }
             // best first; equal scores keep their input order
@@ -262,7 +309,9 @@ pub fn parse_row(line: &str, format: Format) -> Result<Vec<SegmentSpec>> {
 fn prompt_matches(p: &[Json], raw: &Json, derived: &[Json]) -> bool {
     match raw {
         // a string prompt is the content of the last prompt turn (UltraFeedback-binarized)
-        Json::String(s) => derived.last().is_some_and(|m| m.get("content").and_then(Json::as_str) == Some(s)),
+        Json::String(s) => derived
+            .last()
+            .is_some_and(|m| m.get("content").and_then(Json::as_str) == Some(s)),
         _ => p == derived,
     }
 }
@@ -281,7 +330,9 @@ fn split_prompt(msgs: Vec<Json>, field: &str) -> Result<(Vec<Json>, Vec<Json>)> 
         return Err(CoreError::Input(format!("'{field}' has no prompt turn")));
     };
     if i + 1 == msgs.len() {
-        return Err(CoreError::Input(format!("'{field}' has no assistant response after its prompt")));
+        return Err(CoreError::Input(format!(
+            "'{field}' has no assistant response after its prompt"
+        )));
     }
     let mut prompt = msgs;
     let completion = prompt.split_off(i + 1);
@@ -298,7 +349,12 @@ fn joined(prompt: Vec<Json>, completion: Vec<Json>) -> Conversation {
 fn conversation(msgs: Vec<Json>, trainable_from: usize, completion_start: usize) -> Conversation {
     let is_assistant = msgs.iter().map(|m| m["role"] == "assistant").collect();
     let messages = msgs.into_iter().map(|m| Value::from(Serde(m))).collect();
-    Conversation { messages, is_assistant, trainable_from, completion_start }
+    Conversation {
+        messages,
+        is_assistant,
+        trainable_from,
+        completion_start,
+    }
 }
 
 /// A string (one turn of `role`) or a list of messages.
@@ -306,14 +362,20 @@ fn turns(v: &Json, field: &str, role: &str) -> Result<Vec<Json>> {
     match v {
         Json::String(s) => Ok(vec![serde_json::json!({"role": role, "content": s})]),
         Json::Array(_) => message_list(v, field),
-        other => Err(CoreError::Input(format!("'{field}' must be a string or a list of messages, not {}", kind(other)))),
+        other => Err(CoreError::Input(format!(
+            "'{field}' must be a string or a list of messages, not {}",
+            kind(other)
+        ))),
     }
 }
 
 /// Validate and normalise a list of messages.
 pub fn message_list(v: &Json, field: &str) -> Result<Vec<Json>> {
     let Json::Array(items) = v else {
-        return Err(CoreError::Input(format!("'{field}' must be a list of messages, not {}", kind(v))));
+        return Err(CoreError::Input(format!(
+            "'{field}' must be a list of messages, not {}",
+            kind(v)
+        )));
     };
     if items.is_empty() {
         return Err(CoreError::Input(format!("'{field}' is an empty list")));
@@ -321,11 +383,19 @@ pub fn message_list(v: &Json, field: &str) -> Result<Vec<Json>> {
     let mut out = Vec::with_capacity(items.len());
     for (i, m) in items.iter().enumerate() {
         let Json::Object(obj) = m else {
-            return Err(CoreError::Input(format!("{field}[{i}] is not an object but {}", kind(m))));
+            return Err(CoreError::Input(format!(
+                "{field}[{i}] is not an object but {}",
+                kind(m)
+            )));
         };
         let role = match obj.get("role") {
             Some(Json::String(r)) => r.as_str(),
-            Some(other) => return Err(CoreError::Input(format!("{field}[{i}].role is not a string but {}", kind(other)))),
+            Some(other) => {
+                return Err(CoreError::Input(format!(
+                    "{field}[{i}].role is not a string but {}",
+                    kind(other)
+                )))
+            }
             None => return Err(CoreError::Input(format!("{field}[{i}] has no 'role'"))),
         };
         if !ROLES.contains(&role) {
@@ -337,9 +407,16 @@ pub fn message_list(v: &Json, field: &str) -> Result<Vec<Json>> {
         match obj.get("content") {
             Some(Json::String(_)) | Some(Json::Array(_)) => {}
             None | Some(Json::Null) if obj.get("tool_calls").is_some_and(|t| !t.is_null()) => {}
-            None | Some(Json::Null) => return Err(CoreError::Input(format!("{field}[{i}] ({role}) has no 'content'"))),
+            None | Some(Json::Null) => {
+                return Err(CoreError::Input(format!(
+                    "{field}[{i}] ({role}) has no 'content'"
+                )))
+            }
             Some(other) => {
-                return Err(CoreError::Input(format!("{field}[{i}].content must be a string, not {}", kind(other))))
+                return Err(CoreError::Input(format!(
+                    "{field}[{i}].content must be a string, not {}",
+                    kind(other)
+                )))
             }
         }
         out.push(Json::Object(normalise(obj)));
@@ -351,7 +428,11 @@ const REASONING: [&str; 3] = ["reasoning_content", "thinking", "reasoning"];
 
 /// transformers' message normalisation: drop null values; alias reasoning fields.
 pub fn normalise(obj: &Map<String, Json>) -> Map<String, Json> {
-    let plain: Map<String, Json> = obj.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let plain: Map<String, Json> = obj
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let Some(reasoning) = REASONING.iter().find_map(|k| plain.get(*k)).cloned() else {
         return plain;
     };
@@ -378,11 +459,26 @@ mod tests {
 
     #[test]
     fn detects_formats() {
-        assert_eq!(detect_format_line(r#"{"messages":[]}"#).unwrap(), Format::Chat);
-        assert_eq!(detect_format_line(r#"{"prompt":"a","chosen":"b","rejected":"c"}"#).unwrap(), Format::Preference);
-        assert_eq!(detect_format_line(r#"{"prompt":"a","completion":"b"}"#).unwrap(), Format::PromptCompletion);
-        assert_eq!(detect_format_line(r#"{"prompt":"a","completion":"b","label":true}"#).unwrap(), Format::Unpaired);
-        assert_eq!(detect_format_line(r#"{"prompt":"a","completions":[],"scores":[]}"#).unwrap(), Format::Ranked);
+        assert_eq!(
+            detect_format_line(r#"{"messages":[]}"#).unwrap(),
+            Format::Chat
+        );
+        assert_eq!(
+            detect_format_line(r#"{"prompt":"a","chosen":"b","rejected":"c"}"#).unwrap(),
+            Format::Preference
+        );
+        assert_eq!(
+            detect_format_line(r#"{"prompt":"a","completion":"b"}"#).unwrap(),
+            Format::PromptCompletion
+        );
+        assert_eq!(
+            detect_format_line(r#"{"prompt":"a","completion":"b","label":true}"#).unwrap(),
+            Format::Unpaired
+        );
+        assert_eq!(
+            detect_format_line(r#"{"prompt":"a","completions":[],"scores":[]}"#).unwrap(),
+            Format::Ranked
+        );
         assert!(detect_format_line(r#"{"text":"a"}"#).is_err());
     }
 
@@ -396,7 +492,10 @@ mod tests {
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].conversation.completion_start, 3);
         assert_eq!(s[0].conversation.trainable_from, 0);
-        assert_eq!(s[0].conversation.is_assistant, vec![false, true, false, true]);
+        assert_eq!(
+            s[0].conversation.is_assistant,
+            vec![false, true, false, true]
+        );
     }
 
     #[test]
@@ -409,13 +508,21 @@ mod tests {
         assert!(err(differ, Format::Preference).contains("different prompts"));
         let field = r#"{"prompt":"zzz","chosen":[{"role":"user","content":"q"},{"role":"assistant","content":"good"}],"rejected":[{"role":"user","content":"q"},{"role":"assistant","content":"bad"}]}"#;
         assert!(err(field, Format::Preference).contains("'prompt' field differs"));
-        let strings = parse_row(r#"{"prompt":"q","chosen":"good","rejected":"bad"}"#, Format::Preference).unwrap();
+        let strings = parse_row(
+            r#"{"prompt":"q","chosen":"good","rejected":"bad"}"#,
+            Format::Preference,
+        )
+        .unwrap();
         assert_eq!(strings[1].conversation.messages.len(), 2);
     }
 
     #[test]
     fn ranked_sorts_best_first() {
-        let s = parse_row(r#"{"prompt":"q","completions":["a","b","c"],"scores":[0.1,0.9,0.5]}"#, Format::Ranked).unwrap();
+        let s = parse_row(
+            r#"{"prompt":"q","completions":["a","b","c"],"scores":[0.1,0.9,0.5]}"#,
+            Format::Ranked,
+        )
+        .unwrap();
         let scores: Vec<f32> = s.iter().map(|x| x.score).collect();
         assert_eq!(scores, vec![0.9, 0.5, 0.1]);
         assert_eq!(s.iter().map(|x| x.part).collect::<Vec<_>>(), vec![0, 1, 2]);
@@ -426,16 +533,37 @@ mod tests {
         assert!(err("{not json", Format::Chat).contains("invalid JSON"));
         assert!(err("[1]", Format::Chat).contains("not a JSON object"));
         assert!(err(r#"{"text":"a"}"#, Format::Chat).contains("no 'messages' field"));
-        assert!(err(r#"{"messages":[{"role":"robot","content":"a"}]}"#, Format::Chat).contains("unknown role \"robot\""));
+        assert!(err(
+            r#"{"messages":[{"role":"robot","content":"a"}]}"#,
+            Format::Chat
+        )
+        .contains("unknown role \"robot\""));
         assert!(err(r#"{"messages":[{"role":"user"}]}"#, Format::Chat).contains("no 'content'"));
-        assert!(err(r#"{"prompt":"a","completion":"b","label":"yes"}"#, Format::Unpaired).contains("'label'"));
-        assert!(err(r#"{"prompt":"a","completions":["x"],"scores":[1]}"#, Format::Ranked).contains("at least 2"));
+        assert!(err(
+            r#"{"prompt":"a","completion":"b","label":"yes"}"#,
+            Format::Unpaired
+        )
+        .contains("'label'"));
+        assert!(err(
+            r#"{"prompt":"a","completions":["x"],"scores":[1]}"#,
+            Format::Ranked
+        )
+        .contains("at least 2"));
     }
 
     #[test]
     fn normalises_like_transformers() {
         let m = message_list(&serde_json::json!([{"role":"assistant","content":"x","tool_calls":null,"reasoning":"r"}]), "m").unwrap();
         let keys: Vec<&String> = m[0].as_object().unwrap().keys().collect();
-        assert_eq!(keys, ["thinking", "role", "content", "reasoning", "reasoning_content"]);
+        assert_eq!(
+            keys,
+            [
+                "thinking",
+                "role",
+                "content",
+                "reasoning",
+                "reasoning_content"
+            ]
+        );
     }
 }

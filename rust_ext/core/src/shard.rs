@@ -17,7 +17,14 @@ use crate::mask::IGNORE_INDEX;
 
 /// The arrays of a shard, in the order of `shards.ARRAYS`.
 pub const ARRAY_NAMES: [&str; 8] = [
-    "input_ids", "labels", "position_ids", "row_offsets", "seg_offsets", "seg_example", "seg_part", "seg_score",
+    "input_ids",
+    "labels",
+    "position_ids",
+    "row_offsets",
+    "seg_offsets",
+    "seg_example",
+    "seg_part",
+    "seg_score",
 ];
 
 /// One segment to write: a tokenized sequence with its labels.
@@ -91,9 +98,20 @@ impl OpenShard {
         let mut files = Vec::with_capacity(ARRAY_NAMES.len());
         for n in ARRAY_NAMES {
             let f = File::create(root.join(format!("{n}.bin")))?;
-            files.push(ArrayFile { name: n, out: BufWriter::with_capacity(1 << 20, f), hash: Sha256::new() });
+            files.push(ArrayFile {
+                name: n,
+                out: BufWriter::with_capacity(1 << 20, f),
+                hash: Sha256::new(),
+            });
         }
-        let mut s = Self { name, files, rows: 0, segments: 0, tokens: 0, buf: Vec::new() };
+        let mut s = Self {
+            name,
+            files,
+            rows: 0,
+            segments: 0,
+            tokens: 0,
+            buf: Vec::new(),
+        };
         s.files[ROW_OFF].write(&0i64.to_le_bytes())?;
         s.files[SEG_OFF].write(&0i64.to_le_bytes())?;
         Ok(s)
@@ -140,10 +158,19 @@ impl OpenShard {
         let mut sha256 = Vec::with_capacity(self.files.len());
         for mut f in self.files {
             f.out.flush()?;
-            f.out.into_inner().map_err(|e| CoreError::Io(e.into_error()))?.sync_all()?;
+            f.out
+                .into_inner()
+                .map_err(|e| CoreError::Io(e.into_error()))?
+                .sync_all()?;
             sha256.push((format!("{}.bin", f.name), hex(&f.hash.finalize())));
         }
-        Ok(ShardMeta { name: self.name, rows: self.rows, segments: self.segments, tokens: self.tokens, sha256 })
+        Ok(ShardMeta {
+            name: self.name,
+            rows: self.rows,
+            segments: self.segments,
+            tokens: self.tokens,
+            sha256,
+        })
     }
 }
 
@@ -166,7 +193,12 @@ impl ShardWriter {
         }
         let dir = dir.into();
         fs::create_dir_all(&dir)?;
-        Ok(Self { dir, shard_rows: shard_rows as u64, current: None, done: Vec::new() })
+        Ok(Self {
+            dir,
+            shard_rows: shard_rows as u64,
+            current: None,
+            done: Vec::new(),
+        })
     }
 
     /// Append one row (its segments in order).
@@ -205,7 +237,13 @@ mod tests {
     use super::*;
 
     fn seg(ids: &[u32], example: i64, part: i32) -> Segment {
-        Segment { input_ids: ids.to_vec(), labels: ids.iter().map(|&i| i as i32).collect(), example, part, score: f32::NAN }
+        Segment {
+            input_ids: ids.to_vec(),
+            labels: ids.iter().map(|&i| i as i32).collect(),
+            example,
+            part,
+            score: f32::NAN,
+        }
     }
 
     fn read<T: Copy>(path: &Path, conv: fn(&[u8]) -> T, size: usize) -> Vec<T> {
@@ -223,12 +261,21 @@ mod tests {
         w.push_row(&[&c]).unwrap();
         let metas = w.finish().unwrap();
         assert_eq!(metas.len(), 2);
-        assert_eq!((metas[0].rows, metas[0].segments, metas[0].tokens), (2, 3, 6));
+        assert_eq!(
+            (metas[0].rows, metas[0].segments, metas[0].tokens),
+            (2, 3, 6)
+        );
         let s0 = dir.join("shard-00000");
         let i32s = |b: &[u8]| i32::from_le_bytes(b.try_into().unwrap());
         let i64s = |b: &[u8]| i64::from_le_bytes(b.try_into().unwrap());
-        assert_eq!(read(&s0.join("labels.bin"), i32s, 4), vec![-100, 6, 7, -100, 9, -100]);
-        assert_eq!(read(&s0.join("position_ids.bin"), i32s, 4), vec![0, 1, 2, 0, 1, 0]);
+        assert_eq!(
+            read(&s0.join("labels.bin"), i32s, 4),
+            vec![-100, 6, 7, -100, 9, -100]
+        );
+        assert_eq!(
+            read(&s0.join("position_ids.bin"), i32s, 4),
+            vec![0, 1, 2, 0, 1, 0]
+        );
         assert_eq!(read(&s0.join("row_offsets.bin"), i64s, 8), vec![0, 5, 6]);
         assert_eq!(read(&s0.join("seg_offsets.bin"), i64s, 8), vec![0, 3, 5, 6]);
         assert_eq!(read(&s0.join("seg_part.bin"), i32s, 4), vec![0, 1, 0]);
@@ -243,8 +290,16 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         let metas = ShardWriter::new(&dir, 4).unwrap().finish().unwrap();
         assert_eq!(metas.len(), 1);
-        assert_eq!(fs::read(dir.join("shard-00000/row_offsets.bin")).unwrap(), 0i64.to_le_bytes());
-        assert_eq!(fs::read(dir.join("shard-00000/input_ids.bin")).unwrap().len(), 0);
+        assert_eq!(
+            fs::read(dir.join("shard-00000/row_offsets.bin")).unwrap(),
+            0i64.to_le_bytes()
+        );
+        assert_eq!(
+            fs::read(dir.join("shard-00000/input_ids.bin"))
+                .unwrap()
+                .len(),
+            0
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 

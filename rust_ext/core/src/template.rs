@@ -47,8 +47,13 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(NAME.to_string(), rewrite_generation_tags(source))
-            .map_err(|e| CoreError::Template(format!("chat template does not parse: {}", describe(&e))))?;
-        let specials = specials.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect();
+            .map_err(|e| {
+                CoreError::Template(format!("chat template does not parse: {}", describe(&e)))
+            })?;
+        let specials = specials
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
+            .collect();
         Ok(Self { env, specials })
     }
 
@@ -60,12 +65,16 @@ impl ChatTemplate {
         ctx.insert("messages".into(), Value::from(messages.to_vec()));
         ctx.insert("tools".into(), Value::from(()));
         ctx.insert("documents".into(), Value::from(()));
-        ctx.insert("add_generation_prompt".into(), Value::from(add_generation_prompt));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Value::from(add_generation_prompt),
+        );
         let tmpl = self
             .env
             .get_template(NAME)
             .map_err(|e| CoreError::Template(describe(&e)))?;
-        tmpl.render(Value::from(ctx)).map_err(|e| CoreError::Template(render_error(&e)))
+        tmpl.render(Value::from(ctx))
+            .map_err(|e| CoreError::Template(render_error(&e)))
     }
 }
 
@@ -93,7 +102,10 @@ fn describe(e: &Error) -> String {
 }
 
 fn raise_exception(msg: String) -> std::result::Result<Value, Error> {
-    Err(Error::new(ErrorKind::InvalidOperation, format!("{RAISED}{msg}")))
+    Err(Error::new(
+        ErrorKind::InvalidOperation,
+        format!("{RAISED}{msg}"),
+    ))
 }
 
 /// `{% generation %}` / `{% endgeneration %}` become `{% if true %}` /
@@ -164,14 +176,25 @@ fn parse_generation_tag(s: &str) -> Option<(usize, &str, bool, &str)> {
 /// transformers' `tojson`: `json.dumps(x, ensure_ascii=False, indent=None,
 /// separators=None, sort_keys=False)`; the options may be positional or keywords.
 fn tojson(value: Value, args: Rest<Value>, kwargs: Kwargs) -> std::result::Result<Value, Error> {
-    let mut opts = [Value::from(false), Value::from(()), Value::from(()), Value::from(false)];
+    let mut opts = [
+        Value::from(false),
+        Value::from(()),
+        Value::from(()),
+        Value::from(false),
+    ];
     if args.len() > opts.len() {
-        return Err(Error::new(ErrorKind::TooManyArguments, "tojson takes at most 4 arguments"));
+        return Err(Error::new(
+            ErrorKind::TooManyArguments,
+            "tojson takes at most 4 arguments",
+        ));
     }
     for (slot, v) in opts.iter_mut().zip(args.iter()) {
         *slot = v.clone();
     }
-    for (k, name) in ["ensure_ascii", "indent", "separators", "sort_keys"].iter().enumerate() {
+    for (k, name) in ["ensure_ascii", "indent", "separators", "sort_keys"]
+        .iter()
+        .enumerate()
+    {
         if kwargs.has(name) {
             opts[k] = kwargs.get::<Value>(name)?;
         }
@@ -182,20 +205,41 @@ fn tojson(value: Value, args: Rest<Value>, kwargs: Kwargs) -> std::result::Resul
         ValueKind::None | ValueKind::Undefined => None,
         ValueKind::String => Some(opts[1].as_str().unwrap_or("").to_string()),
         ValueKind::Number => Some(" ".repeat(opts[1].as_i64().unwrap_or(0).max(0) as usize)),
-        _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: indent must be an int or a string")),
+        _ => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: indent must be an int or a string",
+            ))
+        }
     };
     let (item_sep, key_sep) = match opts[2].kind() {
-        ValueKind::None | ValueKind::Undefined => {
-            (if indent.is_some() { "," } else { ", " }.to_string(), ": ".to_string())
-        }
+        ValueKind::None | ValueKind::Undefined => (
+            if indent.is_some() { "," } else { ", " }.to_string(),
+            ": ".to_string(),
+        ),
         ValueKind::Seq if opts[2].len() == Some(2) => {
             let a = opts[2].get_item(&Value::from(0))?;
             let b = opts[2].get_item(&Value::from(1))?;
-            (a.as_str().unwrap_or(",").to_string(), b.as_str().unwrap_or(":").to_string())
+            (
+                a.as_str().unwrap_or(",").to_string(),
+                b.as_str().unwrap_or(":").to_string(),
+            )
         }
-        _ => return Err(Error::new(ErrorKind::InvalidOperation, "tojson: separators must be a pair of strings")),
+        _ => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                "tojson: separators must be a pair of strings",
+            ))
+        }
     };
-    let mut w = PyJson { out: String::new(), indent, item_sep, key_sep, sort_keys: opts[3].is_true(), ensure_ascii };
+    let mut w = PyJson {
+        out: String::new(),
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys: opts[3].is_true(),
+        ensure_ascii,
+    };
     w.value(&value, 0)?;
     Ok(Value::from_safe_string(w.out))
 }
@@ -224,9 +268,14 @@ impl PyJson {
         match v.kind() {
             ValueKind::None => self.out.push_str("null"),
             ValueKind::Undefined => {
-                return Err(Error::new(ErrorKind::InvalidOperation, "tojson: Object of type Undefined is not JSON serializable"))
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: Object of type Undefined is not JSON serializable",
+                ))
             }
-            ValueKind::Bool => self.out.push_str(if v.is_true() { "true" } else { "false" }),
+            ValueKind::Bool => self
+                .out
+                .push_str(if v.is_true() { "true" } else { "false" }),
             ValueKind::Number => {
                 if v.is_integer() {
                     self.out.push_str(&v.to_string());
@@ -237,7 +286,10 @@ impl PyJson {
             }
             ValueKind::String | ValueKind::Plain => self.string(&v.to_string()),
             ValueKind::Bytes => {
-                return Err(Error::new(ErrorKind::InvalidOperation, "tojson: Object of type bytes is not JSON serializable"))
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: Object of type bytes is not JSON serializable",
+                ))
             }
             ValueKind::Seq | ValueKind::Iterable => {
                 let items: Vec<Value> = v.try_iter()?.collect();
@@ -288,7 +340,10 @@ impl PyJson {
                 self.out.push('}');
             }
             ValueKind::Invalid => {
-                return Err(Error::new(ErrorKind::InvalidOperation, "tojson: invalid value"));
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: invalid value",
+                ));
             }
             _ => self.string(&v.to_string()),
         }
@@ -327,15 +382,27 @@ pub(crate) fn py_float_repr(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+        return if f > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if f.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     let e = format!("{:e}", f); // e.g. "-1.2345e-7", shortest digits
     let (mant, exp) = e.split_once('e').unwrap();
     let exp: i32 = exp.parse().unwrap();
-    let (sign, mant) = if let Some(m) = mant.strip_prefix('-') { ("-", m) } else { ("", mant) };
+    let (sign, mant) = if let Some(m) = mant.strip_prefix('-') {
+        ("-", m)
+    } else {
+        ("", mant)
+    };
     let digits: String = mant.chars().filter(|c| *c != '.').collect();
     if (-4..16).contains(&exp) {
         let point = exp + 1; // digits before the decimal point
@@ -344,12 +411,24 @@ pub(crate) fn py_float_repr(f: f64) -> String {
         } else if point as usize >= digits.len() {
             format!("{}{}.0", digits, "0".repeat(point as usize - digits.len()))
         } else {
-            format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+            format!(
+                "{}.{}",
+                &digits[..point as usize],
+                &digits[point as usize..]
+            )
         };
         format!("{sign}{s}")
     } else {
-        let m = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits };
-        let es = if exp < 0 { format!("-{:02}", -exp) } else { format!("+{:02}", exp) };
+        let m = if digits.len() > 1 {
+            format!("{}.{}", &digits[..1], &digits[1..])
+        } else {
+            digits
+        };
+        let es = if exp < 0 {
+            format!("-{:02}", -exp)
+        } else {
+            format!("+{:02}", exp)
+        };
         format!("{sign}{m}e{es}")
     }
 }
@@ -367,10 +446,28 @@ fn strftime_now(fmt: String) -> String {
 
 pub(crate) fn strftime(secs: i64, fmt: &str) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-        "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
-    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
@@ -439,8 +536,14 @@ mod tests {
     fn renders_chatml() {
         let t = ChatTemplate::new(CHATML, &[]).unwrap();
         let m = msgs(r#"[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}]"#);
-        assert_eq!(t.render(&m, false).unwrap(), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n");
-        assert_eq!(t.render(&m[..1], true).unwrap(), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            t.render(&m, false).unwrap(),
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n"
+        );
+        assert_eq!(
+            t.render(&m[..1], true).unwrap(),
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
@@ -455,17 +558,36 @@ mod tests {
     fn special_tokens_and_raise_exception() {
         let src = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system!') }}{% endif %}x";
         let t = ChatTemplate::new(src, &[("bos_token".into(), "<s>".into())]).unwrap();
-        assert_eq!(t.render(&msgs(r#"[{"role":"user","content":"a"}]"#), false).unwrap(), "<s>x");
-        let err = t.render(&msgs(r#"[{"role":"system","content":"a"}]"#), false).unwrap_err();
-        assert!(matches!(&err, CoreError::Template(m) if m.contains("no system!")), "{err}");
+        assert_eq!(
+            t.render(&msgs(r#"[{"role":"user","content":"a"}]"#), false)
+                .unwrap(),
+            "<s>x"
+        );
+        let err = t
+            .render(&msgs(r#"[{"role":"system","content":"a"}]"#), false)
+            .unwrap_err();
+        assert!(
+            matches!(&err, CoreError::Template(m) if m.contains("no system!")),
+            "{err}"
+        );
     }
 
     #[test]
     fn generation_tags_render_their_body() {
         let src = "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{%- endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}";
         let t = ChatTemplate::new(src, &[]).unwrap();
-        assert_eq!(t.render(&msgs(r#"[{"role":"user","content":"a"},{"role":"assistant","content":"b"}]"#), false).unwrap(), "ab");
-        assert_eq!(rewrite_generation_tags("x{%- generation -%}y{% endgeneration %}"), "x{%- if true -%}y{% endif %}");
+        assert_eq!(
+            t.render(
+                &msgs(r#"[{"role":"user","content":"a"},{"role":"assistant","content":"b"}]"#),
+                false
+            )
+            .unwrap(),
+            "ab"
+        );
+        assert_eq!(
+            rewrite_generation_tags("x{%- generation -%}y{% endgeneration %}"),
+            "x{%- if true -%}y{% endif %}"
+        );
     }
 
     #[test]
@@ -473,7 +595,10 @@ mod tests {
         let src = "{% set ns = namespace(n=0) %}{% for m in messages %}{% if loop.index0 > 0 %}{% break %}{% endif %}{% set ns.n = ns.n + 1 %}{{ m | tojson }}{% endfor %}{{ ns.n }}";
         let t = ChatTemplate::new(src, &[]).unwrap();
         let out = t.render(&msgs(r#"[{"role":"user","content":"<é>\n","x":1.5,"y":[1,true,null]},{"role":"a","content":"b"}]"#), false).unwrap();
-        assert_eq!(out, r#"{"role": "user", "content": "<é>\n", "x": 1.5, "y": [1, true, null]}1"#);
+        assert_eq!(
+            out,
+            r#"{"role": "user", "content": "<é>\n", "x": 1.5, "y": [1, true, null]}1"#
+        );
     }
 
     #[test]
@@ -485,7 +610,16 @@ mod tests {
 
     #[test]
     fn python_float_repr() {
-        for (f, s) in [(1.0, "1.0"), (0.1, "0.1"), (1e16, "1e+16"), (1.5e-5, "1.5e-05"), (123456.789, "123456.789"), (-2.5, "-2.5"), (1e-4, "0.0001"), (1234567890123456.0, "1234567890123456.0")] {
+        for (f, s) in [
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (1e16, "1e+16"),
+            (1.5e-5, "1.5e-05"),
+            (123456.789, "123456.789"),
+            (-2.5, "-2.5"),
+            (1e-4, "0.0001"),
+            (1234567890123456.0, "1234567890123456.0"),
+        ] {
             assert_eq!(py_float_repr(f), s);
         }
     }
@@ -493,11 +627,17 @@ mod tests {
     #[test]
     fn strftime_known_date() {
         // 2024-07-26 13:05:09 UTC was a Friday
-        assert_eq!(strftime(1_722_000_309, "%d %b %Y %H:%M:%S %A %B"), "26 Jul 2024 13:25:09 Friday July");
+        assert_eq!(
+            strftime(1_722_000_309, "%d %b %Y %H:%M:%S %A %B"),
+            "26 Jul 2024 13:25:09 Friday July"
+        );
     }
 
     #[test]
     fn syntax_error_is_a_template_error() {
-        assert!(matches!(ChatTemplate::new("{% for %}", &[]), Err(CoreError::Template(_))));
+        assert!(matches!(
+            ChatTemplate::new("{% for %}", &[]),
+            Err(CoreError::Template(_))
+        ));
     }
 }

@@ -53,9 +53,15 @@ impl Tok {
             .with_truncation(None)
             .map_err(|e| CoreError::Tokenizer(format!("cannot disable truncation: {e}")))?;
         inner.with_padding(None);
-        let mut tok = Self { inner, hash, fast: None };
+        let mut tok = Self {
+            inner,
+            hash,
+            fast: None,
+        };
         if allow_fast {
-            let fast = serde_json::from_str::<Json>(json).ok().and_then(|v| FastBpe::from_json(&v));
+            let fast = serde_json::from_str::<Json>(json)
+                .ok()
+                .and_then(|v| FastBpe::from_json(&v));
             tok.fast = fast.filter(|f| tok.agrees(f));
         }
         Ok(tok)
@@ -113,7 +119,10 @@ impl Tok {
             .inner
             .encode(text, false)
             .map_err(|e| CoreError::Tokenizer(format!("cannot encode text: {e}")))?;
-        Ok(Encoded { ids: enc.get_ids().to_vec(), offsets: enc.get_offsets().to_vec() })
+        Ok(Encoded {
+            ids: enc.get_ids().to_vec(),
+            offsets: enc.get_offsets().to_vec(),
+        })
     }
 
     /// Ids only (no offsets), for callers that do not mask.
@@ -137,18 +146,24 @@ fn hash_of(tok: &Tokenizer) -> Result<String> {
     use sha2::{Digest, Sha256};
     let canonical = serde_json::to_string(tok)
         .map_err(|e| CoreError::Tokenizer(format!("cannot serialize the tokenizer: {e}")))?;
-    Ok(Sha256::digest(canonical.as_bytes()).iter().map(|b| format!("{b:02x}")).collect())
+    Ok(Sha256::digest(canonical.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 // ------------------------------------------------------------------ fast byte-level BPE
-const GPT2_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const GPT2_PATTERN: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 
 /// GPT-2's byte-to-unicode table: the char each byte is written as in the vocabulary.
 fn byte_chars() -> [char; 256] {
     let mut out = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (b'!' as u32..=b'~' as u32).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable = (b'!' as u32..=b'~' as u32).contains(&b)
+            || (0xA1..=0xAC).contains(&b)
+            || (0xAE..=0xFF).contains(&b);
         out[b as usize] = if printable {
             char::from_u32(b).unwrap()
         } else {
@@ -183,7 +198,10 @@ impl FastBpe {
         }
         let m = &v["model"];
         let empty = |k: &str| m[k].is_null() || m[k].as_str() == Some("");
-        if m["type"] != "BPE" || !m["dropout"].is_null() || m["byte_fallback"].as_bool().unwrap_or(false) {
+        if m["type"] != "BPE"
+            || !m["dropout"].is_null()
+            || m["byte_fallback"].as_bool().unwrap_or(false)
+        {
             return None;
         }
         if !empty("continuing_subword_prefix") || !empty("end_of_word_suffix") {
@@ -194,7 +212,8 @@ impl FastBpe {
         for (b, c) in chars.iter().enumerate() {
             inverse.insert(*c, b as u8);
         }
-        let to_bytes = |s: &str| -> Option<Vec<u8>> { s.chars().map(|c| inverse.get(&c).copied()).collect() };
+        let to_bytes =
+            |s: &str| -> Option<Vec<u8>> { s.chars().map(|c| inverse.get(&c).copied()).collect() };
         let mut vocab = FxHashMap::default();
         let mut by_str: FxHashMap<&str, u32> = FxHashMap::default();
         for (k, id) in m["vocab"].as_object()? {
@@ -216,19 +235,31 @@ impl FastBpe {
                 _ => return None,
             };
             let joined = format!("{a}{b}");
-            let (ia, ib, inew) = (*by_str.get(a)?, *by_str.get(b)?, *by_str.get(joined.as_str())?);
+            let (ia, ib, inew) = (
+                *by_str.get(a)?,
+                *by_str.get(b)?,
+                *by_str.get(joined.as_str())?,
+            );
             merges.insert((ia, ib), (rank as u32, inew));
         }
         let mut raw: (Vec<String>, Vec<u32>) = (Vec::new(), Vec::new());
         let mut norm: (Vec<String>, Vec<u32>) = (Vec::new(), Vec::new());
-        for t in v["added_tokens"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        for t in v["added_tokens"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
             let flag = |k: &str| t[k].as_bool().unwrap_or(false);
             if flag("lstrip") || flag("rstrip") || flag("single_word") {
                 return None;
             }
             let content = t["content"].as_str()?.to_string();
             let id = t["id"].as_u64()? as u32;
-            let side = if flag("normalized") { &mut norm } else { &mut raw };
+            let side = if flag("normalized") {
+                &mut norm
+            } else {
+                &mut raw
+            };
             side.0.push(content);
             side.1.push(id);
         }
@@ -238,7 +269,10 @@ impl FastBpe {
             if contents.is_empty() {
                 continue;
             }
-            let ac = AhoCorasick::builder().match_kind(MatchKind::LeftmostLongest).build(&contents).ok()?;
+            let ac = AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(&contents)
+                .ok()?;
             added_probe.extend(contents.iter().cloned());
             added.push((ac, ids));
         }
@@ -255,7 +289,10 @@ impl FastBpe {
 
     /// Encode `text`: ids and byte offsets (widened to whole characters, as `tokenizers` reports them).
     pub fn encode(&self, text: &str) -> Encoded {
-        let mut out = Encoded { ids: Vec::with_capacity(text.len() / 3), offsets: Vec::with_capacity(text.len() / 3) };
+        let mut out = Encoded {
+            ids: Vec::with_capacity(text.len() / 3),
+            offsets: Vec::with_capacity(text.len() / 3),
+        };
         self.split_added(text, 0, 0, &mut out);
         for o in out.offsets.iter_mut() {
             while o.0 > 0 && !text.is_char_boundary(o.0) {
@@ -324,7 +361,9 @@ impl FastBpe {
         let mut id: Vec<u32> = piece.iter().map(|&b| self.byte_ids[b as usize]).collect();
         let mut len: Vec<usize> = vec![1; n];
         let mut prev: Vec<isize> = (0..n as isize).map(|i| i - 1).collect();
-        let mut next: Vec<isize> = (1..=n as isize).map(|i| if i as usize == n { -1 } else { i }).collect();
+        let mut next: Vec<isize> = (1..=n as isize)
+            .map(|i| if i as usize == n { -1 } else { i })
+            .collect();
         // min-heap on (rank, position)
         let mut heap: BinaryHeap<Reverse<(u32, usize, u32)>> = BinaryHeap::with_capacity(n);
         for i in 0..n - 1 {
@@ -400,7 +439,9 @@ fn post_processor_ok(pp: &Json) -> bool {
         None => pp.is_null(),
         Some("TemplateProcessing") => true, // adds nothing without special tokens
         Some("ByteLevel") => !pp["trim_offsets"].as_bool().unwrap_or(true),
-        Some("Sequence") => pp["processors"].as_array().is_some_and(|ps| ps.iter().all(post_processor_ok)),
+        Some("Sequence") => pp["processors"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().all(post_processor_ok)),
         _ => false,
     }
 }
@@ -416,8 +457,10 @@ mod tests {
         let mut added = Vec::new();
         for (i, s) in specials.iter().enumerate() {
             vocab.insert((*s).to_string(), serde_json::json!(i));
-            added.push(serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false,
-                "rstrip": false, "normalized": false, "special": true}));
+            added.push(
+                serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true}),
+            );
         }
         for (j, c) in alphabet.iter().enumerate() {
             vocab.insert(c.to_string(), serde_json::json!(specials.len() + j));
@@ -437,7 +480,10 @@ mod tests {
 
     /// GPT-2's byte-to-unicode table, in byte order.
     fn byte_alphabet() -> Vec<char> {
-        let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32).chain(0xA1..=0xAC).chain(0xAE..=0xFF).collect();
+        let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+            .chain(0xA1..=0xAC)
+            .chain(0xAE..=0xFF)
+            .collect();
         let mut cs = bs.clone();
         let mut n = 0;
         for b in 0..256u32 {
@@ -449,7 +495,10 @@ mod tests {
         }
         let mut pairs: Vec<(u32, u32)> = bs.into_iter().zip(cs).collect();
         pairs.sort();
-        pairs.into_iter().map(|(_, c)| char::from_u32(c).unwrap()).collect()
+        pairs
+            .into_iter()
+            .map(|(_, c)| char::from_u32(c).unwrap())
+            .collect()
     }
 
     #[test]
@@ -468,10 +517,27 @@ mod tests {
 
     /// A byte-level tokenizer with merges (and the `tokenizers` crate as the oracle).
     fn with_merges(ignore_merges: bool, pretok: serde_json::Value) -> String {
-        let mut v: serde_json::Value = serde_json::from_str(&byte_level_json(&["<|end|>", "<s>"])).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_str(&byte_level_json(&["<|end|>", "<s>"])).unwrap();
         let merges = [
-            "h e", "l l", "he ll", "hell o", "Ġ t", "Ġt h", "Ġth e", "1 2", "12 3", "Ġ Ġ", "ĠĠ ĠĠ", "Ċ Ċ", "a a",
-            "aa a", "Ã ©", "ð Ł", "e l", "el l",
+            "h e",
+            "l l",
+            "he ll",
+            "hell o",
+            "Ġ t",
+            "Ġt h",
+            "Ġth e",
+            "1 2",
+            "12 3",
+            "Ġ Ġ",
+            "ĠĠ ĠĠ",
+            "Ċ Ċ",
+            "a a",
+            "aa a",
+            "Ã ©",
+            "ð Ł",
+            "e l",
+            "el l",
         ];
         let vocab = v["model"]["vocab"].as_object_mut().unwrap();
         for m in merges {
@@ -495,10 +561,16 @@ mod tests {
              "behavior": "Isolated", "invert": false},
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]});
         let pieces = [
-            "hello", " the", "hell", "aaaa", "aaaaaaa", "123456", " ", "  ", "     ", "\n\n\n", "é", "café", "🎉", "x",
-            "<|end|>", "<s>", "<|end", "'s", "'LL", "\t", "日本", ",", "...", "ell", "\r\n", "\u{a0}",
+            "hello", " the", "hell", "aaaa", "aaaaaaa", "123456", " ", "  ", "     ", "\n\n\n",
+            "é", "café", "🎉", "x", "<|end|>", "<s>", "<|end", "'s", "'LL", "\t", "日本", ",",
+            "...", "ell", "\r\n", "\u{a0}",
         ];
-        for (ignore, pt) in [(false, gpt2.clone()), (true, gpt2), (false, split.clone()), (true, split)] {
+        for (ignore, pt) in [
+            (false, gpt2.clone()),
+            (true, gpt2),
+            (false, split.clone()),
+            (true, split),
+        ] {
             let json = with_merges(ignore, pt);
             let tok = Tok::from_json(&json).unwrap();
             assert!(tok.is_fast(), "the fast path should apply");
@@ -507,23 +579,33 @@ mod tests {
             for _ in 0..300 {
                 let mut text = String::new();
                 for _ in 0..12 {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     text.push_str(pieces[(x >> 33) as usize % pieces.len()]);
                 }
-                assert_eq!(fast.encode(&text), tok.encode_slow(&text).unwrap(), "{text:?}");
+                assert_eq!(
+                    fast.encode(&text),
+                    tok.encode_slow(&text).unwrap(),
+                    "{text:?}"
+                );
             }
         }
     }
 
     #[test]
     fn unsupported_shapes_use_the_crate() {
-        let mut v: serde_json::Value = serde_json::from_str(&byte_level_json(&["<|end|>"])).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_str(&byte_level_json(&["<|end|>"])).unwrap();
         v["normalizer"] = serde_json::json!({"type": "NFC"});
         assert!(!Tok::from_json(&v.to_string()).unwrap().is_fast());
-        let mut v: serde_json::Value = serde_json::from_str(&byte_level_json(&["<|end|>"])).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_str(&byte_level_json(&["<|end|>"])).unwrap();
         v["added_tokens"][0]["lstrip"] = serde_json::json!(true);
         assert!(!Tok::from_json(&v.to_string()).unwrap().is_fast());
-        assert!(!Tok::from_json_with(&byte_level_json(&[]), false).unwrap().is_fast());
+        assert!(!Tok::from_json_with(&byte_level_json(&[]), false)
+            .unwrap()
+            .is_fast());
     }
 
     #[test]

@@ -21,7 +21,10 @@ use crate::errors::to_pyerr;
 type RowErrors = Vec<(u64, String, String)>;
 
 fn row_errors(errors: Vec<RowError>) -> RowErrors {
-    errors.into_iter().map(|e| (e.row, e.kind.to_string(), e.message)).collect()
+    errors
+        .into_iter()
+        .map(|e| (e.row, e.kind.to_string(), e.message))
+        .collect()
 }
 
 fn build_encoder(
@@ -34,7 +37,12 @@ fn build_encoder(
 ) -> Result<Encoder, CoreError> {
     let tok = Tok::from_file(tokenizer_file, fast_bpe)?;
     let tpl = ChatTemplate::new(chat_template, special_tokens)?;
-    Ok(Encoder::new(tok, tpl, Format::parse(format)?, MaskKind::parse(mask)?))
+    Ok(Encoder::new(
+        tok,
+        tpl,
+        Format::parse(format)?,
+        MaskKind::parse(mask)?,
+    ))
 }
 
 /// Renders, tokenizes and masks rows without packing or writing.
@@ -60,7 +68,16 @@ impl PyEncoder {
         fast_bpe: bool,
     ) -> PyResult<Self> {
         let inner = py
-            .detach(|| build_encoder(tokenizer_file, chat_template, &special_tokens, format, mask, fast_bpe))
+            .detach(|| {
+                build_encoder(
+                    tokenizer_file,
+                    chat_template,
+                    &special_tokens,
+                    format,
+                    mask,
+                    fast_bpe,
+                )
+            })
             .map_err(to_pyerr)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -82,7 +99,9 @@ impl PyEncoder {
         first_example: i64,
     ) -> PyResult<(Bound<'py, PyDict>, RowErrors)> {
         let (flat, errors) = py.detach(|| {
-            let results = self.pool.install(|| self.inner.encode_lines(&buf, first_row, first_example));
+            let results = self
+                .pool
+                .install(|| self.inner.encode_lines(&buf, first_row, first_example));
             let mut flat = Flat::default();
             let mut errors = Vec::new();
             for (row, r) in results {
@@ -115,7 +134,9 @@ impl PyEncoder {
     /// Render one conversation (a JSON list of messages) with the chat template.
     #[pyo3(signature = (messages_json, add_generation_prompt = false))]
     fn render(&self, messages_json: &str, add_generation_prompt: bool) -> PyResult<String> {
-        self.inner.render_json(messages_json, add_generation_prompt).map_err(to_pyerr)
+        self.inner
+            .render_json(messages_json, add_generation_prompt)
+            .map_err(to_pyerr)
     }
 }
 
@@ -200,7 +221,14 @@ impl PyPreparer {
     ) -> PyResult<Self> {
         let inner = py
             .detach(|| {
-                let enc = build_encoder(tokenizer_file, chat_template, &special_tokens, format, mask, fast_bpe)?;
+                let enc = build_encoder(
+                    tokenizer_file,
+                    chat_template,
+                    &special_tokens,
+                    format,
+                    mask,
+                    fast_bpe,
+                )?;
                 let opts = Options {
                     max_len,
                     truncation: Truncation::parse(truncation)?,
@@ -219,9 +247,16 @@ impl PyPreparer {
     /// Feed JSON lines (rows numbered from `first_row`). Returns (rows read,
     /// errors as (row, kind, message)). Without skip_invalid a buffer with
     /// errors is not committed.
-    fn add_jsonl(&mut self, py: Python<'_>, buf: PyBackedBytes, first_row: u64) -> PyResult<(u64, RowErrors)> {
+    fn add_jsonl(
+        &mut self,
+        py: Python<'_>,
+        buf: PyBackedBytes,
+        first_row: u64,
+    ) -> PyResult<(u64, RowErrors)> {
         let p = self.get()?;
-        let outcome = py.detach(|| p.add_lines(&buf, first_row)).map_err(to_pyerr)?;
+        let outcome = py
+            .detach(|| p.add_lines(&buf, first_row))
+            .map_err(to_pyerr)?;
         Ok((outcome.rows, row_errors(outcome.errors)))
     }
 
@@ -278,19 +313,29 @@ fn counts_json(c: &Counts) -> serde_json::Value {
 /// The format a JSON row's fields indicate (chat, preference, prompt-completion, unpaired, ranked).
 #[pyfunction]
 fn detect_format(line: &str) -> PyResult<String> {
-    detect_format_line(line).map(|f| f.name().to_string()).map_err(to_pyerr)
+    detect_format_line(line)
+        .map(|f| f.name().to_string())
+        .map_err(to_pyerr)
 }
 
 /// Best-fit-decreasing packing of items of `lengths` into rows of `capacity`:
 /// item indices per row.
 #[pyfunction]
-fn pack_bfd(py: Python<'_>, lengths: PyReadonlyArray1<'_, i64>, capacity: usize) -> PyResult<Vec<Vec<usize>>> {
+fn pack_bfd(
+    py: Python<'_>,
+    lengths: PyReadonlyArray1<'_, i64>,
+    capacity: usize,
+) -> PyResult<Vec<Vec<usize>>> {
     let lens: Vec<usize> = lengths
         .as_array()
         .iter()
-        .map(|&l| usize::try_from(l).map_err(|_| to_pyerr(CoreError::Input(format!("negative length {l}")))))
+        .map(|&l| {
+            usize::try_from(l)
+                .map_err(|_| to_pyerr(CoreError::Input(format!("negative length {l}"))))
+        })
         .collect::<PyResult<_>>()?;
-    py.detach(|| best_fit_decreasing(&lens, capacity)).map_err(to_pyerr)
+    py.detach(|| best_fit_decreasing(&lens, capacity))
+        .map_err(to_pyerr)
 }
 
 /// Write rows of segments as shards (the Rust writer `prepare` uses). Segment
@@ -321,14 +366,26 @@ fn write_shards(
         .detach(|| -> Result<Vec<ShardMeta>, CoreError> {
             let n_seg = ex.len();
             let bad = |m: &str| CoreError::Input(format!("write_shards: {m}"));
-            if offs.len() != n_seg + 1 || part.len() != n_seg || score.len() != n_seg || ids.len() != labels.len() {
+            if offs.len() != n_seg + 1
+                || part.len() != n_seg
+                || score.len() != n_seg
+                || ids.len() != labels.len()
+            {
                 return Err(bad("array lengths do not agree"));
             }
-            if offs.first() != Some(&0) || *offs.last().unwrap() as usize != ids.len() || offs.windows(2).any(|w| w[1] < w[0]) {
+            if offs.first() != Some(&0)
+                || *offs.last().unwrap() as usize != ids.len()
+                || offs.windows(2).any(|w| w[1] < w[0])
+            {
                 return Err(bad("seg_offsets must rise from 0 to len(input_ids)"));
             }
-            if rows.first() != Some(&0) || *rows.last().unwrap_or(&0) as usize != n_seg || rows.windows(2).any(|w| w[1] < w[0]) {
-                return Err(bad("row_segments must rise from 0 to the number of segments"));
+            if rows.first() != Some(&0)
+                || *rows.last().unwrap_or(&0) as usize != n_seg
+                || rows.windows(2).any(|w| w[1] < w[0])
+            {
+                return Err(bad(
+                    "row_segments must rise from 0 to the number of segments",
+                ));
             }
             let segs: Vec<Segment> = (0..n_seg)
                 .map(|j| {
