@@ -626,7 +626,7 @@ mod tests {
 
     #[test]
     fn strftime_known_date() {
-        // 2024-07-26 13:05:09 UTC was a Friday
+        // 2024-07-26 13:25:09 UTC was a Friday
         assert_eq!(
             strftime(1_722_000_309, "%d %b %Y %H:%M:%S %A %B"),
             "26 Jul 2024 13:25:09 Friday July"
