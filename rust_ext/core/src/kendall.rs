@@ -63,7 +63,12 @@ pub fn kendall_tau(x: &[f64], y: &[f64]) -> Result<KendallTau> {
     if has_nan(x) || has_nan(y) {
         return Ok(KendallTau::NAN);
     }
-    let (sx, sy) = rayon::join(|| SmallRanks::new(x), || SmallRanks::new(y));
+    // Small inputs stay on this thread: waking the pool costs more than the work.
+    let (sx, sy) = if x.len() > PAR_CUTOFF {
+        rayon::join(|| SmallRanks::new(x), || SmallRanks::new(y))
+    } else {
+        (SmallRanks::new(x), SmallRanks::new(y))
+    };
     if let (Some(a), Some(b)) = (&sx, &sy) {
         if a.distinct() * b.distinct() <= TABLE_MAX {
             let c = table_counts(&a.ranks, a.distinct(), &b.ranks, b.distinct());
@@ -315,8 +320,22 @@ fn table_counts(ra: &[u32], ma: usize, rb: &[u32], mb: usize) -> PairCounts {
 
 /// Ties in x, ties in y, and the pair counts, by sorting the (x, y) pairs.
 fn knight_counts(x: &[f64], y: &[f64]) -> (Ties, Ties, PairCounts) {
-    let mut pairs: Vec<(u64, u64)> = x.par_iter().zip(y).map(|(&a, &b)| (order_key(a), order_key(b))).collect();
-    pairs.par_sort_unstable();
+    let mut pairs: Vec<(u64, u64)> = x.iter().zip(y).map(|(&a, &b)| (order_key(a), order_key(b))).collect();
+    // Sort by x alone (one-word compares), then by y within runs of equal x.
+    if pairs.len() > PAR_CUTOFF {
+        pairs.par_sort_unstable_by_key(|p| p.0);
+    } else {
+        pairs.sort_unstable_by_key(|p| p.0);
+    }
+    let mut start = 0;
+    while start < pairs.len() {
+        let x0 = pairs[start].0;
+        let end = start + pairs[start..].iter().position(|p| p.0 != x0).unwrap_or(pairs.len() - start);
+        if end - start > 1 {
+            pairs[start..end].sort_unstable_by_key(|p| p.1);
+        }
+        start = end;
+    }
     let (mut xt, mut joint) = (Ties::default(), Ties::default());
     let (mut xrun, mut jrun) = (0u64, 0u64);
     for k in 0..pairs.len() {
@@ -335,7 +354,7 @@ fn knight_counts(x: &[f64], y: &[f64]) -> (Ties, Ties, PairCounts) {
         xt.add_group(xrun);
         joint.add_group(jrun);
     }
-    let mut ys: Vec<u64> = pairs.par_iter().map(|p| p.1).collect();
+    let mut ys: Vec<u64> = pairs.iter().map(|p| p.1).collect();
     drop(pairs);
     let discordant = inversions(&mut ys);
     let yt = Ties::of_sorted(&ys);
