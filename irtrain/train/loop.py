@@ -248,8 +248,10 @@ class References:
         return self._start
 
     def logps(self, shards: ShardSet) -> ReferenceLogps:
+        # at most a training micro-batch of these shards per forward (not micro_batch x 2048 tokens): the
+        # reference pass then never needs more memory than a training step
         return ensure_reference(shards, self.key(shards), model_fn=self._starting_model, strategy=self.strategy,
-                                token_budget=eval_token_budget(self.cfg, None), reference_dir=self.cfg.reference_dir,
+                                token_budget=eval_token_budget(self.cfg, PackedData([shards])), reference_dir=self.cfg.reference_dir,
                                 meta={"model": str(self.cfg.model)})
 
     def model(self) -> Any:
