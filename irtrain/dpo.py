@@ -27,7 +27,6 @@ Joint SFT+DPO (`--joint-sft`) and the alternating schedule (`--alternate-with`) 
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hashlib
 import json
@@ -43,6 +42,7 @@ from torch import Tensor
 from irtrain.errors import ConfigError, IrtrainError, ReferenceMismatchError, ShardError
 from irtrain.losses import (IGNORE_INDEX, KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceBatch, first_token_mask,
                             preference_metrics, response_token_stats, segment_sums, sequence_ce)
+from irtrain.preference import adapt_lambda
 from irtrain.shards import Row, ShardSet
 from irtrain.train.batching import Batch, PackedData, collate, plan_steps, split_step
 from irtrain.train.objective import Stats, TrainContext
@@ -183,14 +183,13 @@ class Examples:
     """The preference examples of one micro-batch, as indices into its segments.
 
     groups: K -> [B_K, K] long segment indices (column k = the k-th response: chosen,
-            rejected; or rank k). Ranked data may mix K; every other format has one K.
-    order:  K -> [B_K] position of each example in micro-batch order (for KTO's i+1)
+            rejected; or rank k), examples in micro-batch order. Ranked data may mix K;
+            every other format has one K.
     count:  number of examples B
     pref_segment: [S] bool, the segment belongs to a preference example (False: SFT row)
     """
 
     groups: dict[int, np.ndarray]
-    order: dict[int, np.ndarray]
     count: int
     pref_segment: np.ndarray
 
@@ -214,13 +213,9 @@ def batch_examples(batch: Batch, pref_set: list[bool], row_lengths: list[np.ndar
     segs = np.flatnonzero(is_pref)
     starts, k = example_groups(part[segs])
     groups: dict[int, list[np.ndarray]] = {}
-    order: dict[int, list[int]] = {}
-    for e, (st, kk) in enumerate(zip(starts.tolist(), k.tolist())):
+    for st, kk in zip(starts.tolist(), k.tolist()):
         groups.setdefault(kk, []).append(segs[st : st + kk])
-        order.setdefault(kk, []).append(e)
-    return Examples(groups={kk: np.stack(v) for kk, v in groups.items()},
-                    order={kk: np.asarray(v, dtype=np.int64) for kk, v in order.items()},
-                    count=len(starts), pref_segment=is_pref)
+    return Examples(groups={kk: np.stack(v) for kk, v in groups.items()}, count=len(starts), pref_segment=is_pref)
 
 
 # ============================================================================ KTO: mismatched pairs
@@ -512,7 +507,7 @@ class PreferenceObjective:
             def cache(s: ShardSet) -> ReferenceLogps:
                 key = ReferenceKey(mh, s.tokenizer_hash or tok_hash, s.content_hash)
                 return ensure_reference(s, key, model_fn=reference_model, strategy=strategy,
-                                        token_budget=eval_token_budget(cfg, None), reference_dir=cfg.reference_dir,
+                                        token_budget=eval_token_budget(cfg, PackedData([s])), reference_dir=cfg.reference_dir,
                                         meta={"model": str(cfg.ref_model)})
         else:
             cache = ctx.reference_logps_for
@@ -561,8 +556,6 @@ class PreferenceObjective:
     def step_denominator(self, batches: list[Batch]) -> float:
         """Examples (pairs) in this rank's micro-batches; also fetches the step-wide chosen and
         SFT token counts (for --sft-coef and the joint SFT term) and, in joint mode, adapts lambda."""
-        from irtrain.preference import adapt_lambda
-
         if self.joint and self.step > 0 and self.step % self.cfg.lambda_interval == 0:
             correct, pairs = self.window
             if pairs > 0:

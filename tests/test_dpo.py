@@ -11,7 +11,7 @@ All on 2-layer Llamas built from a config (conftest) and data made here or by th
 """
 from __future__ import annotations
 
-import json
+import gc
 import random
 import shutil
 from pathlib import Path
@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import PreTrainedModel
 from typer.testing import CliRunner
 
 from irtrain.cli.main import app
@@ -196,15 +197,25 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def shared_refs(tmp_path_factory):
+    """One reference-cache directory for the objective tests (the cache is keyed, so reusing it is safe)."""
+    return tmp_path_factory.mktemp("refs")
+
+
 @pytest.mark.parametrize("loss,kw", CASES, ids=[f"{l}-{'-'.join(kw) or 'default'}" for l, kw in CASES])
-def test_objective_loss_equals_table_on_separate_logps(loss, kw, tiny_model_dir, other_model_dir, pairs_dir, tmp_path):
+def test_objective_loss_equals_table_on_separate_logps(loss, kw, tiny_model_dir, other_model_dir, pairs_dir, shared_refs, tmp_path):
     """The micro-step loss of a packed micro-batch (2 rows, several pairs each, one forward)
     equals `PREFERENCE_LOSSES[loss]` on log-probs from separate unpadded forwards, with the
     reference from a LIVE reference model (the objective reads the precomputed cache)."""
     kw = {k: (str(other_model_dir) if v == "OTHER" else v) for k, v in kw.items()}
-    cfg = cfg_for(tiny_model_dir, [pairs_dir], tmp_path / "o", loss=loss, reference_dir=str(tmp_path / "refs"), **kw)
+    cfg = cfg_for(tiny_model_dir, [pairs_dir], tmp_path / "o", loss=loss, reference_dir=str(shared_refs), **kw)
     policy = perturbed(tiny_model_dir)
     obj, ctx = set_up(cfg, policy)
+    # no reference model stays resident after setup (with --ref-model, it was loaded and freed)
+    gc.collect()
+    own = {id(m) for m in policy.modules()}
+    assert [type(o).__name__ for o in gc.get_objects() if issubclass(type(o), PreTrainedModel) and id(o) not in own] == []
     batch = ctx.data.batch([0, 1])
     ex = batch_examples(batch, [True], obj.row_lengths)
     assert ex.count >= 4 and list(ex.groups) == [2]
@@ -232,7 +243,7 @@ def test_objective_loss_equals_table_on_separate_logps(loss, kw, tiny_model_dir,
         assert key in stats, key
 
 
-def test_packed_equals_separate_logps_and_gradients(tiny_model_dir, pairs_dir, tmp_path):
+def test_packed_equals_separate_logps_and_gradients(tiny_model_dir, pairs_dir, shared_refs, tmp_path):
     """Per-sequence log-probs of chosen and rejected from ONE packed forward equal separate
     unpadded forwards (sdpa and eager), and so do the loss gradients."""
     from irtrain.train.packed import packed_forward
@@ -249,7 +260,7 @@ def test_packed_equals_separate_logps_and_gradients(tiny_model_dir, pairs_dir, t
             a, e = int(batch.cu_seqlens[j]), int(batch.cu_seqlens[j + 1])
             torch.testing.assert_close(seg[j], alone(m, batch.input_ids[0, a:e], batch.labels[0, a:e])[0], rtol=1e-5, atol=1e-4)
     # gradients: packed objective vs the loss over separate forwards
-    cfg = cfg_for(tiny_model_dir, [pairs_dir], tmp_path / "o", reference_dir=str(tmp_path / "refs"))
+    cfg = cfg_for(tiny_model_dir, [pairs_dir], tmp_path / "o", reference_dir=str(shared_refs))
     policy = perturbed(tiny_model_dir, seed=3)
     obj, ctx = set_up(cfg, policy)
     b = ctx.data.batch([0, 1])
