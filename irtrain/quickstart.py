@@ -43,6 +43,7 @@ class Plan:
     n_sft: int
     n_pref: int
     n_heldout: int
+    demo_bug_rate: float = 0.5  # half the SFT demonstrations come from the sloppy demonstrator
     vocab_size: int = 384
     # model
     hidden_size: int = 96
@@ -53,15 +54,15 @@ class Plan:
     # prepare
     max_len: int = 256
     # sft
-    sft_steps: int = 200
+    sft_steps: int = 300
     sft_lr: float = 3e-3
-    sft_batch: int = 8  # packed rows per step (about 5 conversations each)
+    sft_batch: int = 6  # packed rows per step (about 5 conversations each)
     sft_save_at: list[int] = field(default_factory=list)
-    eval_steps: int = 20
+    eval_steps: int = 30
     # dpo
-    dpo_steps: int = 100
-    dpo_lr: float = 5e-4
-    dpo_beta: float = 0.1
+    dpo_steps: int = 200
+    dpo_lr: float = 1e-4
+    dpo_beta: float = 0.5
     dpo_batch: int = 8  # packed rows per step (2 pairs each)
     # evaluation
     max_new_tokens: int = 48
@@ -75,13 +76,13 @@ class Plan:
         def n(x: float, lo: int) -> int:
             return max(lo, int(round(x * scale)))
 
-        sft_steps = n(200, 12)
+        sft_steps = n(300, 12)
         save_at = sorted({max(1, round(sft_steps * f)) for f in (0.05, 0.1, 0.25, 0.5)} - {sft_steps})
         return cls(
             scale=scale, seed=seed,
             n_sft=n(4000, 200), n_pref=n(2000, 100), n_heldout=n(200, 48),
             sft_steps=sft_steps, sft_save_at=save_at, eval_steps=max(1, sft_steps // 10),
-            dpo_steps=n(100, 8),
+            dpo_steps=n(200, 8),
         )
 
 
@@ -202,7 +203,7 @@ def stage_task(q: Quickstart) -> None:
     from irtrain.tasks import make_task, write_task
 
     pl = q.plan
-    q.task = make_task(pl.n_sft, pl.n_pref, pl.n_heldout, seed=pl.seed)
+    q.task = make_task(pl.n_sft, pl.n_pref, pl.n_heldout, seed=pl.seed, demo_bug_rate=pl.demo_bug_rate)
     q.data = write_task(q.task, q.p["data"])
     q.console.print(f"{pl.n_sft} SFT conversations, {pl.n_pref} preference pairs, {pl.n_heldout} held-out problems "
                     f"(+ {pl.n_heldout} held-out pairs) in {q.p['data']}")

@@ -22,11 +22,20 @@ From the problems this module builds
 - instruction conversations for SFT (``{"messages": [...]}``, UltraChat style),
 - preference pairs (UltraFeedback-binarized style: ``chosen`` and ``rejected``
   are whole conversations sharing the user turn) whose rejected answer carries
-  one planted error, so the chosen one is verifiably better:
-  ``step`` (an intermediate result is off; later steps carry the wrong value on
-  consistently) or ``final`` (every step right, the answer line wrong),
+  one error, so the chosen one is verifiably better (`corrupt`): ``bug`` (the
+  sloppy demonstrator's subtraction bug, below), ``step`` (an intermediate
+  result is off; later steps carry the wrong value on consistently), ``slip``
+  (one written result is off, the chain goes on from the right value) or
+  ``final`` (every step right, the answer line wrong),
 - held-out problems disjoint from both, for accuracy by generation and for
   scoring reasoning traces,
+
+Real SFT corpora are imperfect. With ``demo_bug_rate`` > 0 a fraction of the SFT
+demonstrations comes from a sloppy demonstrator who gets subtractions that need a
+borrow wrong in a systematic way (13 - 5 = 12, the "smaller-from-larger" bug):
+SFT then learns the bug about as often as the right answer, while the preference
+pairs, whose rejected answer is the bug's wherever it applies, carry the information
+needed to fix it. That is the situation preference learning exists for.
 
 and checks a generated answer exactly (`check_answer`, `check_steps`).
 
@@ -44,7 +53,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 STEP_DELIMITER = "\n\n"
 ANSWER_PREFIX = "Answer: "
-ERROR_KINDS = ("step", "slip", "final")
+ERROR_KINDS = ("bug", "step", "slip", "final")
+#: planted errors that apply to every problem ("bug" needs a borrow)
+PLANTED_KINDS = ("step", "slip", "final")
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,26 @@ class Problem:
     def answer(self) -> int:
         return self.values()[-1]
 
+    def buggy_values(self) -> list[int]:
+        """Running values as the sloppy demonstrator computes them: every subtraction that
+        needs a borrow gets the "smaller-from-larger" bug (`buggy_subtract`), and the chain
+        goes on from the wrong value."""
+        out, v = [], self.start
+        for op, b in self.ops:
+            v = buggy_subtract(v, b) if op == "-" else _apply(v, op, b)
+            out.append(v)
+        return out
+
+    @property
+    def has_borrow(self) -> bool:
+        """True when the sloppy demonstrator gets this problem wrong."""
+        return self.buggy_values() != self.values()
+
+    def buggy_solution(self) -> str:
+        """The sloppy demonstrator's worked solution (equal to `solution` without a borrow)."""
+        vals = self.buggy_values()
+        return STEP_DELIMITER.join(_render_steps(self.start, self.ops, vals) + [f"{ANSWER_PREFIX}{vals[-1]}"])
+
     def steps(self) -> list[str]:
         """The correct worked steps, one line each, without the answer line."""
         return _render_steps(self.start, self.ops, self.values())
@@ -109,6 +140,16 @@ def _apply(v: int, op: str, b: int) -> int:
     if op == "-":
         return v - b
     raise ValueError(f"unknown op {op!r}")
+
+
+def buggy_subtract(a: int, b: int) -> int:
+    """``a - b`` with the classic "smaller-from-larger" subtraction bug (Brown & VanLehn 1980):
+    when the units digit of ``a`` is smaller than ``b`` (a borrow is needed), the sloppy
+    demonstrator subtracts the smaller digit from the larger and keeps the tens:
+    13 - 5 = 12, 21 - 4 = 23. Without a borrow the result is right."""
+    if a >= 10 and a % 10 < b:
+        return (a // 10) * 10 + (b - a % 10)
+    return a - b
 
 
 def _render_steps(start: int, ops: Iterable[tuple[str, int]], values: list[int]) -> list[str]:
@@ -160,10 +201,23 @@ def corrupt(problem: Problem, rng: random.Random, kind: str | None = None,
     - ``slip``: the result written for one step is off by 1-3, but the next steps go on
       from the right value: the final answer is right, the worked steps are not.
     - ``final``: every step is right; the answer line is off by 1-3.
+    - ``bug``: the sloppy demonstrator's solution (`Problem.buggy_solution`), for a problem
+      with a borrow; for one without, a ``step`` error instead.
+    When ``kind`` is None it is drawn from ``kinds``, except that ``bug`` is always used
+    when it is in ``kinds`` and the problem has a borrow (the demonstrator's own mistake is
+    the natural rejected answer).
     The response differs from the correct solution and always fails `check_steps`
     (``step`` and ``final`` also fail `check_answer`).
     """
-    kind = kind or rng.choice(list(kinds))
+    if kind is None:
+        if "bug" in kinds and problem.has_borrow:
+            kind = "bug"
+        else:
+            kind = rng.choice([k for k in kinds if k != "bug"] or ["step"])
+    if kind == "bug" and not problem.has_borrow:
+        kind = "step"
+    if kind == "bug":
+        return problem.buggy_solution(), kind
     values = problem.values()
     delta = rng.choice([-3, -2, -1, 1, 2, 3])
     if kind == "step":
@@ -264,10 +318,18 @@ class TaskData:
     heldout: list[Problem]
     seed: int
     spec: TaskSpec
-    error_kinds: tuple[str, ...] = ERROR_KINDS  #: planted errors of the rejected answers, drawn uniformly
+    error_kinds: tuple[str, ...] = ERROR_KINDS  #: errors of the rejected answers (see `corrupt`)
+    demo_bug_rate: float = 0.0  #: fraction of SFT demonstrations written by the sloppy demonstrator
 
     def sft_rows(self) -> list[dict[str, Any]]:
-        return [sft_example(p) for p in self.sft]
+        """SFT conversations; a ``demo_bug_rate`` fraction of them (drawn by seed) carry the
+        sloppy demonstrator's solution, which is wrong when the problem has a borrow."""
+        rng = random.Random(f"demo-{self.seed}")
+        rows = []
+        for p in self.sft:
+            sloppy = rng.random() < self.demo_bug_rate
+            rows.append({"messages": p.messages(p.buggy_solution() if sloppy else None)})
+        return rows
 
     def pref_rows(self) -> list[dict[str, Any]]:
         rng = random.Random(f"pref-{self.seed}")
@@ -291,15 +353,24 @@ class TaskData:
 
 
 def make_task(n_sft: int, n_pref: int, n_heldout: int, seed: int = 0, spec: TaskSpec = TaskSpec(),
-              error_kinds: Sequence[str] = ERROR_KINDS) -> TaskData:
-    """Draw disjoint SFT, preference and held-out problem sets (no problem in two sets)."""
+              error_kinds: Sequence[str] = ERROR_KINDS, demo_bug_rate: float = 0.0) -> TaskData:
+    """Draw disjoint SFT, preference and held-out problem sets (no problem in two sets).
+
+    ``demo_bug_rate`` > 0 makes the SFT demonstrations imperfect, like real SFT corpora: that
+    fraction of them comes from a sloppy demonstrator with a systematic subtraction bug
+    (`buggy_subtract`), so SFT alone learns the bug as often as the right answer, and the
+    preference pairs (whose rejected answer is the bug's, where it applies) say which is right.
+    """
+    if not 0.0 <= demo_bug_rate <= 1.0:
+        raise ValueError(f"demo_bug_rate must be in [0, 1], got {demo_bug_rate}")
     bad = [k for k in error_kinds if k not in ERROR_KINDS]
     if bad or not error_kinds:
         raise ValueError(f"error kinds must be a non-empty subset of {ERROR_KINDS}, got {tuple(error_kinds)}")
     held = generate_problems(n_heldout, seed * 1000 + 1, spec)
     sft = generate_problems(n_sft, seed * 1000 + 2, spec, exclude=held)
     pref = generate_problems(n_pref, seed * 1000 + 3, spec, exclude=held + sft)
-    return TaskData(sft=sft, pref=pref, heldout=held, seed=seed, spec=spec, error_kinds=tuple(error_kinds))
+    return TaskData(sft=sft, pref=pref, heldout=held, seed=seed, spec=spec, error_kinds=tuple(error_kinds),
+                    demo_bug_rate=demo_bug_rate)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:

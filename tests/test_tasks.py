@@ -7,6 +7,7 @@ import pytest
 
 from irtrain.tasks import (
     ERROR_KINDS,
+    PLANTED_KINDS,
     STEP_DELIMITER,
     Problem,
     TaskSpec,
@@ -77,7 +78,7 @@ def test_checker_accepts_the_solution_and_variants():
     assert not check_steps(p, "3 + 4 = 7\n\n7 - 7 = 0\n\nAnswer: 0")
 
 
-@pytest.mark.parametrize("kind", ERROR_KINDS)
+@pytest.mark.parametrize("kind", PLANTED_KINDS)
 def test_planted_errors_are_wrong_and_minimal(kind):
     rng = random.Random(0)
     for p in generate_problems(500, seed=2):
@@ -130,3 +131,37 @@ def test_write_task(tmp_path):
     held = read_jsonl(paths["heldout"])
     assert [r["answer"] for r in held] == [p.answer for p in t.heldout]
     assert len(read_jsonl(paths["heldout_pref"])) == 5
+
+
+def test_sloppy_demonstrator():
+    from irtrain.tasks import buggy_subtract
+
+    assert buggy_subtract(13, 5) == 12 and buggy_subtract(21, 4) == 23 and buggy_subtract(20, 7) == 27
+    assert buggy_subtract(18, 5) == 13 and buggy_subtract(7, 3) == 4  # no borrow: right
+    p = Problem(8, (("+", 5), ("-", 6), ("+", 2)))  # 13 - 6 needs a borrow
+    assert p.has_borrow and p.buggy_values() == [13, 13, 15] and p.values() == [13, 7, 9]
+    assert p.buggy_solution() == "8 + 5 = 13\n\n13 - 6 = 13\n\n13 + 2 = 15\n\nAnswer: 15"
+    q = Problem(8, (("+", 5), ("-", 2)))
+    assert not q.has_borrow and q.buggy_solution() == q.solution()
+    rng = random.Random(0)
+    assert preference_pair_kind(p, rng) == "bug" and preference_pair_kind(q, rng) != "bug"
+
+
+def preference_pair_kind(p, rng):
+    from irtrain.tasks import preference_example
+
+    row = preference_example(p, rng)
+    assert not check_steps(p, row["rejected"][1]["content"])
+    return row["error"]
+
+
+def test_demo_bug_rate():
+    clean = make_task(400, 10, 10, seed=0)
+    assert all(check_steps(p, r["messages"][1]["content"]) for p, r in zip(clean.sft, clean.sft_rows()))
+    noisy = make_task(400, 10, 10, seed=0, demo_bug_rate=0.5)
+    wrong = [not check_steps(p, r["messages"][1]["content"]) for p, r in zip(noisy.sft, noisy.sft_rows())]
+    borrow = [p.has_borrow for p in noisy.sft]
+    assert not any(w and not b for w, b in zip(wrong, borrow))  # only borrow problems can be wrong
+    frac = sum(wrong) / sum(borrow)
+    assert 0.35 < frac < 0.65, frac
+    assert noisy.sft_rows() == make_task(400, 10, 10, seed=0, demo_bug_rate=0.5).sft_rows()
