@@ -187,6 +187,7 @@ class QuickstartConfig(_Validated):
     out: str = opt("irtrain-quickstart", "Output directory for data, models and the report.")
     scale: float = opt(1.0, "Scale the number of examples and steps (tests use a small value).")
     seed: int = opt(0, "Seed of data generation and training.")
+    threads: int = opt(1, "Torch CPU threads (0 = torch's default). The models are tiny: 1 thread is steady on a busy machine, where 2 can stall.")
 
 
 # --------------------------------------------------------------------------- loading
