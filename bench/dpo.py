@@ -1,0 +1,265 @@
+"""Benchmark: `irtrain dpo` against TRL's `DPOTrainer` on this machine.
+
+Same Llama built from a config, same generated preference pairs (irtrain.tasks: a worked
+arithmetic solution vs. the same with one planted error), same global batch (pairs) and
+number of optimizer steps, same AdamW / lr / cosine schedule, beta 0.1, sigmoid loss, fp32
+on CPU (bf16 autocast on GPU for both). Each side runs in its own fresh process (so peak
+memory is its own); the two alternate `--repeats` times and the best run of each is
+compared (other load on a shared machine only ever slows a run down).
+
+- irtrain: `irtrain prepare --format preference --no-pack` (one pair per row: chosen and
+  rejected side by side, so a "pair" is the same thing on both sides); each micro-batch is
+  ONE padding-free forward; reference log-probs computed once (before the first step) into
+  a fresh cache, no reference model resident while training.
+- TRL: conversational prompt/chosen/rejected rows, `DPOTrainer` defaults: a live reference
+  model (a second copy of the model, forwarded every micro-batch), chosen and rejected
+  padded to the longest sequence of the batch, gradient checkpointing on (TRL's default;
+  `--gradient-checkpointing on|off` sets it for both sides, so they trade memory for
+  compute alike).
+
+tokens/s = non-padding tokens processed (prompt + response of chosen and rejected) / wall
+time from the start of the first optimizer step to the end of the last. For irtrain also
+"incl. ref": the same tokens over that time plus the one-time reference pass (the
+objective's setup, timed; a fresh cache each run, over exactly the pairs trained on by
+default: one epoch). Peak memory: on CPU the process's peak RSS (`ru_maxrss`), and
+"growth" = peak RSS minus the RSS when the first optimizer step starts (models loaded and
+data ready on both sides); on GPU the peak allocated CUDA memory and its growth over what
+was allocated at the first step.
+
+    python bench/dpo.py                         # defaults below
+    python bench/dpo.py --steps 20 --repeats 3 --sizes small --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+
+#: Llama shapes (hidden, layers, heads, kv heads, intermediate). "tiny" is the tests' model.
+SIZES = {"tiny": (64, 2, 4, 2, 128), "small": (256, 4, 8, 4, 688), "medium": (512, 8, 8, 4, 1376)}
+VOCAB = 1000
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def base_mb() -> float:
+    import torch
+
+    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else rss_mb()
+
+
+# --------------------------------------------------------------------------- setup
+def setup(work: Path, args: argparse.Namespace) -> None:
+    """Pairs (JSONL for TRL, shards for irtrain), a tokenizer, and one model per size."""
+    from irtrain.tasks import TaskSpec, make_task, write_jsonl
+    from irtrain.toy import tiny_llama, train_tokenizer
+
+    stamp = json.dumps({"pairs": args.pairs, "min_ops": args.min_ops, "max_ops": args.max_ops, "sizes": SIZES})
+    if (work / "ready").is_file() and (work / "ready").read_text() == stamp:
+        return
+    task = make_task(0, args.pairs, 0, seed=0, spec=TaskSpec(min_ops=args.min_ops, max_ops=args.max_ops, max_value=99))
+    tok_dir = train_tokenizer(task.texts(), work / "tokenizer", template="chatml", vocab_size=VOCAB)
+    for name, (hidden, layers, heads, kv, inter) in SIZES.items():
+        tiny_llama(tok_dir, work / f"model-{name}", hidden_size=hidden, num_layers=layers, num_heads=heads,
+                   num_kv_heads=kv, intermediate_size=inter, seed=0)
+    rows = [{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:]} for r in task.pref_rows()]
+    write_jsonl(work / "pairs.jsonl", rows)
+    if (work / "shards").exists():
+        shutil.rmtree(work / "shards")
+    subprocess.run([sys.executable, "-m", "irtrain.cli.main", "prepare", str(work / "pairs.jsonl"), "--out", str(work / "shards"),
+                    "--tokenizer", str(tok_dir), "--format", "preference", "--no-pack", "--max-len", "2048"],
+                   check=True, capture_output=True)
+    (work / "ready").write_text(stamp)
+
+
+# --------------------------------------------------------------------------- workers (each in its own process)
+def run_irtrain(work: Path, args: argparse.Namespace) -> dict:
+    import torch
+
+    from irtrain.config import DPOConfig
+    from irtrain.dpo import PreferenceObjective
+    from irtrain.train.loop import train
+    from irtrain.train.metrics import read_metrics
+
+    class Timed(PreferenceObjective):
+        """`irtrain dpo`'s objective, timing its setup (= the one-time reference pass) and
+        noting the memory in use when the first step starts."""
+
+        setup_s = 0.0
+        first_step_mb: float | None = None
+
+        def setup(self, ctx):
+            t = time.perf_counter()
+            super().setup(ctx)
+            self.setup_s = time.perf_counter() - t
+
+        def step_denominator(self, batches):
+            if self.first_step_mb is None:
+                self.first_step_mb = base_mb()
+            return super().step_denominator(batches)
+
+    stamp = time.time_ns()
+    out, refs = work / f"out-irtrain-{stamp}", work / f"refs-{stamp}"  # a fresh reference cache: the pass is timed
+    cfg = DPOConfig(model=str(work / f"model-{args.size}"), data=[str(work / "shards")], out=str(out), lr=args.lr, warmup_ratio=0.1,
+                    lr_schedule="cosine", global_batch=args.global_batch, micro_batch=args.micro_batch, max_steps=args.steps,
+                    beta=0.1, loss="sigmoid", tensorboard=False, seed=0, weight_decay=0.0, reference_dir=str(refs),
+                    gradient_checkpointing=args.gradient_checkpointing == "on")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    objective = Timed(cfg)
+    train(cfg, objective)  # what `irtrain.dpo.run(cfg)` does for a plain DPO run
+    m = [x for x in read_metrics(out) if "loss" in x]
+    first = m[0]
+    wall = m[-1]["elapsed_s"] - (first["elapsed_s"] - first["step_time_s"])
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(refs, ignore_errors=True)
+    return {"tokens": m[-1]["tokens"], "wall_s": wall, "ref_s": objective.setup_s, "peak_mb": peak_mb(),
+            "base_mb": objective.first_step_mb, "final_loss": m[-1]["loss"], "accuracy": m[-1]["rewards/accuracies"], "steps": len(m)}
+
+
+def run_trl(work: Path, args: argparse.Namespace) -> dict:
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(str(work / f"model-{args.size}"))
+    ds = load_dataset("json", data_files=str(work / "pairs.jsonl"), split="train")
+
+    class Clock(TrainerCallback):
+        t0: float | None = None
+        t1: float | None = None
+        first_step_mb: float | None = None
+
+        def on_step_begin(self, a, state, control, **kw):
+            if self.t0 is None:
+                self.first_step_mb = base_mb()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            self.t1 = time.perf_counter()
+
+    clock = Clock()
+    gpu = torch.cuda.is_available()
+    out = work / f"out-trl-{time.time_ns()}"
+    cfg = DPOConfig(output_dir=str(out), per_device_train_batch_size=args.micro_batch,
+                    gradient_accumulation_steps=args.global_batch // args.micro_batch, max_steps=args.steps,
+                    learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0, logging_steps=1,
+                    save_strategy="no", report_to=[], seed=0, use_cpu=not gpu, bf16=gpu, fp16=False, max_length=2048,
+                    dataloader_num_workers=0, adam_beta2=0.95, max_grad_norm=1.0, beta=0.1, loss_type=["sigmoid"],
+                    gradient_checkpointing=args.gradient_checkpointing == "on")
+    model = AutoModelForCausalLM.from_pretrained(str(work / f"model-{args.size}"), dtype=torch.float32)
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[clock])
+    assert trainer.ref_model is not None, "TRL's default is a live reference model"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "num_tokens" in h]
+    shutil.rmtree(out, ignore_errors=True)
+    return {"tokens": logs[-1]["num_tokens"], "wall_s": clock.t1 - clock.t0, "peak_mb": peak_mb(), "base_mb": clock.first_step_mb,
+            "final_loss": logs[-1].get("loss"), "accuracy": logs[-1].get("rewards/accuracies"), "steps": trainer.state.global_step}
+
+
+# --------------------------------------------------------------------------- driver
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default="/tmp/irtrain-bench-dpo", help="scratch directory (data, models, outputs)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--global-batch", type=int, default=16, help="pairs per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=8, help="pairs per forward/backward")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--pairs", type=int, default=0, help="generated pairs (default: steps x global batch, i.e. one epoch, "
+                   "so the reference pass covers exactly the pairs trained on)")
+    p.add_argument("--sizes", default="tiny,small", help=f"model sizes to run, of: {', '.join(SIZES)}")
+    p.add_argument("--size", help=argparse.SUPPRESS)
+    p.add_argument("--min-ops", type=int, default=1, help="task problems have min..max operations (sets the length spread)")
+    p.add_argument("--max-ops", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--gradient-checkpointing", choices=("on", "off"), default="on",
+                   help="for both sides (on = TRL's default; irtrain's default is off)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in each run (0 = torch's default, the core count)")
+    p.add_argument("--worker", choices=("irtrain", "trl"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.pairs = args.pairs or args.steps * args.global_batch
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.worker:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        res = run_irtrain(work, args) if args.worker == "irtrain" else run_trl(work, args)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+
+    setup(work, args)
+    forwarded = list(sys.argv[1:])
+    summary = []
+    for size in args.sizes.split(","):
+        if size not in SIZES:
+            sys.exit(f"unknown size {size!r}; one of {', '.join(SIZES)}")
+        results: dict[str, list[dict]] = {"irtrain": [], "trl": []}
+        for r in range(args.repeats):
+            for who in ("irtrain", "trl"):
+                proc = subprocess.run([sys.executable, str(HERE), *forwarded, "--size", size, "--worker", who],
+                                      capture_output=True, text=True,
+                                      env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+                if proc.returncode or line is None:
+                    sys.exit(f"{who} run failed:\n{proc.stderr[-3000:]}")
+                res = json.loads(line[len("RESULT "):])
+                res["tokens_per_s"] = res["tokens"] / res["wall_s"]
+                if "ref_s" in res:
+                    res["tokens_per_s_incl_ref"] = res["tokens"] / (res["wall_s"] + res["ref_s"])
+                results[who].append(res)
+                extra = f" (incl. ref {res['tokens_per_s_incl_ref']:.0f})" if "ref_s" in res else ""
+                print(f"[{size} {r + 1}/{args.repeats}] {who:8s} {res['tokens_per_s']:9.0f} tokens/s{extra}  {res['wall_s']:6.2f} s  "
+                      f"{res['tokens']:.0f} tokens  peak {res['peak_mb']:.0f} MB (+{res['peak_mb'] - res['base_mb']:.0f})  "
+                      f"final loss {res['final_loss']:.3f}  acc {res['accuracy']}", flush=True)
+        best = {who: max(rs, key=lambda x: x["tokens_per_s"]) for who, rs in results.items()}
+        summary.append((size, best["irtrain"], best["trl"]))
+
+    import torch
+
+    where = (f"GPU {torch.cuda.get_device_name()} (bf16 autocast), peak = max CUDA memory allocated" if torch.cuda.is_available()
+             else f"fp32 CPU, {os.cpu_count()} cores, torch threads {args.threads or 'default'}, peak = peak RSS")
+    print()
+    print(f"data: {args.pairs} generated preference pairs ({args.min_ops}-{args.max_ops} operations each); {args.steps} steps x "
+          f"{args.global_batch} pairs (micro-batch {args.micro_batch}); gradient checkpointing {args.gradient_checkpointing} "
+          f"on both sides; {where}; best of {args.repeats}")
+    print(f"{'model':28s}{'':9s}{'tokens/s':>10s}{'incl. ref':>11s}{'peak MB':>10s}{'growth MB':>11s}")
+    for size, ours, theirs in summary:
+        h, layers, *_ = SIZES[size]
+        label = f"{size} (hidden {h}, {layers} layers)"
+        for who, r in (("irtrain", ours), ("TRL", theirs)):
+            incl = f"{r['tokens_per_s_incl_ref']:11.0f}" if "tokens_per_s_incl_ref" in r else f"{'-':>11s}"
+            print(f"{label:28s}{who:9s}{r['tokens_per_s']:10.0f}{incl}{r['peak_mb']:10.0f}{r['peak_mb'] - r['base_mb']:11.0f}")
+            label = ""
+        growth = (ours['peak_mb'] - ours['base_mb']) / max(1.0, theirs['peak_mb'] - theirs['base_mb'])
+        print(f"{'':28s}{'ratio':9s}{ours['tokens_per_s'] / theirs['tokens_per_s']:9.2f}x"
+              f"{ours['tokens_per_s_incl_ref'] / theirs['tokens_per_s']:10.2f}x"
+              f"{ours['peak_mb'] / theirs['peak_mb']:9.2f}x{growth:10.2f}x")
+
+
+if __name__ == "__main__":
+    main()
