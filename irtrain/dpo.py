@@ -464,8 +464,16 @@ class PreferenceObjective:
             tok_hash = check_tokenizer(ref_path, tok, sets if cfg.ref_model else [])
         except IrtrainError as e:
             raise type(e)(f"--ref-model: {e}") from None
+        from irtrain.train.strategy import world_from_env
+
+        if world_from_env()[0] != 0:  # the main rank checks the caches; a failure there ends the launch
+            return
+        shard_sets = list(sets) + ([ShardSet(cfg.eval_pairs)] if cfg.eval_pairs and Path(cfg.eval_pairs).is_dir() else [])
+        existing = [s for s in shard_sets if any(default_path(s, ReferenceKey("", "", ""), cfg.reference_dir).parent.glob("*.safetensors"))]
+        if not existing:  # nothing cached yet: nothing to refuse (and no need to hash the model now)
+            return
         mh = model_hash(ref_path)
-        for s in sets:
+        for s in existing:
             key = ReferenceKey(mh, s.tokenizer_hash or tok_hash, s.content_hash)
             path = default_path(s, key, cfg.reference_dir)
             if path.is_file():

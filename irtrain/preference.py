@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -210,12 +211,24 @@ def run_alternating(cfg: Any) -> list[Any]:
     from irtrain.dpo import PreferenceObjective
     from irtrain.train.loop import train
 
+    from irtrain.train.strategy import world_from_env
+
     _check_alternating(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     K = cfg.rounds
-    sft_parts = split_data([cfg.alternate_with], K, cfg.seed, out / "data", "sft")
-    pref_parts = split_data(list(cfg.data), K, cfg.seed, out / "data", "pref")
+    main = world_from_env()[0] == 0
+    if main:  # under a multi-process launch the main rank splits the data, the others wait for it
+        out.mkdir(parents=True, exist_ok=True)
+        sft_parts = split_data([cfg.alternate_with], K, cfg.seed, out / "data", "sft")
+        pref_parts = split_data(list(cfg.data), K, cfg.seed, out / "data", "pref")
+    else:
+        sft_parts = [out / "data" / f"sft-part-{p + 1}" for p in range(K)]
+        pref_parts = [out / "data" / f"pref-part-{p + 1}" for p in range(K)]
+        deadline = time.monotonic() + 3600
+        while not all((p / MANIFEST).is_file() for p in sft_parts + pref_parts):
+            if time.monotonic() > deadline:
+                raise ShardError(f"{out / 'data'}: the main rank did not write the data split within an hour")
+            time.sleep(0.5)
     log_path = out / "stages.jsonl"
     done = {}
     if log_path.is_file():
@@ -245,7 +258,8 @@ def run_alternating(cfg: Any) -> list[Any]:
             model = str(result.last_checkpoint)
             rec = {"stage": stage, "round": r + 1, "kind": kind, "out": str(stage_out), "checkpoint": model,
                    "steps": result.steps, "data": str((sft_parts if kind == "sft" else pref_parts)[r])}
-            with open(log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+            if main:
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
             results.append(result)
     return results
