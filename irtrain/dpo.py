@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from irtrain.errors import ConfigError, IrtrainError, ReferenceMismatchError, ShardError
-from irtrain.losses import (IGNORE_INDEX, KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceBatch, first_token_mask,
+from irtrain.losses import (IGNORE_INDEX, KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceBatch, first_token_mask, kto_z,
                             preference_metrics, response_token_stats, segment_sums, sequence_ce)
 from irtrain.preference import adapt_lambda
 from irtrain.shards import Row, ShardSet
@@ -638,10 +638,11 @@ class PreferenceObjective:
         with torch.no_grad():
             self._metrics(out, stats, pbs, pair_losses, ex, w, ref_tok, seg_of_tok)
             if self.joint:
-                out["loss/sft"] = (float(sft_sum) * w, float(sft_tok.sum()) * w)
+                out["loss/sft"] = (sft_sum.detach() * w, sft_tok.sum() * w)
                 out["joint/lambda"] = (self.lam, 1.0)
                 correct, pairs = out.get("rewards/accuracies", (0.0, 0.0))
-                self._pending += torch.tensor([correct, pairs], dtype=torch.float64, device=self.device)
+                self._pending += torch.stack([torch.as_tensor(correct, dtype=torch.float64, device=self.device),
+                                              torch.as_tensor(pairs, dtype=torch.float64, device=self.device)])
             if self.stage is not None:
                 out["stage"] = (float(self.stage), 1.0)
         self._micro_left -= 1
@@ -672,33 +673,30 @@ class PreferenceObjective:
 
     def _metrics(self, out: Stats, stats: Any, pbs: list[PreferenceBatch], pair_losses: list[Tensor], ex: Examples,
                  w: float, ref_tok: Tensor | None, seg_of_tok: Tensor) -> None:
-        """TRL-named preference metrics, loss, value/s0 and KL estimates as (sum, count)."""
+        """TRL-named preference metrics, loss, value/s0 and KL estimates as (sum, count); sums stay
+        tensors on the device (no synchronisation per micro-batch; the loop reduces them once per step)."""
         cfg = self.cfg
-        n_ex = sum(pb.batch_size for pb in pbs)
         if pair_losses:
-            out[f"loss/{cfg.loss}"] = (float(torch.cat(pair_losses).sum()) * w, n_ex * w)
+            out[f"loss/{cfg.loss}"] = (torch.cat(pair_losses).detach().sum() * w, sum(pb.batch_size for pb in pbs) * w)
         for pb in pbs:
             metrics = preference_metrics(pb, self.loss.beta)
-            if pb.num_responses == 1:
+            if pb.num_responses == 1:  # unpaired: chosen = desirable, rejected = undesirable examples
                 n_d = int(pb.labels.sum())
                 counts = {"chosen": n_d, "rejected": pb.batch_size - n_d}
             for name, v in metrics.items():
                 c = counts[name.rsplit("/", 1)[1]] if pb.num_responses == 1 else pb.batch_size
                 s, n = out.get(name, (0.0, 0.0))
-                out[name] = (s + float(v) * c * w, n + c * w)
+                out[name] = (s + v * c * w, n + c * w)
             if pb.mismatched_policy_logps is not None:
-                from irtrain.losses import kto_z
-
-                out["kto/z"] = (float(kto_z(pb.mismatched_policy_logps, pb.mismatched_ref_logps)) * w, w)
-        # value/s0 and KL over the preference responses' tokens
+                out["kto/z"] = (kto_z(pb.mismatched_policy_logps, pb.mismatched_ref_logps) * w, w)
+        # value/s0 and KL over the preference responses' tokens (a count of 0 logs NaN)
         pref_tok = torch.as_tensor(ex.pref_segment, device=seg_of_tok.device)[seg_of_tok]
         first = first_token_mask(stats.is_last) & pref_tok
-        if bool(first.any()):
-            out["value/s0"] = (float(stats.values[first].sum()) * w, float(first.sum()) * w)
-        if ref_tok is not None and bool(pref_tok.any()):
-            lp, lq = stats.logps[pref_tok].detach(), ref_tok[pref_tok]
+        out["value/s0"] = (stats.values.detach()[first].sum() * w, first.sum() * w)
+        if ref_tok is not None:
+            lp, lq = stats.logps.detach()[pref_tok], ref_tok[pref_tok]
             for name in ("k1", "k2", "k3"):
-                out[f"kl/{name}"] = (float(KL_ESTIMATORS[name].fn(lp, lq).sum()) * w, float(pref_tok.sum()) * w)
+                out[f"kl/{name}"] = (KL_ESTIMATORS[name].fn(lp, lq).sum() * w, pref_tok.sum() * w)
 
     # ------------------------------------------------------------------ held-out pairs
     def evaluate(self, model: Any, ctx: TrainContext) -> dict[str, float]:
