@@ -62,7 +62,8 @@ class Lab:
     """The quickstart's data and model, and cached training runs on them."""
 
     def __init__(self, out: str | Path, *, scale: float = 1.0, seed: int = 0, demo_bug_rate: float | None = None,
-                 threads: int = 1, pretrain: bool = True, base_from: Lab | None = None, init_seed: int | None = None):
+                 threads: int = 1, pretrain: bool = True, base_from: Lab | None = None, init_seed: int | None = None,
+                 pretrain_format: str = "text"):
         import torch
 
         from irtrain.quickstart import Quickstart, _quiet_transformers
@@ -81,13 +82,16 @@ class Lab:
         self._eval: dict[str, dict[str, Any]] = {}
         self._build()
         self.untrained = self.q.p["model"]
-        self.tag = ""
+        if pretrain_format not in ("text", "chat"):
+            raise ValueError(f"pretrain_format must be text or chat, got {pretrain_format!r}")
+        self.pretrain_format = pretrain_format
+        self.tag = "" if pretrain_format == "text" else "-chat"
         if init_seed is not None and init_seed != seed:  # another prior: the same architecture, another init
             from irtrain.toy import tiny_llama
 
             pl = self.plan
             self.untrained = self.q.out / f"model-init-seed{init_seed}"
-            self.tag = f"-seed{init_seed}"
+            self.tag += f"-seed{init_seed}"
             if not (self.untrained / "config.json").is_file():
                 tiny_llama(self.q.p["tokenizer"], self.untrained, hidden_size=pl.hidden_size, num_layers=pl.num_layers,
                            num_heads=pl.num_heads, num_kv_heads=pl.num_kv_heads, intermediate_size=pl.intermediate_size,
@@ -122,17 +126,26 @@ class Lab:
     def _pretrain(self) -> Path:
         """The base model: the untrained tiny Llama after `irtrain sft` (ce, every token) on a
         plain-text corpus of clean worked solutions of fresh problems (no chat template: it
-        learns arithmetic, not the assistant format), as many as the SFT set, same steps and lr."""
+        learns arithmetic, not the assistant format), as many as the SFT set, same steps and lr.
+        With ``pretrain_format="chat"`` the corpus is the same conversations rendered with the
+        chat template (a base that already knows the assistant format, every token trained)."""
         from irtrain.tasks import generate_problems
 
         pl, task = self.plan, self.q.task
         fresh = generate_problems(pl.n_sft, seed=pl.seed * 1000 + 7, spec=task.spec,
                                   exclude=task.sft + task.pref + task.heldout)
-        shards = self.q.out / "extra-shards" / "pretrain-text"
+        shards = self.q.out / "extra-shards" / f"pretrain-{self.pretrain_format}"
         if not (shards / "manifest.json").is_file():
+            from transformers import AutoTokenizer
+
             from irtrain.shards import ShardSet
 
-            write_text_shards(shards, [f"{p.prompt}\n{p.solution()}" for p in fresh], self.q.p["model"], pl.max_len,
+            if self.pretrain_format == "chat":
+                tok = AutoTokenizer.from_pretrained(str(self.q.p["tokenizer"]))
+                texts = [tok.apply_chat_template(p.messages(), tokenize=False) for p in fresh]
+            else:
+                texts = [f"{p.prompt}\n{p.solution()}" for p in fresh]
+            write_text_shards(shards, texts, self.q.p["model"], pl.max_len,
                               ShardSet(self.shards["sft"]).tokenizer_hash)  # same tokenizer as prepare's shards
         run = self._train(f"pretrain{self.tag}", self.sft_config(model=str(self.untrained), data=[str(shards)],
                                                                  eval_pairs=None), _sft_run)
@@ -266,7 +279,9 @@ def write_text_shards(out: Path, texts: list[str], model_dir: Path, max_len: int
     rows: list[list[Segment]] = [[]]
     used = 0
     for i, text in enumerate(texts):
-        ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        if not ids or ids[-1] != tok.eos_token_id:
+            ids.append(tok.eos_token_id)
         ids = ids[:max_len]
         if used + len(ids) > max_len:
             rows.append([])
