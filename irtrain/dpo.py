@@ -41,13 +41,13 @@ from torch import Tensor
 
 from irtrain.errors import ConfigError, IrtrainError, ReferenceMismatchError, ShardError
 from irtrain.losses import (IGNORE_INDEX, KL_ESTIMATORS, PREFERENCE_LOSSES, PreferenceBatch, first_token_mask, kto_z,
-                            preference_metrics, response_token_stats, segment_sums, sequence_ce)
+                            preference_metrics, segment_sums, sequence_ce)
 from irtrain.preference import adapt_lambda
 from irtrain.shards import Row, ShardSet
 from irtrain.train.batching import Batch, PackedData, collate, plan_steps, split_step
 from irtrain.train.objective import Stats, TrainContext
-from irtrain.train.packed import packed_forward
-from irtrain.train.reference import ReferenceKey, ReferenceLogps, batch_reference, batch_token_logps
+from irtrain.train.packed import packed_token_stats
+from irtrain.train.reference import ReferenceKey, ReferenceLogps, batch_reference, segment_logps
 
 #: shard formats each loss family trains on (plackett_luce with K = 2 is sigmoid, so pairs work too)
 _FORMATS = {"preference": ("preference",), "unpaired": ("unpaired",), "ranked": ("ranked",)}
@@ -258,8 +258,8 @@ def mismatched_logps(model: Any, batch: Batch, segments: np.ndarray, device: tor
 
     mb = collate(mismatched_rows(batch, segments)).to(device)
     with autocast() if autocast else contextlib.nullcontext():
-        logits = packed_forward(model, mb)
-    return batch_token_logps(mb, logits)[1]
+        stats = packed_token_stats(model, mb)
+    return segment_logps(mb, stats)[1]
 
 
 class MismatchedReference:
@@ -595,8 +595,7 @@ class PreferenceObjective:
     def micro_step(self, model: Any, batch: Batch, denominator: float) -> tuple[Tensor, Stats]:
         cfg, w = self.cfg, batch.weight
         self._train_model = model
-        logits = packed_forward(model, batch)
-        stats = response_token_stats(logits, batch.labels, tau=cfg.value_temperature)
+        stats = packed_token_stats(model, batch, tau=cfg.value_temperature)
         seg_of_tok = batch.seg_id[stats.index]
         S = batch.num_segments
         seg_logps = segment_sums(stats.logps.double(), seg_of_tok, S)  # [S] logpi(y|x)

@@ -1,7 +1,7 @@
 """Losses and the per-token quantities they are built from (FORMULAS.md).
 
 The one-token shift (logits at position i predict the token at i+1) happens in
-exactly one place: `response_token_stats`. Every loss and metric works on its
+exactly one place: `response_states` (used by `response_token_stats`). Every loss and metric works on its
 flat outputs, which hold one entry per response token (label != -100) in row
 order.
 
@@ -31,13 +31,15 @@ IGNORE_INDEX = -100
 class TokenStats:
     """Per response token t (flat, N = number of response tokens in the batch).
 
-    logps:   [N] log p_t = log_softmax(l(s_t))[a_t]
-    values:  [N] V(s_t) = tau * logsumexp(l(s_t) / tau)
-    is_last: [N] bool, True when no response token follows a_t in the same turn
-             (so that dV_t = 0 there, FORMULAS.md)
-    index:   [N] flat index b*T + i of the state position i (whose logits predict a_t)
-    logits:  [N, V] float32 logits at the states, kept when asked (full KL, entropy)
-    targets: [N] long, the tokens a_t (for `token_accuracy`)
+    logps:     [N] log p_t = log_softmax(l(s_t))[a_t]
+    values:    [N] V(s_t) = tau * logsumexp(l(s_t) / tau)
+    is_last:   [N] bool, True when no response token follows a_t in the same turn
+               (so that dV_t = 0 there, FORMULAS.md)
+    index:     [N] flat index b*T + i of the state position i (whose logits predict a_t)
+    logits:    [N, V] float32 logits at the states, kept when asked (full KL)
+    targets:   [N] long, the tokens a_t
+    correct:   [N] bool, argmax of l(s_t) == a_t, when asked (the `token_accuracy` metric)
+    entropies: [N] float32 entropy of pi(.|s_t) in nats, when asked (the `entropy` metric)
     """
 
     logps: Tensor
@@ -46,34 +48,70 @@ class TokenStats:
     index: Tensor
     logits: Tensor | None = None
     targets: Tensor | None = None
+    correct: Tensor | None = None
+    entropies: Tensor | None = None
 
 
-def response_token_stats(logits: Tensor, labels: Tensor, *, tau: float = 1.0, keep_logits: bool = False) -> TokenStats:
-    """The shift and the mask, once.
+@dataclass
+class ResponseStates:
+    """Where the response tokens of a [B, T] batch are predicted (the shift and the mask).
 
-    logits: [B, T, V] (any float dtype; computed in float32)
-    labels: [B, T] with -100 on non-response tokens, aligned to input_ids (not shifted)
+    index:   [N] flat index b*T + i of each state position i whose logits predict a_t
+    targets: [N] long, the tokens a_t = labels[b, i + 1]
+    is_last: [N] bool, True when no response token follows a_t in the same turn
+    """
+
+    index: Tensor
+    targets: Tensor
+    is_last: Tensor
+
+
+def response_states(labels: Tensor) -> ResponseStates:
+    """The shift and the mask, once: labels [B, T] (-100 on non-response tokens, aligned
+    to input_ids, not shifted) -> the N states that predict a response token."""
+    if labels.dim() != 2:
+        raise ValueError(f"labels [B,T] expected, got {tuple(labels.shape)}")
+    B, T = labels.shape
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX  # [B, T-1] states i whose next token is trained
+    next_mask = torch.zeros_like(mask)
+    next_mask[:, :-1] = mask[:, 1:]
+    pos = torch.arange(T - 1, device=labels.device).expand(B, T - 1)
+    rows = torch.arange(B, device=labels.device)[:, None].expand(B, T - 1)
+    return ResponseStates(index=(rows * T + pos)[mask], targets=target[mask].long(), is_last=~next_mask[mask])
+
+
+def state_token_stats(state_logits: Tensor, states: ResponseStates, *, tau: float = 1.0, keep_logits: bool = False,
+                      extras: bool = False) -> TokenStats:
+    """TokenStats from the logits at the states only: state_logits [N, V] (any float dtype;
+    computed in float32), row k the state `states.index[k]`."""
+    if state_logits.dim() != 2 or state_logits.shape[0] != states.targets.shape[0]:
+        raise ValueError(f"state_logits [N, V] with N = {states.targets.shape[0]} expected, got {tuple(state_logits.shape)}")
+    z = state_logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    logps = z.gather(-1, states.targets[:, None]).squeeze(-1) - lse
+    values = lse if tau == 1.0 else tau * torch.logsumexp(z / tau, dim=-1)
+    correct = ents = None
+    if extras:
+        with torch.no_grad():
+            correct = z.argmax(-1) == states.targets
+            ents = entropy(z)
+    return TokenStats(logps=logps, values=values, is_last=states.is_last, index=states.index,
+                      logits=z if keep_logits else None, targets=states.targets, correct=correct, entropies=ents)
+
+
+def response_token_stats(logits: Tensor, labels: Tensor, *, tau: float = 1.0, keep_logits: bool = False,
+                         extras: bool = False) -> TokenStats:
+    """TokenStats of full logits: logits [B, T, V] (any float dtype; computed in float32),
+    labels [B, T] with -100 on non-response tokens, aligned to input_ids (not shifted).
+
+    Training computes the LM head at the states only (`irtrain.train.packed.packed_token_stats`);
+    both go through `response_states`.
     """
     if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
         raise ValueError(f"logits [B,T,V] and labels [B,T] expected, got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    B, T, V = logits.shape
-    target = labels[:, 1:]
-    mask = target != IGNORE_INDEX  # [B, T-1] states i whose next token is trained
-    state_logits = logits[:, :-1][mask].float()  # [N, V]
-    tokens = target[mask].long()
-    lse = torch.logsumexp(state_logits, dim=-1)
-    logps = state_logits.gather(-1, tokens[:, None]).squeeze(-1) - lse
-    values = lse if tau == 1.0 else tau * torch.logsumexp(state_logits / tau, dim=-1)
-    next_mask = torch.zeros_like(mask)
-    next_mask[:, :-1] = mask[:, 1:]
-    is_last = ~next_mask[mask]
-    pos = torch.arange(T - 1, device=labels.device).expand(B, T - 1)
-    rows = torch.arange(B, device=labels.device)[:, None].expand(B, T - 1)
-    index = (rows * T + pos)[mask]
-    return TokenStats(
-        logps=logps, values=values, is_last=is_last, index=index,
-        logits=state_logits if keep_logits else None, targets=tokens,
-    )
+    states = response_states(labels)
+    return state_token_stats(logits.flatten(0, 1)[states.index], states, tau=tau, keep_logits=keep_logits, extras=extras)
 
 
 def delta_values(values: Tensor, is_last: Tensor) -> Tensor:

@@ -12,11 +12,10 @@ from typing import Any
 import torch
 
 from irtrain.errors import ConfigError, ShardError
-from irtrain.losses import (KL_ESTIMATORS, SFT_LOSSES, delta_values, entropy, first_token_mask, reduce_tokens,
-                            response_token_stats, token_accuracy)
+from irtrain.losses import KL_ESTIMATORS, SFT_LOSSES, delta_values, first_token_mask, reduce_tokens
 from irtrain.train.batching import Batch
 from irtrain.train.objective import Stats, TrainContext
-from irtrain.train.packed import packed_forward
+from irtrain.train.packed import packed_token_stats
 from irtrain.train.reference import ReferenceLogps, batch_reference
 
 SFT_FORMATS = ("chat", "prompt-completion")
@@ -61,8 +60,8 @@ class SFTObjective:
 
     def micro_step(self, model: Any, batch: Batch, denominator: float) -> tuple[torch.Tensor, Stats]:
         cfg = self.cfg
-        logits = packed_forward(model, batch)
-        stats = response_token_stats(logits, batch.labels, tau=cfg.value_temperature, keep_logits=True)
+        # the full logits at the states only for the exact KL; the head runs chunked otherwise
+        stats = packed_token_stats(model, batch, tau=cfg.value_temperature, keep_logits=self.ref_model is not None, extras=True)
         n = stats.logps.numel()
         ref_logps = batch_reference(self.refs, batch)[0] if self.refs is not None else None
         delta_v = None
@@ -77,8 +76,7 @@ class SFTObjective:
         ref_state_logits = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_logits = packed_forward(self.ref_model, batch)
-                ref_state_logits = response_token_stats(ref_logits, batch.labels, keep_logits=True).logits
+                ref_state_logits = packed_token_stats(self.ref_model, batch, keep_logits=True).logits
             out["kl/full"] = (KL_ESTIMATORS["full"].fn(stats.logits.detach(), ref_state_logits).sum(), n)
         if self.kl is not None:
             if self.kl.needs_logits:
@@ -92,8 +90,8 @@ class SFTObjective:
         with torch.no_grad():
             out["loss/" + cfg.loss] = (per_token.detach().sum() * w, n * w)
             if n:
-                out["token_accuracy"] = (token_accuracy(stats.logits, stats.targets) * n * w, n * w)
-                out["entropy"] = (entropy(stats.logits.detach()).sum() * w, n * w)
+                out["token_accuracy"] = (stats.correct.float().sum() * w, n * w)
+                out["entropy"] = (stats.entropies.sum() * w, n * w)
                 s0 = stats.values.detach()[first_token_mask(stats.is_last)]
                 out["value/s0"] = (s0.sum() * w, s0.numel() * w)
             if ref_logps is not None:

@@ -11,17 +11,23 @@ applies):
 - `sdpa` / `eager`: transformers (>= 4.53, 5.x) reads `position_ids` that restart at 0 as
   document boundaries when no attention mask is given and builds the block-diagonal causal
   mask (N^2 memory; what GPUs without flash-attn use).
+
+Training reads the model through `packed_token_stats`: the LM head runs at the response
+states only (`irtrain.train.head`), never over the whole [N, V] row.
 """
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from irtrain.losses import TokenStats, response_states, state_token_stats
 from irtrain.train.batching import Batch
+from irtrain.train.head import lm_head_stats
 
 VARLEN = "irtrain_varlen"
 
@@ -75,12 +81,79 @@ def _attn_impl(model: Any) -> str:
     return str(getattr(getattr(inner, "config", None), "_attn_implementation", None) or "")
 
 
-def packed_forward(model: Any, batch: Batch) -> Tensor:
-    """Logits [1, N, V] of a packed batch; no attention crosses a document boundary."""
+def _forward(model: Any, batch: Batch, **extra: Any) -> Any:
     kwargs: dict[str, Any] = {}
     impl = _attn_impl(model)
     if "flash" in impl or impl == VARLEN:
         cu = batch.cu_seqlens.to(device=batch.input_ids.device, dtype=torch.int32)
         kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": batch.max_seqlen, "max_length_k": batch.max_seqlen}
-    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **kwargs)
-    return out.logits
+    return model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False, **kwargs, **extra)
+
+
+def packed_forward(model: Any, batch: Batch) -> Tensor:
+    """Logits [1, N, V] of a packed batch; no attention crosses a document boundary."""
+    return _forward(model, batch).logits
+
+
+#: Model types whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)`
+#: (no logit soft-capping or scaling after the head), so the head can run outside it.
+FUSED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"})
+
+
+def _fusable_head(inner: Any) -> tuple[Any, Any] | None:
+    """(decoder, lm_head) when the head can be computed at the states by `lm_head_stats`."""
+    config = getattr(inner, "config", None)
+    if getattr(config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES:
+        return None
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    get_decoder, get_head = getattr(inner, "get_decoder", None), getattr(inner, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    decoder, head = get_decoder(), get_head()
+    if not isinstance(head, torch.nn.Linear) or decoder is None or decoder is inner:
+        return None
+    if hasattr(head.weight, "ds_id"):  # a ZeRO-3 partitioned weight: only the module's own forward gathers it
+        return None
+    return decoder, head
+
+
+def _accepts(inner: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def packed_token_stats(model: Any, batch: Batch, *, tau: float = 1.0, keep_logits: bool = False,
+                       extras: bool = False) -> TokenStats:
+    """`TokenStats` of a packed batch, with the LM head computed at the response states only.
+
+    For the model types in `FUSED_HEAD_MODEL_TYPES` (and unless `keep_logits`), the
+    decoder's last hidden states at the states go through `lm_head_stats` (chunked rows,
+    no [N, V] logits kept for the backward); otherwise transformers computes the logits at
+    those positions only (`logits_to_keep`), or, for a model whose forward lacks it, everywhere.
+    """
+    if batch.input_ids.shape[0] != 1:
+        raise ValueError(f"a packed batch is one row, got {tuple(batch.input_ids.shape)}")
+    states = response_states(batch.labels)
+    inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    fused = None if keep_logits else _fusable_head(inner)
+    if fused is None:
+        if _accepts(inner, "logits_to_keep"):
+            state_logits = _forward(model, batch, logits_to_keep=states.index).logits[0]
+        else:
+            state_logits = _forward(model, batch).logits[0][states.index]
+        return state_token_stats(state_logits, states, tau=tau, keep_logits=keep_logits, extras=extras)
+    decoder, head = fused
+    captured: list[Tensor] = []
+    hook = decoder.register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+    try:
+        # the model's own head runs on no position (logits_to_keep: an empty index)
+        _forward(model, batch, logits_to_keep=states.index[:0])
+    finally:
+        hook.remove()
+    h = captured[-1][0].index_select(0, states.index)  # [N, H]
+    out = lm_head_stats(h, head.weight, head.bias, states.targets, tau=tau, extras=extras)
+    return TokenStats(logps=out[0], values=out[1], is_last=states.is_last, index=states.index, targets=states.targets,
+                      correct=out[2] if extras else None, entropies=out[3] if extras else None)

@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 
 from irtrain.errors import ReferenceMismatchError, ShardError
-from irtrain.losses import IGNORE_INDEX, response_token_stats, segment_sums
+from irtrain.losses import IGNORE_INDEX, TokenStats, response_token_stats, segment_sums
 from irtrain.shards import ShardSet
 from irtrain.train.batching import Batch, collate
-from irtrain.train.packed import packed_forward
+from irtrain.train.packed import packed_token_stats
 
 FORMAT = "1"
 _ARRAYS = ("token_logps", "row_token_offsets", "seg_logps", "seg_tokens", "row_seg_offsets")
@@ -228,9 +228,9 @@ def sequence_logps(model: Any, shards: ShardSet, *, device: torch.device, token_
             use = rows if rows else [0]  # a filler forward keeps ZeRO-3 ranks in lockstep
             batch = collate([shards.row(i) for i in use]).to(device)
             with autocast() if autocast else contextlib.nullcontext():
-                logits = packed_forward(model, batch)
+                stats = packed_token_stats(model, batch)
             if rows:
-                yield from _split_rows(batch, logits, rows, [int(lengths[i]) for i in rows])
+                yield from _split_rows(batch, stats, rows, [int(lengths[i]) for i in rows])
     finally:
         if was_training:
             model.train()
@@ -239,7 +239,12 @@ def sequence_logps(model: Any, shards: ShardSet, *, device: torch.device, token_
 def batch_token_logps(batch: Batch, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(token logps [N], segment sums [S] f64, segment response-token counts [S]) of a
     packed batch's logits [1, N, V]."""
-    stats = response_token_stats(logits, batch.labels)
+    return segment_logps(batch, response_token_stats(logits, batch.labels))
+
+
+def segment_logps(batch: Batch, stats: TokenStats) -> tuple[Tensor, Tensor, Tensor]:
+    """(token logps [N], segment sums [S] f64, segment response-token counts [S]) of a
+    packed batch's `TokenStats`."""
     seg_of_token = batch.seg_id[stats.index]
     sums = segment_sums(stats.logps.double(), seg_of_token, batch.num_segments)
     counts = torch.zeros(batch.num_segments, dtype=torch.long, device=sums.device).index_add_(
@@ -247,8 +252,8 @@ def batch_token_logps(batch: Batch, logits: Tensor) -> tuple[Tensor, Tensor, Ten
     return stats.logps, sums, counts
 
 
-def _split_rows(batch: Batch, logits: Tensor, rows: list[int], row_lens: list[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    logps, sums, counts = batch_token_logps(batch, logits)
+def _split_rows(batch: Batch, stats: TokenStats, rows: list[int], row_lens: list[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    logps, sums, counts = segment_logps(batch, stats)
     logps, sums, counts = logps.float().cpu().numpy(), sums.cpu().numpy(), counts.cpu().numpy()
     labels = batch.labels[0].cpu().numpy()
     seg_ends = batch.cu_seqlens[1:].cpu().numpy()

@@ -1,0 +1,137 @@
+"""The LM head at the response states (`irtrain.train.head`, `packed_token_stats`):
+the same numbers and gradients as the full logits, a chunk of rows at a time."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from irtrain.losses import ResponseStates, response_token_stats, state_token_stats
+from irtrain.shards import ShardSet
+from irtrain.train.batching import collate
+from irtrain.train.head import chunk_rows_for, lm_head_stats
+from irtrain.train.packed import packed_forward, packed_token_stats
+
+from test_train_common import prepare_task  # noqa: F401
+
+
+def _full(h, w, b, t, tau):
+    """The reference: full logits through `state_token_stats`."""
+    z = h @ w.T + (0 if b is None else b)
+    states = ResponseStates(index=torch.arange(len(t)), targets=t, is_last=torch.zeros(len(t), dtype=torch.bool))
+    return state_token_stats(z, states, tau=tau, extras=True)
+
+
+def test_hand_computed_values():
+    # logits l = h W^T = [1, 0, 0]: logsumexp = log(e + 2), log p(token 0) = 1 - log(e + 2)
+    h = torch.tensor([[1.0, 0.0]])
+    w = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    logps, values, correct, ents = lm_head_stats(h, w, None, torch.tensor([0]), extras=True)
+    lse = math.log(math.e + 2)
+    assert logps.item() == pytest.approx(1 - lse, abs=1e-6)
+    assert values.item() == pytest.approx(lse, abs=1e-6)
+    assert bool(correct.item())
+    p = [math.e / (math.e + 2), 1 / (math.e + 2), 1 / (math.e + 2)]
+    assert ents.item() == pytest.approx(-sum(q * math.log(q) for q in p), abs=1e-6)
+    # tau = 0.5: V = 0.5 * logsumexp(2 l) = 0.5 * log(e^2 + 2)
+    _, v_half = lm_head_stats(h, w, None, torch.tensor([1]), tau=0.5)
+    assert v_half.item() == pytest.approx(0.5 * math.log(math.e**2 + 2), abs=1e-6)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradcheck_over_chunks(tau, bias):
+    """Analytic gradient (the custom backward) against finite differences, float64, with
+    several chunks (chunk_rows 3 over 7 states), both outputs weighted."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
+    t = torch.randint(0, 11, (7,), generator=g)
+
+    def fn(h, w, *rest):
+        logps, values = lm_head_stats(h, w, rest[0] if rest else None, t, tau=tau, chunk_rows=3)
+        return logps, values
+
+    assert torch.autograd.gradcheck(fn, (h, w, *([b] if bias else [])), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_equals_full_logits_values_and_grads(tau):
+    g = torch.Generator().manual_seed(1)
+    h0 = torch.randn(40, 16, generator=g)
+    w0 = torch.randn(300, 16, generator=g) * 0.3
+    b0 = torch.randn(300, generator=g) * 0.1
+    t = torch.randint(0, 300, (40,), generator=g)
+    up_lp, up_v = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    grads = []
+    for path in ("full", "head"):
+        h, w, b = (x.clone().requires_grad_() for x in (h0, w0, b0))
+        if path == "full":
+            st = _full(h, w, b, t, tau)
+            out = (st.logps, st.values, st.correct, st.entropies)
+        else:
+            out = lm_head_stats(h, w, b, t, tau=tau, extras=True, chunk_rows=7)
+        (out[0] * up_lp + out[1] * up_v).sum().backward()
+        grads.append((out, h.grad, w.grad, b.grad))
+    (a, *ga), (c, *gc) = grads
+    for x, y in zip(a, c):
+        if x.dtype == torch.bool:
+            assert torch.equal(x, y)
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    for x, y in zip(ga, gc):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_no_states_and_bad_shapes():
+    w = torch.randn(5, 3, requires_grad=True)
+    logps, values = lm_head_stats(torch.zeros(0, 3, requires_grad=True), w, None, torch.zeros(0, dtype=torch.long))
+    assert logps.shape == values.shape == (0,)
+    (logps.sum() + values.sum()).backward()
+    assert torch.count_nonzero(w.grad) == 0
+    with pytest.raises(ValueError, match="lm_head_stats"):
+        lm_head_stats(torch.zeros(2, 4), w, None, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="tau"):
+        lm_head_stats(torch.zeros(2, 3), w, None, torch.zeros(2, dtype=torch.long), tau=0.0)
+    assert chunk_rows_for(128_256) == 130 and chunk_rows_for(10) >= 1
+
+
+@pytest.fixture(scope="module")
+def packed_batch(tiny_model_dir, tmp_path_factory):
+    shards = prepare_task(tmp_path_factory.mktemp("head"), tiny_model_dir, n_sft=24, n_heldout=4, seed=3, max_len=128)
+    ss = ShardSet(shards["sft"])
+    return collate([ss.row(0), ss.row(1)])
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.8])
+def test_packed_token_stats_equals_full_forward(tiny_model_dir, packed_batch, tau):
+    """On the tiny Llama: the fused head (decoder's hidden states at the states), and
+    transformers' `logits_to_keep` path (keep_logits=True), both equal the full forward's
+    stats, and give the same parameter gradients."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    batch = packed_batch
+    results = {}
+    for path in ("full", "fused", "keep"):
+        model.zero_grad()
+        if path == "full":
+            st = response_token_stats(packed_forward(model, batch), batch.labels, tau=tau, extras=True)
+        else:
+            st = packed_token_stats(model, batch, tau=tau, keep_logits=path == "keep", extras=True)
+        (st.logps.sum() + 0.3 * st.values.sum()).backward()
+        results[path] = (st, {n: p.grad.clone() for n, p in model.named_parameters()})
+    full, _ = results["full"]
+    assert full.logps.numel() > 50
+    for path in ("fused", "keep"):
+        st, grads = results[path]
+        assert torch.equal(st.index, full.index) and torch.equal(st.targets, full.targets) and torch.equal(st.is_last, full.is_last)
+        torch.testing.assert_close(st.logps, full.logps, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(st.values, full.values, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(st.entropies, full.entropies, rtol=1e-5, atol=1e-5)
+        assert torch.equal(st.correct, full.correct)
+        for n, gr in results["full"][1].items():
+            torch.testing.assert_close(grads[n], gr, rtol=1e-4, atol=1e-6, msg=f"{path}: {n}")
+    assert results["fused"][0].logits is None and results["keep"][0].logits.shape == (full.logps.numel(), model.config.vocab_size)
