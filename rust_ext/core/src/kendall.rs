@@ -3,21 +3,22 @@
 //! `scipy.stats.kendalltau(x, y, method="asymptotic")` (FORMULAS.md, "Value ranking").
 //!
 //! τ_b = (n_c − n_d) / sqrt((n_0 − n_1)(n_0 − n_2)), n_0 = n(n−1)/2, n_1 and n_2 the
-//! pairs tied in x and in y. Three ways to the same counts, by input:
+//! pairs tied in x and in y. Two ways to the same counts, by input:
 //! - **few distinct values in both** (≤ `SMALL_DISTINCT` each, ≤ `TABLE_MAX` cells):
 //!   dense ranks from a small hash table (no sort), one pass into a contingency table
 //!   (per thread), then every count from the table in O(m_x·m_y).
-//! - **one pair, otherwise** (Knight): sort the (x, y) pairs, count ties in x and joint
-//!   ties from runs; the discordant pairs are the strict inversions of the y sequence,
-//!   counted by a merge sort (halves in parallel, branch-free two-ended merges) that also
-//!   leaves y sorted for its ties. No random memory access, which is what costs most on
-//!   large inputs.
-//! - **a matrix** (rows are variables): each row is ranked once (dense ranks, its rank
-//!   order). A pair lays y's ranks out in x's rank order, sorts them within groups of tied
-//!   x (those pairs are not discordant), makes them unique in order of appearance (tied y
-//!   are not discordant either), and counts the inversions of that permutation by binary
-//!   MSD radix partitions: ⌈log₂ n⌉ branch-free linear passes, groups in parallel. Pairs
-//!   run in parallel (rayon).
+//! - **otherwise, through ranks** (one pair: both variables at once; a matrix, whose rows
+//!   are variables: each row once). A variable is ranked by sorting `coarse << 32 | index`
+//!   records with an LSD radix sort (the 32-bit coarse key is a monotone, linear map of
+//!   the value), then putting each run of equal coarse keys in exact order by value;
+//!   that gives dense ranks, the rank order and the tie counts. A pair lays y's ranks out
+//!   in x's rank order, sorts them within groups of tied x (those pairs are not
+//!   discordant), makes them unique in order of appearance (tied y are not discordant
+//!   either), and counts the inversions of that permutation by binary MSD radix
+//!   partitions, depth first (a group stays in cache until done), 16 values at a time
+//!   with AVX-512 where the CPU has it (branch-free scalar code otherwise), small groups
+//!   in one pass over a bitmap. Large groups, the two variables of a pair and the pairs
+//!   of a matrix run in parallel (rayon).
 //!
 //! Edge cases, as scipy: fewer than two observations or a constant variable give
 //! (NaN, NaN); a NaN anywhere gives (NaN, NaN) (scipy's default `nan_policy="propagate"`);
@@ -47,8 +48,6 @@ const SMALL_DISTINCT: usize = 1 << 10;
 const TABLE_MAX: usize = 1 << 18;
 /// Work below this many observations is not split across threads.
 const PAR_CUTOFF: usize = 1 << 15;
-/// Runs of this length are insertion-sorted before merging.
-const RUN: usize = 24;
 
 /// τ-b and p-value of two equally long samples.
 pub fn kendall_tau(x: &[f64], y: &[f64]) -> Result<KendallTau> {
@@ -75,8 +74,13 @@ pub fn kendall_tau(x: &[f64], y: &[f64]) -> Result<KendallTau> {
             return Ok(finish(x.len(), a.ties(), b.ties(), c));
         }
     }
-    let (xt, yt, c) = knight_counts(x, y);
-    Ok(finish(x.len(), xt, yt, c))
+    let rank = |s: Option<SmallRanks>, v: &[f64]| s.map_or_else(|| Ranked::sorted(v), Ranked::from_small);
+    let (a, b) = if x.len() > PAR_CUTOFF {
+        rayon::join(|| rank(sx, x), || rank(sy, y))
+    } else {
+        (rank(sx, x), rank(sy, y))
+    };
+    Ok(finish(x.len(), a.ties, b.ties, ranked_counts(&a, &b)))
 }
 
 /// τ-b and p-value for every pair of rows of a row-major `[n_vars, n_obs]` matrix
@@ -316,52 +320,7 @@ fn table_counts(ra: &[u32], ma: usize, rb: &[u32], mb: usize) -> PairCounts {
     PairCounts { discordant, joint_ties }
 }
 
-// ------------------------------------------------------------------ Knight, one pair
-
-/// Ties in x, ties in y, and the pair counts, by sorting the (x, y) pairs.
-fn knight_counts(x: &[f64], y: &[f64]) -> (Ties, Ties, PairCounts) {
-    let mut pairs: Vec<(u64, u64)> = x.iter().zip(y).map(|(&a, &b)| (order_key(a), order_key(b))).collect();
-    // Sort by x alone (one-word compares), then by y within runs of equal x.
-    if pairs.len() > PAR_CUTOFF {
-        pairs.par_sort_unstable_by_key(|p| p.0);
-    } else {
-        pairs.sort_unstable_by_key(|p| p.0);
-    }
-    let mut start = 0;
-    while start < pairs.len() {
-        let x0 = pairs[start].0;
-        let end = start + pairs[start..].iter().position(|p| p.0 != x0).unwrap_or(pairs.len() - start);
-        if end - start > 1 {
-            pairs[start..end].sort_unstable_by_key(|p| p.1);
-        }
-        start = end;
-    }
-    let (mut xt, mut joint) = (Ties::default(), Ties::default());
-    let (mut xrun, mut jrun) = (0u64, 0u64);
-    for k in 0..pairs.len() {
-        if k > 0 && pairs[k].0 != pairs[k - 1].0 {
-            xt.add_group(xrun);
-            joint.add_group(jrun);
-            (xrun, jrun) = (0, 0);
-        } else if k > 0 && pairs[k].1 != pairs[k - 1].1 {
-            joint.add_group(jrun);
-            jrun = 0;
-        }
-        xrun += 1;
-        jrun += 1;
-    }
-    if !pairs.is_empty() {
-        xt.add_group(xrun);
-        joint.add_group(jrun);
-    }
-    let mut ys: Vec<u64> = pairs.iter().map(|p| p.1).collect();
-    drop(pairs);
-    let discordant = inversions(&mut ys);
-    let yt = Ties::of_sorted(&ys);
-    (xt, yt, PairCounts { discordant, joint_ties: joint.pairs })
-}
-
-// ------------------------------------------------------------------ a matrix: ranks and a pair
+// ------------------------------------------------------------------ ranks
 
 /// One variable ranked: dense ranks, the observations in rank order, and ties.
 struct Ranked {
@@ -393,33 +352,60 @@ impl Ranked {
         Ranked { ties: s.ties(), ranks: s.ranks, starts, order: OnceLock::new() }
     }
 
-    /// By sorting (key, index) pairs: any number of distinct values.
+    /// By sorting: any number of distinct values. The observations are sorted by a
+    /// coarse 32-bit key (`coarse_sort`), then each run of equal coarse keys (values
+    /// closer than the key's resolution, or equal) is put in exact order by value.
     fn sorted(values: &[f64]) -> Ranked {
         let n = values.len();
-        let mut keyed: Vec<(u64, u32)> = values.par_iter().enumerate().map(|(i, &v)| (order_key(v), i as u32)).collect();
-        if n > PAR_CUTOFF {
-            keyed.par_sort_unstable();
-        } else {
-            keyed.sort_unstable();
-        }
+        let packed = coarse_sort(values);
+        let mut order = Vec::with_capacity(n);
         let mut ranks = vec![0u32; n];
         let mut starts = Vec::new();
         let mut ties = Ties::default();
-        for k in 0..n {
-            if k == 0 || keyed[k].0 != keyed[k - 1].0 {
-                if k > 0 {
-                    ties.add_group((k - *starts.last().unwrap_or(&0) as usize) as u64);
-                }
-                starts.push(k as u32);
+        let mut run: Vec<(u64, u32)> = Vec::new();
+        let mut k = 0;
+        while k < n {
+            let coarse = packed[k] >> 32;
+            let mut end = k + 1;
+            while end < n && packed[end] >> 32 == coarse {
+                end += 1;
             }
-            ranks[keyed[k].1 as usize] = (starts.len() - 1) as u32;
+            if end == k + 1 {
+                // a coarse key of its own: a value of its own
+                let i = packed[k] as u32;
+                let at = order.len() as u32;
+                if let Some(&last) = starts.last() {
+                    ties.add_group(u64::from(at - last));
+                }
+                starts.push(at);
+                ranks[i as usize] = (starts.len() - 1) as u32;
+                order.push(i);
+                k = end;
+                continue;
+            }
+            run.clear();
+            run.extend(packed[k..end].iter().map(|&p| (order_key(values[p as u32 as usize]), p as u32)));
+            if !run.is_sorted() {
+                run.sort_unstable(); // by value, then index
+            }
+            for (j, &(key, i)) in run.iter().enumerate() {
+                if j == 0 || key != run[j - 1].0 {
+                    let at = order.len() as u32;
+                    if let Some(&last) = starts.last() {
+                        ties.add_group(u64::from(at - last));
+                    }
+                    starts.push(at);
+                }
+                ranks[i as usize] = (starts.len() - 1) as u32;
+                order.push(i);
+            }
+            k = end;
         }
         if n > 0 {
             ties.add_group((n - *starts.last().unwrap_or(&0) as usize) as u64);
         }
         starts.push(n as u32);
-        let order = OnceLock::from(keyed.into_par_iter().map(|p| p.1).collect::<Vec<u32>>());
-        Ranked { ranks, starts, ties, order }
+        Ranked { ranks, starts, ties, order: OnceLock::from(order) }
     }
 
     fn distinct(&self) -> usize {
@@ -440,7 +426,79 @@ impl Ranked {
     }
 }
 
-/// Pair counts of two ranked rows.
+/// Bits per digit of the radix sort: 256 buckets, whose write positions stay in L1.
+const DIGIT_BITS: u32 = 8;
+const DIGITS: usize = (u32::BITS / DIGIT_BITS) as usize;
+
+/// `coarse << 32 | index` for every observation, sorted (so by coarse key, then index).
+/// The coarse key is a non-decreasing function of the value: −∞ → 0, +∞ → 2³²−1, finite
+/// values linearly onto [1, 2³²−2] between the finite minimum and maximum (every step a
+/// correctly rounded, so monotone, float operation). Equal values get equal keys, close
+/// values may share one. Sorted by a stable LSD radix sort of 8-byte records on the key
+/// (four passes of 8 bits, one pass making all histograms, a digit on which all keys
+/// agree skipped), which keeps index order within a key. (An MSD radix sort, buckets
+/// finished in cache, measured slower here: too many small buckets.)
+fn coarse_sort(values: &[f64]) -> Vec<u64> {
+    let n = values.len();
+    let (lo, hi) = values
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+    const TOP: f64 = (u32::MAX - 2) as f64;
+    // halves: hi − lo may overflow, hi/2 − lo/2 does not
+    let scale = if hi > lo { TOP / (hi * 0.5 - lo * 0.5) } else { 0.0 };
+    let coarse = |v: f64| -> u32 {
+        if v.is_finite() {
+            // NaN (0·∞ from a huge scale) → TOP by `min`: still one key for the lot
+            ((v * 0.5 - lo * 0.5) * scale).min(TOP) as u32 + 1
+        } else if v > 0.0 {
+            u32::MAX
+        } else {
+            0
+        }
+    };
+    let mut hist = [[0u32; 1 << DIGIT_BITS]; DIGITS];
+    let mut records: Vec<u64> = values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let c = coarse(v);
+            for (d, h) in hist.iter_mut().enumerate() {
+                h[digit(c, d)] += 1;
+            }
+            u64::from(c) << 32 | i as u64
+        })
+        .collect();
+    let mut buf = vec![0u64; n];
+    for (d, h) in hist.iter().enumerate() {
+        if h.iter().any(|&c| c as usize == n) {
+            continue;
+        }
+        let mut next = [0u32; 1 << DIGIT_BITS];
+        let mut acc = 0u32;
+        for (s, &c) in next.iter_mut().zip(h) {
+            *s = acc;
+            acc += c;
+        }
+        for &r in &records {
+            let b = digit((r >> 32) as u32, d);
+            let at = next[b] as usize; // < n: the histogram counted this key
+            next[b] += 1;
+            buf[at] = r;
+        }
+        std::mem::swap(&mut records, &mut buf);
+    }
+    records
+}
+
+#[inline(always)]
+fn digit(k: u32, d: usize) -> usize {
+    ((k >> (d as u32 * DIGIT_BITS)) & ((1 << DIGIT_BITS) - 1)) as usize
+}
+
+// ------------------------------------------------------------------ a pair from ranks
+
+/// Pair counts of two ranked variables.
 fn ranked_counts(x: &Ranked, y: &Ranked) -> PairCounts {
     if std::ptr::eq(x, y) {
         return PairCounts { discordant: 0, joint_ties: x.ties.pairs };
@@ -450,7 +508,12 @@ fn ranked_counts(x: &Ranked, y: &Ranked) -> PairCounts {
     }
     // Both counts are symmetric in (x, y): lay out along the one with fewer ties.
     let (a, b) = if x.ties.pairs <= y.ties.pairs { (x, y) } else { (y, x) };
-    let mut seq: Vec<u32> = a.order().par_iter().map(|&i| b.ranks[i as usize]).collect();
+    let order = a.order();
+    let mut seq: Vec<u32> = if order.len() > PAR_CUTOFF {
+        order.par_iter().map(|&i| b.ranks[i as usize]).collect()
+    } else {
+        order.iter().map(|&i| b.ranks[i as usize]).collect()
+    };
     let mut joint_ties = 0u64;
     if a.ties.pairs > 0 {
         for g in a.starts.windows(2) {
@@ -475,150 +538,194 @@ fn ranked_counts(x: &Ranked, y: &Ranked) -> PairCounts {
 
 // ------------------------------------------------------------------ inversions
 
-/// Strict inversions #{i < j : s[i] > s[j]}, by merge sort; sorts `s`.
-fn inversions<T: Copy + Ord + Send + Sync>(s: &mut [T]) -> u64 {
-    let mut buf = s.to_vec();
-    sort_count(s, &mut buf, false)
+/// The partition kernels: AVX-512 where the CPU has it, else portable scalar code.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kernel {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
-/// Sorts `v` (using `buf` as scratch, both the same length) and leaves the sorted
-/// result in `buf` if `into_buf`, else in `v`; returns the inversions of `v`.
-fn sort_count<T: Copy + Ord + Send + Sync>(v: &mut [T], buf: &mut [T], into_buf: bool) -> u64 {
-    let n = v.len();
-    if n <= RUN {
-        let inv = insertion_sort_count(v);
-        if into_buf {
-            buf.copy_from_slice(v);
+impl Kernel {
+    fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("popcnt") {
+            return Kernel::Avx512;
         }
-        return inv;
+        Kernel::Scalar
     }
-    let mid = n / 2;
-    let (vl, vr) = v.split_at_mut(mid);
-    let (bl, br) = buf.split_at_mut(mid);
-    // The halves land in the other slice, then merge into the wanted one.
-    let (a, b) = if n > PAR_CUTOFF {
-        rayon::join(|| sort_count(vl, bl, !into_buf), || sort_count(vr, br, !into_buf))
-    } else {
-        (sort_count(vl, bl, !into_buf), sort_count(vr, br, !into_buf))
-    };
-    let c = if into_buf { merge_count(v, mid, buf) } else { merge_count(buf, mid, v) };
-    a + b + c
+
+    /// Groups of at most 2^this many values are counted by `blocked_inversions`: with
+    /// scalar partitions (~3 cycles per value and bit) early, with vector ones (a small
+    /// fraction of that) only at one 64-bit word.
+    fn blocked_bits(self) -> u32 {
+        match self {
+            Kernel::Scalar => BLOCKED_BITS,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512 => 6,
+        }
+    }
 }
 
-fn insertion_sort_count<T: Copy + Ord>(v: &mut [T]) -> u64 {
-    let mut inv = 0u64;
-    for i in 1..v.len() {
-        let x = v[i];
-        let mut j = i;
-        while j > 0 && v[j - 1] > x {
-            v[j] = v[j - 1];
-            j -= 1;
-        }
-        inv += (i - j) as u64;
-        v[j] = x;
-    }
-    inv
+/// At most this many bits of values per `blocked_inversions` call (its bitmap's size).
+const BLOCKED_BITS: u32 = 12;
+
+/// Inversions #{i < j : p[i] > p[j]} of a permutation `p` of 0..n.
+fn permutation_inversions(p: Vec<u32>) -> u64 {
+    permutation_inversions_with(p, Kernel::detect())
 }
 
-/// Merge the sorted `src[..mid]` and `src[mid..]` into `out` (same length), returning
-/// #{(l, r) : l > r}. Merges from both ends at once (two independent dependency chains,
-/// branch-free): the front counts, for each r it takes, the l's it has not taken; the
-/// back counts, for each r it takes, the l's it has taken (all greater than that r).
-/// Where one side's remaining run is empty, the other end's element it reads compares
-/// so that the right side is taken, so no extra checks are needed.
-fn merge_count<T: Copy + Ord>(src: &[T], mid: usize, out: &mut [T]) -> u64 {
-    let (l, r) = src.split_at(mid);
-    let (nl, nr) = (l.len(), r.len());
-    assert_eq!(out.len(), nl + nr);
-    if nl == 0 || nr == 0 || l[nl - 1] <= r[0] {
-        out.copy_from_slice(src); // already in order: no inversions across
-        return 0;
-    }
-    let (mut i, mut j) = (0usize, 0usize); // front: next l, next r
-    let (mut li, mut rj) = (nl, nr); // back: one past the last l, r not taken by the back
-    let mut inv = 0u64;
-    let mut back_l = 0u64;
-    while i < nl && j < nr && li > 0 && rj > 0 && i + j + 2 <= li + rj {
-        // SAFETY: i < nl, j < nr, li − 1 < nl, rj − 1 < nr, and the two output slots
-        // i + j < li + rj − 1 are distinct and inside out (len nl + nr).
-        unsafe {
-            let (a, b) = (*l.get_unchecked(i), *r.get_unchecked(j));
-            let take_r = (b < a) as usize; // ties: l first
-            *out.get_unchecked_mut(i + j) = if b < a { b } else { a };
-            inv += (take_r * (nl - i)) as u64;
-            j += take_r;
-            i += 1 - take_r;
-            let (a, b) = (*l.get_unchecked(li - 1), *r.get_unchecked(rj - 1));
-            let take_l = (a > b) as usize; // ties: r last
-            *out.get_unchecked_mut(li + rj - 1) = if a > b { a } else { b };
-            inv += back_l * (1 - take_l) as u64;
-            back_l += take_l as u64;
-            li -= take_l;
-            rj -= 1 - take_l;
-        }
-    }
-    // What is left in the middle, from the front.
-    while i < li && j < rj {
-        if r[j] < l[i] {
-            out[i + j] = r[j];
-            inv += (nl - i) as u64;
-            j += 1;
-        } else {
-            out[i + j] = l[i];
-            i += 1;
-        }
-    }
-    out[i + j..li + j].copy_from_slice(&l[i..li]);
-    let i = li;
-    for k in j..rj {
-        out[i + k] = r[k];
-        inv += (nl - i) as u64;
-    }
-    inv
-}
-
-/// Inversions #{i < j : p[i] > p[j]} of a permutation `p` of 0..n, by binary MSD radix
-/// partitions. Invariant: before the pass on bit b, positions [g·2^(b+1), (g+1)·2^(b+1))
-/// hold exactly the values of that range (a permutation), so a group's halves have known
-/// places; each value with bit b clear is passed over by every earlier value with the bit
-/// set. Each pass is branch-free and linear; the groups of a pass run in parallel.
-fn permutation_inversions(mut src: Vec<u32>) -> u64 {
-    let n = src.len();
+fn permutation_inversions_with(mut p: Vec<u32>, kernel: Kernel) -> u64 {
+    let n = p.len();
     if n < 2 {
         return 0;
     }
-    let mut dst = vec![0u32; n];
-    let top = u32::BITS - ((n - 1) as u32).leading_zeros();
+    let mut scratch = vec![0u32; n];
+    let bits = u32::BITS - ((n - 1) as u32).leading_zeros();
+    msd_inversions(&mut p, &mut scratch, bits, kernel)
+}
+
+/// Inversions of `src`, which holds a permutation of [base, base + len) with `base` a
+/// multiple of 2^`bits` and len ≤ 2^`bits` (so the values differ in the low `bits` bits
+/// only); `scratch` is as long, its content ignored; `src` is left in any order.
+///
+/// Binary MSD radix partitions, depth first: the values with the top bit clear go,
+/// stably, to the front of `scratch` (exactly 2^(bits−1) of them: their places are
+/// known), the others to the back; every pair (set, clear) in that order is an inversion
+/// across the halves, counted in the same pass; then each half, whose values are again
+/// such a range, recursively (in parallel when large). Once a group fits in cache it
+/// stays there until it is done; small groups finish in one `blocked_inversions` pass.
+fn msd_inversions(src: &mut [u32], scratch: &mut [u32], mut bits: u32, kernel: Kernel) -> u64 {
+    let len = src.len();
+    debug_assert!(len == scratch.len() && len <= 1 << bits);
+    loop {
+        if bits <= kernel.blocked_bits() {
+            return blocked_inversions(src, bits);
+        }
+        if len > 1 << (bits - 1) {
+            break;
+        }
+        bits -= 1; // every value has the top bit clear: nothing to partition
+    }
+    let bit = bits - 1;
+    let inv = match kernel {
+        Kernel::Scalar => partition_count(src, scratch, bit),
+        // SAFETY: `Kernel::detect` found AVX-512F and POPCNT on this CPU.
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512 => unsafe { partition_count_avx512(src, scratch, bit) },
+    };
+    let (lo, hi) = scratch.split_at_mut(1 << bit);
+    let (lo_scratch, hi_scratch) = src.split_at_mut(1 << bit);
+    let (a, b) = if len > PAR_CUTOFF {
+        rayon::join(|| msd_inversions(lo, lo_scratch, bit, kernel), || msd_inversions(hi, hi_scratch, bit, kernel))
+    } else {
+        (msd_inversions(lo, lo_scratch, bit, kernel), msd_inversions(hi, hi_scratch, bit, kernel))
+    };
+    inv + a + b
+}
+
+/// Values with `bit` clear to the front of `dst`, those with it set to the back from
+/// position 2^bit (both stable; `src` holds exactly 2^bit values with the bit clear),
+/// returning the pairs (set before clear). Branch-free.
+fn partition_count(src: &[u32], dst: &mut [u32], bit: u32) -> u64 {
+    assert_eq!(src.len(), dst.len());
+    partition_tail(src, dst, bit, 0, 0)
+}
+
+/// `partition_count` from position `start` of `src` on, `set` values with the bit set
+/// having come before it.
+fn partition_tail(src: &[u32], dst: &mut [u32], bit: u32, start: usize, mut set: usize) -> u64 {
+    let half = 1usize << bit;
     let mut inv = 0u64;
-    for bit in (0..top).rev() {
-        let group = 2usize << bit;
-        let chunk = group.max(PAR_CUTOFF); // a multiple of `group`: whole groups per task
-        inv += src
-            .par_chunks(chunk)
-            .zip(dst.par_chunks_mut(chunk))
-            .map(|(s, d)| s.chunks(group).zip(d.chunks_mut(group)).map(|(s, d)| partition_count(s, d, bit)).sum::<u64>())
-            .sum::<u64>();
-        std::mem::swap(&mut src, &mut dst);
+    for (i, &v) in src.iter().enumerate().skip(start) {
+        let b = ((v >> bit) & 1) as usize;
+        // i − set: the clear values before this one, half + set: the set ones.
+        let at = if b == 1 { half + set } else { i - set };
+        dst[at] = v;
+        // a clear value is passed over by every set value before it
+        inv += (set & b.wrapping_sub(1)) as u64;
+        set += b;
     }
     inv
 }
 
-/// One group: values with `bit` clear to the front of `dst`, set to the back (stable),
-/// returning the pairs (set before clear).
-fn partition_count(src: &[u32], dst: &mut [u32], bit: u32) -> u64 {
-    assert_eq!(src.len(), dst.len());
-    let (mut lo, mut hi) = (0usize, (1usize << bit).min(src.len()));
-    let (mut set_seen, mut inv) = (0u64, 0u64);
+/// `partition_count` 16 values at a time: a mask of the values with the bit set, each
+/// side compressed (`vpcompressd`) and written with a masked store at its cursor. The
+/// pairs (set, clear) within a vector of 16: for its c clear lanes at lane indices j,
+/// Σ j − c(c−1)/2 (each clear lane's set lanes before it); Σ j from four popcounts.
+///
+/// # Safety
+/// The CPU must have AVX-512F and POPCNT.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,popcnt")]
+unsafe fn partition_count_avx512(src: &[u32], dst: &mut [u32], bit: u32) -> u64 {
+    use std::arch::x86_64::*;
+    let n = src.len();
+    assert_eq!(n, dst.len());
+    let half = 1usize << bit;
+    assert!(half <= n);
+    let probe = _mm512_set1_epi32(1 << bit);
+    let (mut lo, mut hi) = (0usize, half); // next clear, next set slot
+    let mut inv = 0u64;
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 ≤ n = src.len(): 16 values to read.
+        let v = unsafe { _mm512_loadu_si512(src.as_ptr().add(i).cast()) };
+        let set: __mmask16 = _mm512_test_epi32_mask(v, probe);
+        let clear = !set;
+        let c = clear.count_ones() as usize;
+        // A bad input (not 2^bit clear values) must not write out of bounds.
+        assert!(lo + c <= half && hi + (16 - c) <= n, "partition_count_avx512: not a permutation");
+        let lane_sum = (clear & 0xAAAA).count_ones()
+            + 2 * (clear & 0xCCCC).count_ones()
+            + 4 * (clear & 0xF0F0).count_ones()
+            + 8 * (clear & 0xFF00).count_ones();
+        inv += (c * (hi - half)) as u64 + u64::from(lane_sum) - (c * c.saturating_sub(1) / 2) as u64;
+        // SAFETY: the masked stores write c lanes at dst[lo..lo + c] (lo + c ≤ half ≤ n)
+        // and 16 − c lanes at dst[hi..hi + 16 − c] (≤ n), checked above; masked-off
+        // lanes are neither written nor faulted.
+        unsafe {
+            let to_lo = _mm512_maskz_compress_epi32(clear, v);
+            let to_hi = _mm512_maskz_compress_epi32(set, v);
+            _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(lo).cast(), ((1u32 << c) - 1) as __mmask16, to_lo);
+            _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(hi).cast(), ((1u32 << (16 - c)) - 1) as __mmask16, to_hi);
+        }
+        lo += c;
+        hi += 16 - c;
+        i += 16;
+    }
+    inv + partition_tail(src, dst, bit, i, hi - half)
+}
+
+/// Inversions of a permutation of [base, base + len), base a multiple of 2^`bits`,
+/// `bits` ≤ `BLOCKED_BITS`, in one pass: the values seen so far are a bitmap of 64-bit
+/// words; a value v is passed over by the seen values above it in its own word (one
+/// popcount) and by all values seen in higher words, kept per word in `above`, which
+/// each value increments below its word (a short vector add).
+fn blocked_inversions(src: &[u32], bits: u32) -> u64 {
+    const WORDS: usize = 1 << (BLOCKED_BITS - 6);
+    let mask = (1u32 << bits) - 1;
+    let mut inv = 0u64;
+    if bits <= 6 {
+        let mut seen = 0u64;
+        for &v in src {
+            let r = v & mask;
+            inv += u64::from(((seen >> r) >> 1).count_ones());
+            seen |= 1 << r;
+        }
+        return inv;
+    }
+    let mut seen = [0u64; WORDS];
+    // above[w]: values seen in words > w (< 2^BLOCKED_BITS)
+    let mut above = [0u16; WORDS];
     for &v in src {
-        let b = ((v >> bit) & 1) as usize;
-        let at = if b == 1 { hi } else { lo };
-        // `at` < dst.len(): the group holds exactly 1 << bit values with the bit clear (or
-        // all of its values, in the last group), the rest with it set.
-        dst[at] = v;
-        lo += 1 - b;
-        hi += b;
-        inv += set_seen * (1 - b) as u64;
-        set_seen += b as u64;
+        let l = (v & mask) as usize;
+        let (w, r) = (l >> 6, l & 63);
+        inv += u64::from(above[w]) + u64::from(((seen[w] >> r) >> 1).count_ones());
+        seen[w] |= 1 << r;
+        for (j, a) in above.iter_mut().enumerate() {
+            *a += u16::from(j < w);
+        }
     }
     inv
 }
@@ -779,8 +886,8 @@ mod tests {
     fn kendall_matches_brute_force_random_with_and_without_ties() {
         let mut rng = Rng(0x1234_5678_9abc_def1);
         for n in [0usize, 1, 2, 3, 4, 5, 7, 10, 25, 33, 64, 100, 257, 1500] {
-            // (0, 0): Knight; small levels both: contingency table;
-            // 2000 levels (> SMALL_DISTINCT) with a small one: Knight with ties
+            // (0, 0): ranks; small levels both: contingency table;
+            // 2000 levels (> SMALL_DISTINCT) with a small one: ranks with ties
             for (lx, ly) in [(0, 0), (2, 2), (3, 10), (50, 50), (0, 3), (2000, 4), (2000, 2000), (1, 5)] {
                 let (x, y) = sample(&mut rng, n, lx, ly);
                 let want = brute(&x, &y);
@@ -837,27 +944,40 @@ mod tests {
     }
 
     #[test]
-    fn kendall_merge_sort_counts_strict_inversions() {
+    fn kendall_ranked_sorted_matches_a_comparison_sort() {
         let mut rng = Rng(42);
-        for n in [0usize, 1, 2, 23, 24, 25, 100, 1000, 2 * PAR_CUTOFF + 5] {
-            for m in [1u64, 2, 7, 2000, u64::MAX] {
-                let s: Vec<u64> = (0..n).map(|_| rng.next() % m).collect();
-                let mut sorted = s.clone();
-                let got = inversions(&mut sorted);
-                assert!(sorted.windows(2).all(|w| w[0] <= w[1]));
-                if n <= 1000 {
-                    let want: u64 = (0..n).map(|i| (i + 1..n).filter(|&j| s[i] > s[j]).count() as u64).sum();
-                    assert_eq!(got, want, "n={n} m={m}");
-                } else {
-                    // the same count through unique ranks and the radix counter
-                    let mut idx: Vec<usize> = (0..n).collect();
-                    idx.sort_by_key(|&i| (s[i], i));
-                    let mut p = vec![0u32; n];
-                    for (r, &i) in idx.iter().enumerate() {
-                        p[i] = r as u32;
+        let special = [0.0, -0.0, f64::INFINITY, f64::NEG_INFINITY, 1e308, -1e308, 5e-324, -5e-324, 1.0, 1.0 + f64::EPSILON];
+        for n in [0usize, 1, 2, 3, 17, 100, 1000, 70_000] {
+            for kind in 0..7 {
+                let v: Vec<f64> = (0..n)
+                    .map(|_| match kind {
+                        0 => rng.unit(),                                  // continuous
+                        1 => rng.below(3000),                             // ties
+                        2 => special[(rng.next() % special.len() as u64) as usize],
+                        3 => 1.0 + rng.below(64) * f64::EPSILON,          // below the coarse resolution
+                        4 => rng.unit() * 1e300 * if rng.next().is_multiple_of(2) { 1.0 } else { 1e-300 }, // huge spread
+                        5 => f64::from_bits(rng.next() & !(0x7ff << 52) | (rng.next() % 2046 + 1) << 52), // any finite
+                        _ => if rng.next().is_multiple_of(100) { f64::INFINITY } else { rng.unit() },
+                    })
+                    .collect();
+                let mut want: Vec<(u64, u32)> = v.iter().enumerate().map(|(i, &x)| (order_key(x), i as u32)).collect();
+                want.sort();
+                let r = Ranked::sorted(&v);
+                let order = r.order.get().unwrap();
+                assert_eq!(order, &want.iter().map(|p| p.1).collect::<Vec<_>>(), "n={n} kind={kind}");
+                let mut rank = 0u32;
+                let mut starts = vec![];
+                for (k, &(key, i)) in want.iter().enumerate() {
+                    if k == 0 || key != want[k - 1].0 {
+                        starts.push(k as u32);
+                        rank = starts.len() as u32 - 1;
                     }
-                    assert_eq!(got, permutation_inversions(p), "n={n} m={m}");
+                    assert_eq!(r.ranks[i as usize], rank, "n={n} kind={kind}");
                 }
+                starts.push(n as u32);
+                assert_eq!(r.starts, starts, "n={n} kind={kind}");
+                let keys: Vec<u64> = want.iter().map(|p| p.0).collect();
+                assert_eq!(r.ties, Ties::of_sorted(&keys), "n={n} kind={kind}");
             }
         }
     }
@@ -893,6 +1013,7 @@ mod tests {
                 inv
             };
             assert_eq!(permutation_inversions(p.clone()), want, "n={n}");
+            assert_eq!(permutation_inversions_with(p.clone(), Kernel::Scalar), want, "scalar n={n}");
             let sorted: Vec<u32> = (0..n as u32).collect();
             assert_eq!(permutation_inversions(sorted.clone()), 0);
             let rev: Vec<u32> = sorted.into_iter().rev().collect();
@@ -963,3 +1084,4 @@ mod tests {
         assert!((erfc(-1.0) - (2.0 - 0.15729920705028516)).abs() < 1e-15);
     }
 }
+
