@@ -324,8 +324,9 @@ fn table_counts(ra: &[u32], ma: usize, rb: &[u32], mb: usize) -> PairCounts {
 
 /// One variable ranked: dense ranks, the observations in rank order, and ties.
 struct Ranked {
-    /// Dense rank (0-based) of each observation.
-    ranks: Vec<u32>,
+    /// Dense rank (0-based) of each observation; built when first needed (a pair needs
+    /// one variable's ranks and the other's order; each is a random scatter of the other).
+    ranks: OnceLock<Vec<u32>>,
     /// `starts[r]` = position in `order` of the first observation of rank r; ends with n.
     starts: Vec<u32>,
     ties: Ties,
@@ -349,7 +350,7 @@ impl Ranked {
             acc += c as u32;
         }
         starts.push(acc);
-        Ranked { ties: s.ties(), ranks: s.ranks, starts, order: OnceLock::new() }
+        Ranked { ties: s.ties(), ranks: OnceLock::from(s.ranks), starts, order: OnceLock::new() }
     }
 
     /// By sorting: any number of distinct values. The observations are sorted by a
@@ -359,7 +360,6 @@ impl Ranked {
         let n = values.len();
         let packed = coarse_sort(values);
         let mut order = Vec::with_capacity(n);
-        let mut ranks = vec![0u32; n];
         let mut starts = Vec::new();
         let mut ties = Ties::default();
         let mut run: Vec<(u64, u32)> = Vec::new();
@@ -378,7 +378,6 @@ impl Ranked {
                     ties.add_group(u64::from(at - last));
                 }
                 starts.push(at);
-                ranks[i as usize] = (starts.len() - 1) as u32;
                 order.push(i);
                 k = end;
                 continue;
@@ -396,7 +395,6 @@ impl Ranked {
                     }
                     starts.push(at);
                 }
-                ranks[i as usize] = (starts.len() - 1) as u32;
                 order.push(i);
             }
             k = end;
@@ -405,19 +403,33 @@ impl Ranked {
             ties.add_group((n - *starts.last().unwrap_or(&0) as usize) as u64);
         }
         starts.push(n as u32);
-        Ranked { ranks, starts, ties, order: OnceLock::from(order) }
+        Ranked { ranks: OnceLock::new(), starts, ties, order: OnceLock::from(order) }
     }
 
     fn distinct(&self) -> usize {
         self.starts.len() - 1
     }
 
+    fn ranks(&self) -> &[u32] {
+        self.ranks.get_or_init(|| {
+            let order = self.order.get().expect("a Ranked has its ranks or its order");
+            let mut ranks = vec![0u32; order.len()];
+            for (r, g) in self.starts.windows(2).enumerate() {
+                for &i in &order[g[0] as usize..g[1] as usize] {
+                    ranks[i as usize] = r as u32;
+                }
+            }
+            ranks
+        })
+    }
+
     fn order(&self) -> &[u32] {
         self.order.get_or_init(|| {
             // stable counting sort by rank
+            let ranks = self.ranks.get().expect("a Ranked has its ranks or its order");
             let mut next = self.starts[..self.distinct()].to_vec();
-            let mut order = vec![0u32; self.ranks.len()];
-            for (i, &r) in self.ranks.iter().enumerate() {
+            let mut order = vec![0u32; ranks.len()];
+            for (i, &r) in ranks.iter().enumerate() {
                 order[next[r as usize] as usize] = i as u32;
                 next[r as usize] += 1;
             }
@@ -504,15 +516,15 @@ fn ranked_counts(x: &Ranked, y: &Ranked) -> PairCounts {
         return PairCounts { discordant: 0, joint_ties: x.ties.pairs };
     }
     if x.distinct() <= SMALL_DISTINCT && y.distinct() <= SMALL_DISTINCT && x.distinct() * y.distinct() <= TABLE_MAX {
-        return table_counts(&x.ranks, x.distinct(), &y.ranks, y.distinct());
+        return table_counts(x.ranks(), x.distinct(), y.ranks(), y.distinct());
     }
     // Both counts are symmetric in (x, y): lay out along the one with fewer ties.
     let (a, b) = if x.ties.pairs <= y.ties.pairs { (x, y) } else { (y, x) };
-    let order = a.order();
+    let (order, ranks) = (a.order(), b.ranks());
     let mut seq: Vec<u32> = if order.len() > PAR_CUTOFF {
-        order.par_iter().map(|&i| b.ranks[i as usize]).collect()
+        order.par_iter().map(|&i| ranks[i as usize]).collect()
     } else {
-        order.iter().map(|&i| b.ranks[i as usize]).collect()
+        order.iter().map(|&i| ranks[i as usize]).collect()
     };
     let mut joint_ties = 0u64;
     if a.ties.pairs > 0 {
@@ -972,7 +984,7 @@ mod tests {
                         starts.push(k as u32);
                         rank = starts.len() as u32 - 1;
                     }
-                    assert_eq!(r.ranks[i as usize], rank, "n={n} kind={kind}");
+                    assert_eq!(r.ranks()[i as usize], rank, "n={n} kind={kind}");
                 }
                 starts.push(n as u32);
                 assert_eq!(r.starts, starts, "n={n} kind={kind}");
