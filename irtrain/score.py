@@ -36,7 +36,8 @@ can refuse tables of different data.
 
 Inference is padding-free: rows of ``--batch-tokens`` tokens are concatenated into one
 sequence whose position ids restart at every document, and no attention crosses a
-document (`irtrain.train.packed.packed_forward`). Parameters are bf16 on GPU
+document (`irtrain.train.packed.packed_scores`), and the LM head runs only at the response
+tokens and the scored states, in chunks (`irtrain.train.head`). Parameters are bf16 on GPU
 (``--dtype auto``), fp32 on CPU; values and log-probs are computed in fp32.
 
 Raw input files (chat, preference, prompt+completion JSONL/JSON/Parquet) go through
@@ -418,13 +419,6 @@ class ModelScores:
     tokens: int  # tokens run through the model
 
 
-def state_values(logits: Tensor, positions: Tensor, tau: float) -> Tensor:
-    """V(s) = τ·logsumexp(l(s)/τ) at `positions` of `logits` [1, N, V] -> [P] float32
-    (FORMULAS.md; the logits at position p are l(s) of the state that ends at p)."""
-    sel = logits[0, positions].float()
-    return torch.logsumexp(sel, dim=-1) if tau == 1.0 else tau * torch.logsumexp(sel / tau, dim=-1)
-
-
 def load_model(path: Path, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> Any:
     from transformers import AutoModelForCausalLM
 
@@ -463,8 +457,8 @@ def score_model(path: Path, shards: ShardSet, segments: list[Segment], *, cfg: S
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from irtrain.train.batching import collate
-    from irtrain.train.packed import packed_forward
-    from irtrain.train.reference import batch_token_logps
+    from irtrain.train.packed import packed_scores
+    from irtrain.train.reference import segment_logps
 
     model = load_model(path, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     vocab = int(model.get_output_embeddings().weight.shape[0])
@@ -481,22 +475,20 @@ def score_model(path: Path, shards: ShardSet, segments: list[Segment], *, cfg: S
             if int(batch.input_ids.max()) >= vocab:
                 raise TokenizerError(f"{shards.path}: token id {int(batch.input_ids.max())} is outside {path}'s vocabulary ({vocab})")
             batch = batch.to(device)
-            logits = packed_forward(model, batch)
-            _, sums_t, counts_t = batch_token_logps(batch, logits)
-            sums, counts = sums_t.cpu().numpy(), counts_t.cpu().numpy()  # one device sync per forward
             # map (row, segment start) to the batch's segment index and token offset
             row_off = dict(zip(rows, np.cumsum([0] + [shards.row(r).num_tokens for r in rows]).tolist()))
             where = {int(x): i for i, x in enumerate(batch.cu_seqlens[:-1].cpu().numpy())}
-            pos: list[np.ndarray] = []
-            for k in segs:
-                s = segments[k]
-                base = row_off[s.row] + s.start
-                j = where[base]
+            seg_index = [where[row_off[segments[k].row] + segments[k].start] for k in segs]
+            flat = torch.from_numpy(np.concatenate([segments[k].states + row_off[segments[k].row] + segments[k].start
+                                                    for k in segs])).to(device)
+            # the head at the response tokens and the scored states only
+            stats, v_t = packed_scores(model, batch, flat, tau=cfg.value_temperature)
+            _, sums_t, counts_t = segment_logps(batch, stats)
+            sums, counts = sums_t.cpu().numpy(), counts_t.cpu().numpy()  # one device sync per forward
+            for k, j in zip(segs, seg_index):
                 logp[k] = float(sums[j])
                 num_tokens[k] = int(counts[j])
-                pos.append(s.states + base)
-            flat = torch.from_numpy(np.concatenate(pos)).to(device)
-            v = state_values(logits, flat, cfg.value_temperature).double().cpu().numpy()
+            v = v_t.double().cpu().numpy()
             off = 0
             for k in segs:
                 n = segments[k].num_states

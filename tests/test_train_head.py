@@ -135,3 +135,27 @@ def test_packed_token_stats_equals_full_forward(tiny_model_dir, packed_batch, ta
         for n, gr in results["full"][1].items():
             torch.testing.assert_close(grads[n], gr, rtol=1e-4, atol=1e-6, msg=f"{path}: {n}")
     assert results["fused"][0].logits is None and results["keep"][0].logits.shape == (full.logps.numel(), model.config.vocab_size)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_scores_equal_full_forward(tiny_model_dir, packed_batch, fused, monkeypatch):
+    """`irtrain score`'s one forward: the response tokens' log-probs and the values at
+    arbitrary positions equal those of the full logits, on the fused head and on the
+    `logits_to_keep` path."""
+    from transformers import AutoModelForCausalLM
+
+    import irtrain.train.packed as packed
+
+    if not fused:
+        monkeypatch.setattr(packed, "FUSED_HEAD_MODEL_TYPES", frozenset())
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    batch = packed_batch
+    positions = torch.tensor([0, 5, 17, batch.input_ids.shape[1] - 1, 5])
+    stats, values = packed.packed_scores(model, batch, positions, tau=0.7)
+    with torch.no_grad():
+        logits = packed_forward(model, batch)
+        full = response_token_stats(logits, batch.labels)
+        expect = 0.7 * torch.logsumexp(logits[0, positions] / 0.7, dim=-1)
+    torch.testing.assert_close(stats.logps, full.logps, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stats.index, full.index)
+    torch.testing.assert_close(values, expect, rtol=1e-5, atol=1e-5)

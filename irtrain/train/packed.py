@@ -134,26 +134,57 @@ def packed_token_stats(model: Any, batch: Batch, *, tau: float = 1.0, keep_logit
     no [N, V] logits kept for the backward); otherwise transformers computes the logits at
     those positions only (`logits_to_keep`), or, for a model whose forward lacks it, everywhere.
     """
+    states = response_states(batch.labels)
+    head_in = _head_inputs(model, batch, states.index, keep_logits=keep_logits)
+    if isinstance(head_in, Tensor):
+        return state_token_stats(head_in, states, tau=tau, keep_logits=keep_logits, extras=extras)
+    h, head = head_in
+    out = lm_head_stats(h, head.weight, head.bias, states.targets, tau=tau, extras=extras)
+    return TokenStats(logps=out[0], values=out[1], is_last=states.is_last, index=states.index, targets=states.targets,
+                      correct=out[2] if extras else None, entropies=out[3] if extras else None)
+
+
+@torch.no_grad()
+def packed_scores(model: Any, batch: Batch, value_positions: Tensor, *, tau: float = 1.0) -> tuple[TokenStats, Tensor]:
+    """One no-grad forward for `irtrain score`: the response tokens' `TokenStats` and the
+    values V(s) = tau * logsumexp(l(s) / tau) [P] float32 at `value_positions` (positions in
+    the packed row; the logits at position p are l(s) of the state that ends at p), with the
+    head computed at those positions only."""
+    states = response_states(batch.labels)
+    n = states.index.numel()
+    value_positions = value_positions.to(device=states.index.device, dtype=torch.long)
+    positions = torch.cat([states.index, value_positions])
+    head_in = _head_inputs(model, batch, positions, keep_logits=False)
+    if isinstance(head_in, Tensor):
+        stats = state_token_stats(head_in[:n], states)
+        z = head_in[n:].float()
+        values = torch.logsumexp(z, dim=-1) if tau == 1.0 else tau * torch.logsumexp(z / tau, dim=-1)
+        return stats, values
+    h, head = head_in
+    targets = torch.cat([states.targets, torch.zeros_like(value_positions)])  # a value needs no target
+    logps, values = lm_head_stats(h, head.weight, head.bias, targets, tau=tau)
+    return TokenStats(logps=logps[:n], values=values[:n], is_last=states.is_last, index=states.index,
+                      targets=states.targets), values[n:]
+
+
+def _head_inputs(model: Any, batch: Batch, positions: Tensor, *, keep_logits: bool) -> Tensor | tuple[Tensor, Any]:
+    """One forward of a packed batch, for the head at `positions` [P] only: the decoder's
+    last hidden states there [P, H] and the head module (`FUSED_HEAD_MODEL_TYPES`, unless
+    `keep_logits`), else the logits there [P, V]."""
     if batch.input_ids.shape[0] != 1:
         raise ValueError(f"a packed batch is one row, got {tuple(batch.input_ids.shape)}")
-    states = response_states(batch.labels)
     inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     fused = None if keep_logits else _fusable_head(inner)
     if fused is None:
         if _accepts(inner, "logits_to_keep"):
-            state_logits = _forward(model, batch, logits_to_keep=states.index).logits[0]
-        else:
-            state_logits = _forward(model, batch).logits[0][states.index]
-        return state_token_stats(state_logits, states, tau=tau, keep_logits=keep_logits, extras=extras)
+            return _forward(model, batch, logits_to_keep=positions).logits[0]
+        return _forward(model, batch).logits[0][positions]
     decoder, head = fused
     captured: list[Tensor] = []
     hook = decoder.register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
     try:
         # the model's own head runs on no position (logits_to_keep: an empty index)
-        _forward(model, batch, logits_to_keep=states.index[:0])
+        _forward(model, batch, logits_to_keep=positions[:0])
     finally:
         hook.remove()
-    h = captured[-1][0].index_select(0, states.index)  # [N, H]
-    out = lm_head_stats(h, head.weight, head.bias, states.targets, tau=tau, extras=extras)
-    return TokenStats(logps=out[0], values=out[1], is_last=states.is_last, index=states.index, targets=states.targets,
-                      correct=out[2] if extras else None, entropies=out[3] if extras else None)
+    return captured[-1][0].index_select(0, positions), head
