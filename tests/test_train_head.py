@@ -159,3 +159,36 @@ def test_packed_scores_equal_full_forward(tiny_model_dir, packed_batch, fused, m
     torch.testing.assert_close(stats.logps, full.logps, rtol=1e-5, atol=1e-5)
     assert torch.equal(stats.index, full.index)
     torch.testing.assert_close(values, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"])
+def test_every_fused_model_type_equals_its_full_forward(model_type, packed_batch):
+    """Each architecture on the fused-head list computes its logits as `lm_head(hidden)`:
+    a tiny random model of each type gives the same stats and gradients both ways."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from irtrain.train.packed import FUSED_HEAD_MODEL_TYPES
+
+    assert model_type in FUSED_HEAD_MODEL_TYPES
+    vocab = int(packed_batch.input_ids.max()) + 1
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                               tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="irtrain_varlen", dtype=torch.float32)
+    assert model.config.model_type == model_type
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        if fused:
+            st = packed_token_stats(model, packed_batch, tau=1.0)
+        else:
+            st = response_token_stats(packed_forward(model, packed_batch), packed_batch.labels)
+        (st.logps.sum() + 0.5 * st.values.sum()).backward()
+        results.append((st, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(b.logps, a.logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=n)
