@@ -25,6 +25,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -72,6 +73,34 @@ def base_mb() -> float:
     import torch
 
     return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else rss_mb()
+
+
+def trl_clock():
+    """A `TrainerCallback` for TRL's side: the wall time from the first optimizer step's
+    start (`t0`) to the last one's end (`t1`), and `base_mb()` when the first step starts."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        t0: float | None = None
+        t1: float | None = None
+        first_step_mb: float | None = None
+
+        def on_step_begin(self, a, state, control, **kw):
+            if self.t0 is None:
+                self.first_step_mb = base_mb()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            self.t1 = time.perf_counter()
+
+    return Clock()
+
+
+def trl_result(trainer, clock) -> tuple[dict, dict]:
+    """(the common result fields of a finished TRL run timed by `trl_clock`, its last log)."""
+    last = [h for h in trainer.state.log_history if "num_tokens" in h][-1]
+    return {"tokens": last["num_tokens"], "wall_s": clock.t1 - clock.t0, "peak_mb": peak_mb(), "base_mb": clock.first_step_mb,
+            **cpu_times(), "final_loss": last.get("loss"), "steps": trainer.state.global_step}, last
 
 
 def cpu_times() -> dict:

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 from _common import (SIZES, add_vocab_arg, alternate, base_mb, build_tokenizer, cpu_times, default_work, ensure_models,
-                     ensure_scratch, parse_sizes, peak_mb, size_label, worker_main)
+                     ensure_scratch, parse_sizes, peak_mb, size_label, trl_clock, trl_result, worker_main)
 
 HERE = Path(__file__).resolve()
 
@@ -121,26 +121,13 @@ def run_irtrain(work: Path, args: argparse.Namespace) -> dict:
 def run_trl(work: Path, args: argparse.Namespace) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     tok = AutoTokenizer.from_pretrained(str(work / f"model-{args.size}"))
     ds = load_dataset("json", data_files=str(work / "pairs.jsonl"), split="train")
 
-    class Clock(TrainerCallback):
-        t0: float | None = None
-        t1: float | None = None
-        first_step_mb: float | None = None
-
-        def on_step_begin(self, a, state, control, **kw):
-            if self.t0 is None:
-                self.first_step_mb = base_mb()
-                self.t0 = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            self.t1 = time.perf_counter()
-
-    clock = Clock()
+    clock = trl_clock()
     gpu = torch.cuda.is_available()
     out = work / f"out-trl-{time.time_ns()}"
     cfg = DPOConfig(output_dir=str(out), per_device_train_batch_size=args.micro_batch,
@@ -155,11 +142,9 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    logs = [h for h in trainer.state.log_history if "num_tokens" in h]
+    res, last = trl_result(trainer, clock)
     shutil.rmtree(out, ignore_errors=True)
-    return {"tokens": logs[-1]["num_tokens"], "wall_s": clock.t1 - clock.t0, "peak_mb": peak_mb(), **cpu_times(),
-            "base_mb": clock.first_step_mb,
-            "final_loss": logs[-1].get("loss"), "accuracy": logs[-1].get("rewards/accuracies"), "steps": trainer.state.global_step}
+    return {**res, "accuracy": last.get("rewards/accuracies")}
 
 
 # --------------------------------------------------------------------------- driver

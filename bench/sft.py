@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 from _common import (SIZES, add_vocab_arg, alternate, base_mb, build_tokenizer, cpu_times, default_work, ensure_models,
-                     ensure_scratch, parse_sizes, peak_mb, size_label, worker_main)
+                     ensure_scratch, parse_sizes, peak_mb, size_label, trl_clock, trl_result, worker_main)
 
 HERE = Path(__file__).resolve()
 
@@ -107,26 +107,13 @@ def run_irtrain(work: Path, args: argparse.Namespace) -> dict:
 def run_trl(work: Path, args: argparse.Namespace) -> dict:
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(str(work / f"model-{args.size}"))  # the tokenizer and template irtrain prepared with
     ds = load_dataset("json", data_files=str(work / "prompt_completion.jsonl"), split="train")
 
-    class Clock(TrainerCallback):
-        t0: float | None = None
-        t1: float | None = None
-        first_step_mb: float | None = None
-
-        def on_step_begin(self, a, state, control, **kw):
-            if self.t0 is None:
-                self.first_step_mb = base_mb()
-                self.t0 = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            self.t1 = time.perf_counter()
-
-    clock = Clock()
+    clock = trl_clock()
     accum = args.global_batch // args.micro_batch
     out = work / f"out-trl-{time.time_ns()}"
     cfg = SFTConfig(output_dir=str(out), per_device_train_batch_size=args.micro_batch,
@@ -138,10 +125,9 @@ def run_trl(work: Path, args: argparse.Namespace) -> dict:
     model = AutoModelForCausalLM.from_pretrained(str(work / f"model-{args.size}"), dtype=torch.float32)
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[clock])
     trainer.train()
-    logs = [h for h in trainer.state.log_history if "num_tokens" in h]
+    res, _ = trl_result(trainer, clock)
     shutil.rmtree(out, ignore_errors=True)
-    return {"tokens": logs[-1]["num_tokens"], "wall_s": clock.t1 - clock.t0, "peak_mb": peak_mb(), "base_mb": clock.first_step_mb,
-            **cpu_times(), "final_loss": logs[-1].get("loss"), "steps": trainer.state.global_step}
+    return res
 
 
 # --------------------------------------------------------------------------- driver
