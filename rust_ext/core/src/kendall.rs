@@ -372,13 +372,8 @@ impl Ranked {
             }
             if end == k + 1 {
                 // a coarse key of its own: a value of its own
-                let i = packed[k] as u32;
-                let at = order.len() as u32;
-                if let Some(&last) = starts.last() {
-                    ties.add_group(u64::from(at - last));
-                }
-                starts.push(at);
-                order.push(i);
+                open_rank(&mut starts, &mut ties, order.len());
+                order.push(packed[k] as u32);
                 k = end;
                 continue;
             }
@@ -389,20 +384,13 @@ impl Ranked {
             }
             for (j, &(key, i)) in run.iter().enumerate() {
                 if j == 0 || key != run[j - 1].0 {
-                    let at = order.len() as u32;
-                    if let Some(&last) = starts.last() {
-                        ties.add_group(u64::from(at - last));
-                    }
-                    starts.push(at);
+                    open_rank(&mut starts, &mut ties, order.len());
                 }
                 order.push(i);
             }
             k = end;
         }
-        if n > 0 {
-            ties.add_group((n - *starts.last().unwrap_or(&0) as usize) as u64);
-        }
-        starts.push(n as u32);
+        open_rank(&mut starts, &mut ties, n); // closes the last group; `starts` ends with n
         Ranked { ranks: OnceLock::new(), starts, ties, order: OnceLock::from(order) }
     }
 
@@ -441,6 +429,15 @@ impl Ranked {
 /// Bits per digit of the radix sort: 256 buckets, whose write positions stay in L1.
 const DIGIT_BITS: u32 = 8;
 const DIGITS: usize = (u32::BITS / DIGIT_BITS) as usize;
+
+/// A new rank starts at position `at` of the rank order: the previous rank's group closes.
+fn open_rank(starts: &mut Vec<u32>, ties: &mut Ties, at: usize) {
+    let at = at as u32;
+    if let Some(&last) = starts.last() {
+        ties.add_group(u64::from(at - last));
+    }
+    starts.push(at);
+}
 
 /// `coarse << 32 | index` for every observation, sorted (so by coarse key, then index).
 /// The coarse key is a non-decreasing function of the value: −∞ → 0, +∞ → 2³²−1, finite
