@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import sys
 import typing
 from pathlib import Path
 from typing import Any, Callable, List, Optional

@@ -405,7 +405,7 @@ class Encoder:
 
 def documents_from_arrays(a: dict[str, np.ndarray], fmt: str) -> Iterator[dict[str, Any]]:
     """Group flat segment arrays (as `Encoder.encode_jsonl` returns) into documents."""
-    off, ex, part, score = a["seg_offsets"], a["seg_example"], a["seg_part"], a["seg_score"]
+    off, ex, score = a["seg_offsets"], a["seg_example"], a["seg_score"]
     ids, labels = a["input_ids"], a["labels"]
     j, n = 0, len(ex)
     while j < n:

@@ -528,11 +528,11 @@ def _report_markdown(q: Quickstart, plots: dict[str, str], tau: dict[str, Any], 
             L.append("")
         x, y = series(sft_rows, "eval/pref_accuracy")
         if x:
-            L.append(f"During SFT (`eval/pref_accuracy` in sft/metrics.jsonl, against the untrained model): "
+            L.append("During SFT (`eval/pref_accuracy` in sft/metrics.jsonl, against the untrained model): "
                      + ", ".join(f"step {s}: {v:.3f}" for s, v in zip(x, y)) + ".")
         x, y = series(dpo_rows, "eval/pref_accuracy")
         if x:
-            L.append(f"During DPO (in dpo/metrics.jsonl, against the SFT model): "
+            L.append("During DPO (in dpo/metrics.jsonl, against the SFT model): "
                      + ", ".join(f"step {s}: {v:.3f}" for s, v in zip(x, y)) + ".")
         L.append("")
 

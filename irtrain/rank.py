@@ -187,8 +187,6 @@ class Aligned:
 
 
 def align(tables: list[Table], *, intersect: bool) -> Aligned:
-    import polars as pl
-
     keys = [t.frame.select(KEY) for t in tables]
     common = keys[0]
     for k in keys[1:]:

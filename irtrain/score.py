@@ -57,7 +57,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from irtrain.config import ScoreConfig, config_to_dict
 from irtrain.errors import ConfigError, DataError, IrtrainIOError, TokenizerError

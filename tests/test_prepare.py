@@ -215,7 +215,7 @@ def test_packing_keeps_every_document_once_and_intact(tokenizer_dirs, tmp_path_f
             for i, n in enumerate(lengths)]
     src = write_jsonl(tmp / "p.jsonl", rows)
     m = prep(tmp, tok, [src], "packed", max_len=max_len, pack=pack)
-    ref = prep(tmp, tok, [src], "ref", max_len=100000, pack=False)
+    prep(tmp, tok, [src], "ref", max_len=100000, pack=False)
     ss = ShardSet(tmp / "packed")
     assert all(row.num_tokens <= max_len for row in ss)
     assert all(row.position_ids.tolist() == [p for s, e in zip(row.cu_seqlens[:-1], row.cu_seqlens[1:]) for p in range(e - s)] for row in ss)

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from irtrain.cli.main import app
 from irtrain.config import SFTConfig, load_config
-from irtrain.errors import ConfigError, TrainingError
+from irtrain.errors import TrainingError
 from irtrain.losses import response_token_stats, segment_sums
 from irtrain.shards import ShardSet
 from irtrain.sft import SFTObjective

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from irtrain.errors import ReferenceMismatchError, ShardError
-from irtrain.losses import IGNORE_INDEX, TokenStats, response_token_stats, segment_sums
+from irtrain.losses import IGNORE_INDEX, TokenStats, segment_sums
 from irtrain.shards import ShardSet
 from irtrain.train.batching import Batch, collate
 from irtrain.train.packed import packed_token_stats
@@ -234,12 +234,6 @@ def sequence_logps(model: Any, shards: ShardSet, *, device: torch.device, token_
     finally:
         if was_training:
             model.train()
-
-
-def batch_token_logps(batch: Batch, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(token logps [N], segment sums [S] f64, segment response-token counts [S]) of a
-    packed batch's logits [1, N, V]."""
-    return segment_logps(batch, response_token_stats(logits, batch.labels))
 
 
 def segment_logps(batch: Batch, stats: TokenStats) -> tuple[Tensor, Tensor, Tensor]:
