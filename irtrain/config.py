@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from irtrain.errors import ConfigError
+from irtrain.losses import KL_ESTIMATORS, PREFERENCE_LOSSES, SFT_LOSSES
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, positional: bool = False) -> Any:
@@ -28,6 +29,11 @@ def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, posi
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _choices_help(registry: dict[str, Any]) -> str:
+    """`name = summary | ...` of a loss or estimator table: the help of the option that picks one."""
+    return " | ".join(f"{name} = {entry.summary}" if entry.summary else name for name, entry in registry.items())
 
 
 class _Validated:
@@ -103,7 +109,7 @@ class TrainConfig(_Validated):
     eval_beta: float = opt(0.01, "Beta of the held-out preference loss (paper: 0.01).")
     value_temperature: float = opt(1.0, "Temperature tau of the soft value V(s) = tau*logsumexp(l/tau).")
     kl_coef: float = opt(0.0, "Weight of the KL-to-reference term (0 = off).")
-    kl_estimator: str = opt("full", "KL estimator: full = exact KL per visited state (keeps the reference model resident) | k1 = log p - log q (gradient zero in expectation on-policy) | k2 = (log q - log p)^2/2 (partial gradient per token) | k3 = exp(r)-1-r, r = log q - log p (forward-KL gradient, as GRPO).", choices=("full", "k1", "k2", "k3"))
+    kl_estimator: str = opt("full", "KL estimator: " + _choices_help(KL_ESTIMATORS) + ".", choices=tuple(KL_ESTIMATORS))
     kl_metrics: bool = opt(True, "Log kl/k1, kl/k2, kl/k3 against the starting model (uses its log-probs, computed once and cached beside the shards).")
     reference_dir: str | None = opt(None, "Where reference log-prob caches live (default: a reference/ folder inside each shard directory).")
     deepspeed: str | None = opt(None, "Run under DeepSpeed: zero1 | zero2 | zero3 | path to a DeepSpeed JSON config.")
@@ -113,9 +119,9 @@ class TrainConfig(_Validated):
 
 @dataclass
 class SFTConfig(TrainConfig):
-    """Supervised fine-tuning on `prepare` shards, with the SFT loss family of FORMULAS.md."""
+    """Supervised fine-tuning on `prepare` shards, with the SFT loss family of FORMULAS.md "SFT losses"."""
 
-    loss: str = opt("ce", "SFT loss: ce | dft | pearson | hellinger | js (per token, see FORMULAS.md).", choices=("ce", "dft", "pearson", "hellinger", "js"))
+    loss: str = opt("ce", "SFT loss, per token (docs/FORMULAS.md \"SFT losses\"): " + _choices_help(SFT_LOSSES) + ".", choices=tuple(SFT_LOSSES))
     value_grad: bool = opt(False, "Let gradient flow through the value term dV (off: the stable default).")
 
 
@@ -124,7 +130,7 @@ class DPOConfig(TrainConfig):
     """Preference optimisation on `prepare` preference/unpaired/ranked shards."""
 
     lr: float = opt(5e-7, "Peak learning rate.")
-    loss: str = opt("sigmoid", "Preference loss (FORMULAS.md): sigmoid = DPO | robust | hinge | ipo | simpo, orpo (reference-free) | kto (unpaired data) | infonca, plackett_luce (ranked data).", choices=("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo", "kto", "infonca", "plackett_luce"))
+    loss: str = opt("sigmoid", "Preference loss (docs/FORMULAS.md \"Preference losses\"): " + _choices_help(PREFERENCE_LOSSES) + ".", choices=tuple(PREFERENCE_LOSSES))
     beta: float | None = opt(None, "Beta (default per loss: 0.1; simpo 2.0; orpo uses --orpo-lambda instead).")
     label_smoothing: float = opt(0.0, "Label smoothing / flip probability epsilon (sigmoid, robust).")
     gamma: float = opt(0.5, "SimPO target margin gamma.")
@@ -229,10 +235,6 @@ def _coerce(name: str, tp: Any, value: Any, where: str) -> Any:
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}{name} = {value!r} is not a valid {getattr(base, '__name__', base)}") from None
-
-
-def config_fields(cls: type) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(cls))
 
 
 def load_config(cls: type, toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Any:

@@ -26,14 +26,13 @@ import numpy as np
 
 from irtrain import _rust
 from irtrain.errors import DataError, IrtrainIOError, TemplateError, TokenizerError
-from irtrain.shards import ShardSet, iter_documents
+from irtrain.shards import FORMATS, ShardSet, iter_documents
 
 __all__ = [
     "iter_documents", "ShardSet", "TokenizerFiles", "load_tokenizer", "Source", "Chunk", "resolve_inputs",
     "Encoder", "encode_rows", "detect_format", "pack_bfd", "write_shards", "preparer", "row_error", "FORMATS", "MASKS",
 ]
 
-FORMATS = ("chat", "preference", "prompt-completion", "unpaired", "ranked")
 MASKS = ("assistant", "last", "completion", "all")
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
 #: named special tokens a chat template sees (transformers' SPECIAL_TOKENS_ATTRIBUTES)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from irtrain.shards import IGNORE_INDEX
 
 
 @dataclass
@@ -230,22 +230,24 @@ class SFTLoss:
     fn:           (logps [N], ref_logps [N] | None, delta_v [N] | None) -> per-token loss [N]
     needs_ref:    needs log q_t (precomputed reference log-probs)
     needs_values: needs dV_t = `delta_values(stats.values, stats.is_last)`, detached unless --value-grad
+    summary:      one line for the CLI help (the config's choices and help come from this table)
     """
 
     fn: Callable[[Tensor, Tensor | None, Tensor | None], Tensor]
     needs_ref: bool
     needs_values: bool
+    summary: str = ""
 
     def __call__(self, logps: Tensor, ref_logps: Tensor | None = None, delta_v: Tensor | None = None) -> Tensor:
         return self.fn(logps, ref_logps, delta_v)
 
 
 SFT_LOSSES: dict[str, SFTLoss] = {
-    "ce": SFTLoss(ce, needs_ref=False, needs_values=False),
-    "dft": SFTLoss(dft, needs_ref=False, needs_values=False),
-    "pearson": SFTLoss(pearson, needs_ref=True, needs_values=True),
-    "hellinger": SFTLoss(hellinger, needs_ref=True, needs_values=True),
-    "js": SFTLoss(js, needs_ref=True, needs_values=True),
+    "ce": SFTLoss(ce, needs_ref=False, needs_values=False, summary="-log p (cross-entropy)"),
+    "dft": SFTLoss(dft, needs_ref=False, needs_values=False, summary="-sg(p) log p (DFT)"),
+    "pearson": SFTLoss(pearson, needs_ref=True, needs_values=True, summary="Pearson chi^2 (dft's gradient with dV detached)"),
+    "hellinger": SFTLoss(hellinger, needs_ref=True, needs_values=True, summary="squared Hellinger"),
+    "js": SFTLoss(js, needs_ref=True, needs_values=True, summary="Jensen-Shannon"),
 }
 
 
@@ -317,33 +319,24 @@ class KLEstimator:
     needs_logits False: fn(logps [N], ref_logps [N]) -> [N]          (k1, k2, k3)
     needs_logits True:  fn(logits [N, V], ref_logits [N, V]) -> [N]  (full: needs the
                         full reference logits, so a resident reference model)
+    summary: one line for the CLI help
     """
 
     fn: Callable[[Tensor, Tensor], Tensor]
     needs_logits: bool
+    summary: str = ""
 
 
 KL_ESTIMATORS: dict[str, KLEstimator] = {
-    "full": KLEstimator(full_kl, needs_logits=True),
-    "k1": KLEstimator(k1, needs_logits=False),
-    "k2": KLEstimator(k2, needs_logits=False),
-    "k3": KLEstimator(k3, needs_logits=False),
+    "full": KLEstimator(full_kl, needs_logits=True, summary="exact KL per visited state (keeps the reference model resident)"),
+    "k1": KLEstimator(k1, needs_logits=False, summary="log p - log q (gradient zero in expectation on-policy)"),
+    "k2": KLEstimator(k2, needs_logits=False, summary="(log q - log p)^2/2 (partial gradient per token)"),
+    "k3": KLEstimator(k3, needs_logits=False, summary="exp(r)-1-r, r = log q - log p (forward-KL gradient, as GRPO)"),
 }
 
 
 # ---------------------------------------------------------------------------------------------
 # Small metrics
-
-
-def token_accuracy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Fraction of response tokens whose argmax prediction is the target.
-
-    logits: [N, V] at the states (`TokenStats.logits`), targets: [N] (`TokenStats.targets`).
-    Returns a detached 0-d float tensor (NaN when N = 0).
-    """
-    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"token_accuracy: logits [N, V] and targets [N] expected, got {tuple(logits.shape)} and {tuple(targets.shape)}")
-    return (logits.detach().argmax(-1) == targets).float().mean()
 
 
 def entropy(logits: Tensor) -> Tensor:
@@ -525,7 +518,8 @@ def orpo_loss(batch: PreferenceBatch, *, beta: float) -> Tensor:
     """ORPO (reference-free): -abar_w - lambda logsigma(L), lambda = beta,
     L = (abar_w - abar_l) - (log1mexp(abar_w) - log1mexp(abar_l)). [B, 2] -> [B]; needs lengths.
 
-    `beta` plays ORPO's lambda (as in TRL's ORPOConfig), so `--beta` sets it; default 0.1.
+    `beta` plays ORPO's lambda (as in TRL's ORPOConfig); `irtrain dpo` sets it from
+    `--orpo-lambda` (default 0.1) and refuses `--beta` for orpo.
     """
     _check_beta("orpo", beta)
     _need_k("orpo", batch, exactly=2)
@@ -534,19 +528,10 @@ def orpo_loss(batch: PreferenceBatch, *, beta: float) -> Tensor:
     return -a[:, 0] - beta * F.logsigmoid(log_odds)
 
 
-def mismatched_index(batch_size: int) -> Tensor:
-    """[B] long: i -> (i + 1) mod B, the responses paired with prompts x_i for KTO's z.
-
-    ValueError for B < 2 (there are no mismatched pairs)."""
-    if batch_size < 2:
-        raise ValueError(f"kto needs a batch of at least 2 examples to form mismatched pairs (x_i, y_(i+1)), got {batch_size}")
-    return torch.roll(torch.arange(batch_size), -1)
-
-
 def kto_z(mismatched_policy_logps: Tensor, mismatched_ref_logps: Tensor) -> Tensor:
     """KTO's reference point z = sg(clamp(mean(logpi_theta(y'|x) - logpi_ref(y'|x)), min=0)).
 
-    Both [M]: log-probs of mismatched pairs (x_i, y_{i+1}) of the batch (`mismatched_index`). -> 0-d, detached.
+    Both [M]: log-probs of mismatched pairs (x_i, y_{i+1}) of the batch (`irtrain.dpo.kto`). -> 0-d, detached.
     """
     if mismatched_policy_logps.dim() != 1 or mismatched_ref_logps.shape != mismatched_policy_logps.shape:
         raise ValueError(f"kto_z: both inputs must be [M], got {tuple(mismatched_policy_logps.shape)} and {tuple(mismatched_ref_logps.shape)}")
@@ -621,6 +606,7 @@ class PreferenceLoss:
     params:        keyword params of fn besides beta (keys of PREFERENCE_PARAM_DEFAULTS)
     needs_lengths: reads batch.lengths
     needs_scores:  reads batch.scores
+    summary:       one line for the CLI help
 
     Call it as `spec(batch, beta=None, **params)`: beta None -> default_beta; params the loss does
     not take are dropped when at their default, and a ValueError when set (e.g. label smoothing on hinge).
@@ -633,6 +619,7 @@ class PreferenceLoss:
     params: tuple[str, ...] = ()
     needs_lengths: bool = False
     needs_scores: bool = False
+    summary: str = ""
 
     def check_params(self, **params: float) -> dict[str, float]:
         """The params this loss takes, from a superset; ValueError on unknown or misapplied ones."""
@@ -651,15 +638,22 @@ class PreferenceLoss:
 
 
 PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
-    "sigmoid": PreferenceLoss(sigmoid_loss, needs_ref=True, default_beta=0.1, data_format="preference", params=("label_smoothing",)),
-    "robust": PreferenceLoss(robust_loss, needs_ref=True, default_beta=0.1, data_format="preference", params=("label_smoothing",)),
-    "hinge": PreferenceLoss(hinge_loss, needs_ref=True, default_beta=0.1, data_format="preference"),
-    "ipo": PreferenceLoss(ipo_loss, needs_ref=True, default_beta=0.1, data_format="preference", needs_lengths=True),
-    "simpo": PreferenceLoss(simpo_loss, needs_ref=False, default_beta=2.0, data_format="preference", params=("gamma",), needs_lengths=True),
-    "orpo": PreferenceLoss(orpo_loss, needs_ref=False, default_beta=0.1, data_format="preference", needs_lengths=True),
-    "kto": PreferenceLoss(kto_loss, needs_ref=True, default_beta=0.1, data_format="unpaired", params=("desirable_weight", "undesirable_weight")),
-    "infonca": PreferenceLoss(infonca_loss, needs_ref=True, default_beta=0.1, data_format="ranked", params=("alpha",), needs_scores=True),
-    "plackett_luce": PreferenceLoss(plackett_luce_loss, needs_ref=True, default_beta=0.1, data_format="ranked"),
+    "sigmoid": PreferenceLoss(sigmoid_loss, needs_ref=True, default_beta=0.1, data_format="preference", params=("label_smoothing",),
+                              summary="DPO"),
+    "robust": PreferenceLoss(robust_loss, needs_ref=True, default_beta=0.1, data_format="preference", params=("label_smoothing",),
+                             summary="robust DPO (label noise)"),
+    "hinge": PreferenceLoss(hinge_loss, needs_ref=True, default_beta=0.1, data_format="preference", summary="SLiC hinge"),
+    "ipo": PreferenceLoss(ipo_loss, needs_ref=True, default_beta=0.1, data_format="preference", needs_lengths=True, summary="IPO"),
+    "simpo": PreferenceLoss(simpo_loss, needs_ref=False, default_beta=2.0, data_format="preference", params=("gamma",), needs_lengths=True,
+                            summary="SimPO, reference-free"),
+    "orpo": PreferenceLoss(orpo_loss, needs_ref=False, default_beta=0.1, data_format="preference", needs_lengths=True,
+                           summary="ORPO, reference-free"),
+    "kto": PreferenceLoss(kto_loss, needs_ref=True, default_beta=0.1, data_format="unpaired", params=("desirable_weight", "undesirable_weight"),
+                          summary="KTO, unpaired data"),
+    "infonca": PreferenceLoss(infonca_loss, needs_ref=True, default_beta=0.1, data_format="ranked", params=("alpha",), needs_scores=True,
+                              summary="InfoNCA, ranked data"),
+    "plackett_luce": PreferenceLoss(plackett_luce_loss, needs_ref=True, default_beta=0.1, data_format="ranked",
+                                    summary="Plackett-Luce, ranked data or pairs"),
 }
 
 

@@ -11,17 +11,18 @@ from typing import Any
 
 import torch
 
+from irtrain.config import SFTConfig
 from irtrain.errors import ConfigError, ShardError
 from irtrain.losses import KL_ESTIMATORS, SFT_LOSSES, delta_values, first_token_mask, reduce_tokens
+from irtrain.shards import IGNORE_INDEX, SFT_FORMATS, ShardSet
 from irtrain.train.batching import Batch
-from irtrain.train.objective import Stats, TrainContext
+from irtrain.train.loop import TrainResult, train
+from irtrain.train.objective import Objective, Stats, TrainContext
 from irtrain.train.packed import packed_token_stats
 from irtrain.train.reference import ReferenceLogps, batch_reference
 
-SFT_FORMATS = ("chat", "prompt-completion")
 
-
-class SFTObjective:
+class SFTObjective(Objective):
     """The SFT objective (see `irtrain.train.objective` for the protocol).
 
     Per-token loss `SFT_LOSSES[cfg.loss]` (+ `kl_coef` x `KL_ESTIMATORS[cfg.kl_estimator]`),
@@ -33,7 +34,7 @@ class SFTObjective:
 
     name = "sft"
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: SFTConfig):
         self.cfg = cfg
         self.loss = SFT_LOSSES[cfg.loss]
         self.kl = KL_ESTIMATORS[cfg.kl_estimator] if cfg.kl_coef > 0 else None
@@ -42,7 +43,7 @@ class SFTObjective:
         self.refs: list[ReferenceLogps] | None = None
         self.ref_model: Any = None
 
-    def check_data(self, sets: list[Any]) -> None:
+    def check_data(self, sets: list[ShardSet]) -> None:
         for s in sets:
             if s.format not in SFT_FORMATS:
                 raise ShardError(f"{s.path}: sft trains on chat or prompt-completion shards, these are `{s.format}` shards")
@@ -56,7 +57,7 @@ class SFTObjective:
 
     def step_denominator(self, batches: list[Batch]) -> float:
         """Response tokens of this rank's micro-batches (FORMULAS.md "Reduction")."""
-        return float(sum(int((b.labels != -100).sum()) for b in batches if b.weight))
+        return float(sum(int((b.labels != IGNORE_INDEX).sum()) for b in batches if b.weight))
 
     def micro_step(self, model: Any, batch: Batch, denominator: float) -> tuple[torch.Tensor, Stats]:
         cfg = self.cfg
@@ -101,12 +102,8 @@ class SFTObjective:
                 out["kl/full"] = (out["kl/full"][0] * w, n * w)
         return loss, out
 
-    def evaluate(self, model: Any, ctx: TrainContext) -> dict[str, float]:
-        return {}
 
 
-def run(cfg: Any) -> Any:
+def run(cfg: SFTConfig) -> TrainResult:
     """`irtrain sft`: train `cfg.model` on `cfg.data` (see `SFTConfig`)."""
-    from irtrain.train.loop import train
-
     return train(cfg, SFTObjective(cfg))

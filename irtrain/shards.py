@@ -56,6 +56,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IGNORE_INDEX = -100
 FORMATS = ("chat", "preference", "prompt-completion", "unpaired", "ranked")
+#: the formats `irtrain sft` trains on (one response per example)
+SFT_FORMATS = ("chat", "prompt-completion")
 
 #: name -> (numpy dtype, indexed by: "token" | "row+1" | "seg+1" | "seg")
 ARRAYS: dict[str, tuple[str, str]] = {
@@ -133,6 +135,23 @@ class Shard:
     def num_rows(self) -> int:
         return int(self.meta["rows"])
 
+    @cached_property
+    def row_lengths(self) -> np.ndarray:
+        """[R] int64 tokens of each packed row."""
+        return np.diff(np.asarray(self.arrays["row_offsets"], dtype=np.int64))
+
+    @cached_property
+    def row_segments(self) -> np.ndarray:
+        """[R] int64 segments of each packed row (rows start at segment boundaries)."""
+        ro = np.asarray(self.arrays["row_offsets"], dtype=np.int64)
+        so = np.asarray(self.arrays["seg_offsets"], dtype=np.int64)
+        return np.diff(np.searchsorted(so, ro, side="left")).astype(np.int64)
+
+    @cached_property
+    def segment_response_tokens(self) -> np.ndarray:
+        """[S] int64 response tokens (label != -100) of each segment."""
+        return response_tokens_per_segment(self.arrays["labels"], self.arrays["seg_offsets"])
+
     def row(self, i: int) -> Row:
         a = self.arrays
         start, end = int(a["row_offsets"][i]), int(a["row_offsets"][i + 1])
@@ -208,6 +227,34 @@ class ShardSet:
     @cached_property
     def num_segments(self) -> int:
         return sum(int(s.meta["segments"]) for s in self.shards)
+
+    @cached_property
+    def row_lengths(self) -> np.ndarray:
+        """[R] int64 tokens of each packed row, over all shards."""
+        return np.concatenate([s.row_lengths for s in self.shards]) if self.shards else np.zeros(0, np.int64)
+
+    @cached_property
+    def row_segments(self) -> np.ndarray:
+        """[R] int64 segments of each packed row, over all shards."""
+        return np.concatenate([s.row_segments for s in self.shards]) if self.shards else np.zeros(0, np.int64)
+
+
+def open_shards(path: str | Path, what: str) -> ShardSet:
+    """A shard set that must hold rows (`what` names the option in the error)."""
+    s = ShardSet(path)
+    if len(s) == 0:
+        raise ShardError(f"{what} {path}: the shard directory holds no rows")
+    return s
+
+
+def response_tokens_per_segment(labels: np.ndarray, seg_offsets: np.ndarray) -> np.ndarray:
+    """[S] int64 response tokens (label != -100) of each segment, from a token array of labels
+    and its [S+1] segment offsets (a shard's, or a packed batch's `cu_seqlens`)."""
+    so = np.asarray(seg_offsets, dtype=np.int64)
+    if len(so) < 2:
+        return np.zeros(0, dtype=np.int64)
+    trained = np.concatenate([[0], np.cumsum(np.asarray(labels) != IGNORE_INDEX, dtype=np.int64)])
+    return trained[so[1:]] - trained[so[:-1]]
 
 
 def _segment(a: dict[str, np.ndarray], j: int) -> dict[str, Any]:
@@ -297,6 +344,28 @@ def write_shard_set(
     also handy for writing pre-tokenized data). `rows` are already packed: each row a
     list of segments. Writes under a temporary name, renames when complete, returns the
     manifest. The first label of every segment is forced to -100 (format rule)."""
+    chunks = [_row_arrays(rows[a : a + shard_rows]) for a in range(0, len(rows), shard_rows)] or [_row_arrays([])]
+    return write_shard_arrays(out_dir, fmt, chunks, max_len=max_len, packed=packed, tokenizer_hash=tokenizer_hash,
+                              chat_template_hash=chat_template_hash, sources=sources, config=config, report=report)
+
+
+def write_shard_arrays(
+    out_dir: str | Path,
+    fmt: str,
+    shards: list[dict[str, Any]],
+    *,
+    max_len: int,
+    packed: bool = True,
+    tokenizer_hash: str = "",
+    chat_template_hash: str = "",
+    sources: list[dict[str, Any]] | None = None,
+    config: dict[str, Any] | None = None,
+    report: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a shard set from its arrays (one dict of `ARRAYS` per shard, offsets relative to
+    the shard) and the manifest: under a temporary name, renamed when complete. Returns the
+    manifest. The Python writer of the format (the Rust data path has its own, checked
+    against this one)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}")
     out = Path(out_dir)
@@ -306,12 +375,8 @@ def write_shard_set(
     tmp = _atomic_dir(out)
     try:
         shards_meta = []
-        for k, start in enumerate(range(0, max(len(rows), 1), shard_rows)):
-            chunk = rows[start : start + shard_rows]
-            if not chunk and k > 0:
-                break
+        for k, arrays in enumerate(shards):
             name = f"shard-{k:05d}"
-            arrays = _row_arrays(chunk)
             (tmp / name).mkdir()
             digests = {}
             for aname, (dtype, _) in ARRAYS.items():
@@ -319,7 +384,7 @@ def write_shard_set(
                 np.asarray(arrays[aname], dtype=dtype).tofile(path)
                 digests[f"{aname}.bin"] = file_sha256(path)
             shards_meta.append({
-                "name": name, "rows": len(chunk), "segments": len(arrays["seg_example"]),
+                "name": name, "rows": len(arrays["row_offsets"]) - 1, "segments": len(arrays["seg_example"]),
                 "tokens": len(arrays["input_ids"]), "sha256": digests,
             })
         manifest = {

@@ -28,10 +28,11 @@ from irtrain.dpo import PreferenceObjective, batch_examples, mismatched_rows
 from irtrain.errors import ConfigError, ReferenceMismatchError
 from irtrain.losses import PREFERENCE_LOSSES, PreferenceBatch, response_token_stats
 from irtrain.shards import Segment, ShardSet, write_shard_set
-from irtrain.train.batching import PackedData
+from irtrain.train.batching import PackedData, plan_micro_batches
 from irtrain.train.metrics import read_metrics
 from irtrain.train.objective import TrainContext
-from irtrain.train.reference import ReferenceKey, default_path, ensure_reference, model_hash
+from irtrain.models import model_hash
+from irtrain.train.reference import ReferenceKey, default_path, ensure_reference
 from irtrain.train.strategy import Strategy
 
 from test_train_common import arithmetic_conversations, pack, tokenize_chat, tokenizer_hash
@@ -219,6 +220,7 @@ def test_objective_loss_equals_table_on_separate_logps(loss, kw, tiny_model_dir,
     batch = ctx.data.batch([0, 1])
     ex = batch_examples(batch, [True], obj.row_lengths)
     assert ex.count >= 4 and list(ex.groups) == [2]
+    obj.begin_step(0, [batch])
     D = obj.step_denominator([batch])
     assert D == ex.count
     loss_value, stats = obj.micro_step(policy, batch, D)
@@ -264,6 +266,7 @@ def test_packed_equals_separate_logps_and_gradients(tiny_model_dir, pairs_dir, s
     policy = perturbed(tiny_model_dir, seed=3)
     obj, ctx = set_up(cfg, policy)
     b = ctx.data.batch([0, 1])
+    obj.begin_step(0, [b])
     loss, _ = obj.micro_step(policy, b, obj.step_denominator([b]))
     loss.backward()
     g_packed = {n: p.grad.clone() for n, p in policy.named_parameters()}
@@ -290,6 +293,7 @@ def test_ranked_losses_use_every_candidate(tiny_model_dir, ranked_dir, tmp_path)
         b = ctx.data.batch([0, 1, 2])
         ex = batch_examples(b, [True], obj.row_lengths)
         assert list(ex.groups) == [3] and ex.count == 3
+        obj.begin_step(0, [b])
         value, _ = obj.micro_step(policy, b, obj.step_denominator([b]))
         segs = ex.groups[3]
         lp, _ = separate(policy, b, segs)
@@ -314,9 +318,7 @@ def test_kto_z_from_mismatched_pairs(tiny_model_dir, unpaired_dir, tok, tmp_path
     policy = load_model(tiny_model_dir)
     obj, ctx = set_up(cfg, policy)
     assert obj.kto_refs is not None and list((tmp_path / "refs").glob("kto-mismatched-*.safetensors"))
-    from irtrain.dpo import plan_micro_batches
-
-    rows, _ = plan_micro_batches(cfg, ctx.data, 1, 0)[0]
+    rows, _ = plan_micro_batches(cfg, ctx.data.lengths, 1, 0)[0]
     b = ctx.data.batch(rows)
     ex = batch_examples(b, [True], obj.row_lengths)
     segs = ex.groups[1][:, 0]
@@ -334,6 +336,7 @@ def test_kto_z_from_mismatched_pairs(tiny_model_dir, unpaired_dir, tok, tmp_path
         assert (mm[i].labels[: p - a] == -100).all() and mm[i].labels[p - a :].tolist() == labels[r:e2].tolist()
         assert tok.decode(ids[a:p].tolist()).endswith("assistant\n")
     # objective loss == table on separate forwards
+    obj.begin_step(0, [b])
     value, stats = obj.micro_step(policy, b, obj.step_denominator([b]))
     live_ref = load_model(ref_dir)
     lp, _ = separate(policy, b, segs[:, None])
@@ -455,8 +458,8 @@ def test_it_learns(tiny_model_dir, tmp_path):
     reference, every margin is exactly 0 and TRL's metric reads 0 (ties count as wrong); the
     chance level, i.e. how often the starting model already prefers the chosen answer, is ~0.5."""
     from irtrain.tasks import generate_problems, write_jsonl
+    from irtrain.evaluation import preference_pairs
     from irtrain.train.reference import sequence_logps
-    from irtrain.train.loop import preference_pairs
 
     problems = generate_problems(96 + 48, seed=11)
     data = {}

@@ -12,10 +12,10 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from irtrain.cli.main import app
-from irtrain.preference import adapt_lambda
+from irtrain.dpo.joint import adapt_lambda
 from irtrain.shards import ShardSet
 from irtrain.train.metrics import read_metrics
-from irtrain.train.reference import model_hash
+from irtrain.models import model_hash
 
 from test_dpo import write_pairs
 from test_train_common import make_sft_shards

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from irtrain.errors import ConfigError
-from irtrain.shards import Row, ShardSet
+from irtrain.shards import Row, ShardSet, response_tokens_per_segment
+
+if TYPE_CHECKING:
+    from irtrain.config import TrainConfig
 
 
 @dataclass
@@ -62,6 +66,10 @@ class Batch:
     @property
     def num_segments(self) -> int:
         return int(self.cu_seqlens.shape[0]) - 1
+
+    def segment_response_tokens(self) -> np.ndarray:
+        """[S] int64 response tokens (label != -100) of each segment."""
+        return response_tokens_per_segment(self.labels[0].cpu().numpy(), self.cu_seqlens.cpu().numpy())
 
     def to(self, device: torch.device | str) -> Batch:
         moved = {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
@@ -102,11 +110,7 @@ class PackedData:
     def __init__(self, sets: list[ShardSet]):
         self.sets = sets
         self._starts = np.cumsum([0] + [len(s) for s in sets])
-        lengths = []
-        for s in sets:
-            for sh in s.shards:
-                lengths.append(np.diff(np.asarray(sh.arrays["row_offsets"], dtype=np.int64)))
-        self.lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+        self.lengths = np.concatenate([s.row_lengths for s in sets]) if sets else np.zeros(0, dtype=np.int64)
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -234,8 +238,26 @@ def split_step(rows: np.ndarray, lengths: np.ndarray, *, world_size: int, rank: 
     return mine
 
 
-def step_tokens(rows: np.ndarray, lengths: np.ndarray) -> int:
-    return int(lengths[rows].sum())
+def plan_micro_batches(cfg: TrainConfig, lengths: np.ndarray, world_size: int, rank: int) -> list[tuple[list[int], float]]:
+    """Every micro-batch (global rows, weight) of `rank` over the whole run, in order: the
+    plan the loop follows (`plan_steps`, then `split_step` per step)."""
+    out = []
+    for rows in plan_run(cfg, lengths):
+        out += split_micro(cfg, rows, lengths, world_size=world_size, rank=rank)
+    return out
 
 
-__all__ = ["Batch", "PackedData", "collate", "epoch_order", "plan_steps", "split_step", "step_tokens"]
+def plan_run(cfg: TrainConfig, lengths: np.ndarray) -> list[np.ndarray]:
+    """`plan_steps` with a training config's batch, seed and length settings."""
+    return plan_steps(lengths, global_batch=cfg.global_batch, global_batch_tokens=cfg.global_batch_tokens,
+                      seed=cfg.seed, epochs=cfg.epochs, max_steps=cfg.max_steps)
+
+
+def split_micro(cfg: TrainConfig, rows: np.ndarray, lengths: np.ndarray, *, world_size: int, rank: int) -> list[tuple[list[int], float]]:
+    """`split_step` with a training config's micro-batch settings."""
+    return split_step(rows, lengths, world_size=world_size, rank=rank, micro_batch=cfg.micro_batch,
+                      micro_batch_tokens=cfg.micro_batch_tokens, by_tokens=cfg.global_batch_tokens > 0)
+
+
+__all__ = ["Batch", "PackedData", "collate", "epoch_order", "plan_micro_batches", "plan_run", "plan_steps", "split_micro",
+           "split_step"]

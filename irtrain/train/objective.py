@@ -15,13 +15,17 @@ Lifecycle, in the order `train` calls it::
                                           # with the STARTING model and cached beside the shards)
                                           # or ctx.reference_model() (a frozen, resident copy)
     for each optimizer step:
-        d = objective.step_denominator(batches)    # this rank's count for the step
+        objective.begin_step(step, batches)        # hook: step-wide state (e.g. dpo's lambda)
+        d = objective.step_denominator(batches)    # pure: this rank's count for the step
         D = all-reduce sum of d over ranks         # e.g. SFT: response tokens, DPO: pairs
         for each micro-batch b of this rank:
             loss, stats = objective.micro_step(model, b, D)
             backward(loss)                         # the loop does this
         clip, step (skipped and counted if the loss or grad norm is not finite)
-    objective.evaluate(model, ctx)        # optional, every --eval-steps; returns {name: float}
+        objective.end_step(step, reduced)          # hook: the step's stats summed over ranks
+    every --eval-steps, with --eval-pairs:
+        policy = segment_logps_of(model, eval_pairs)   # the loop's one pass over the pairs
+        objective.evaluate(policy, ctx)                # extra metrics on the same log-probs
 
 The reduction rule (FORMULAS.md "Reduction"): `micro_step` returns this micro-batch's
 *share* of the step loss, i.e. sum over its items / D. Summed over the micro-batches of
@@ -30,9 +34,9 @@ on micro-batch size, accumulation or world size. (The strategy undoes DeepSpeed'
 averaging over ranks.) A filler micro-batch (`batch.weight == 0`, keeps ranks in
 lockstep) must contribute zero: multiply by `batch.weight`.
 
-Optional hooks: `state_dict() -> dict` (JSON-serialisable) is saved in every checkpoint and
-handed back to `load_state_dict(d)` on --resume, for objectives with state of their own
-(e.g. dpo's adaptive lambda).
+`state_dict() -> dict` (JSON-serialisable) is saved in every checkpoint and handed back to
+`load_state_dict(d)` on --resume, for objectives with state of their own (dpo's adaptive
+lambda). Every hook has a no-op default in `Objective`.
 
 `stats` maps metric names to (sum, count) pairs of 0-d tensors (or floats); the loop adds
 them over micro-batches and ranks and logs sum / count, so a metric is a mean over
@@ -42,11 +46,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from irtrain.config import TrainConfig
+    from irtrain.evaluation import SegmentLogps
     from irtrain.shards import ShardSet
     from irtrain.train.batching import Batch, PackedData
     from irtrain.train.reference import ReferenceLogps
@@ -55,31 +61,45 @@ if TYPE_CHECKING:
 Stats = dict[str, tuple[Any, Any]]
 
 
-@runtime_checkable
-class Objective(Protocol):
-    """See the module docstring. `name` is used in messages ("sft", "dpo")."""
+class Objective:
+    """Base class of the objectives (see the module docstring); `name` is used in messages
+    ("sft", "dpo"). Subclasses implement `check_data`, `step_denominator` and `micro_step`;
+    the other hooks default to doing nothing."""
 
-    name: str
+    name = "objective"
 
     def check_data(self, sets: list[ShardSet]) -> None:
         """Raise `ShardError`/`ConfigError` if the shard sets are of the wrong kind."""
-        ...
+        raise NotImplementedError
 
     def setup(self, ctx: TrainContext) -> None:
         """Called once before the first step (also on resume)."""
-        ...
+
+    def begin_step(self, step: int, batches: list[Batch]) -> None:
+        """Before optimizer step `step` (0-based): this rank's micro-batches of the step."""
 
     def step_denominator(self, batches: list[Batch]) -> float:
-        """This rank's count for the step (the loop all-reduces the sum)."""
-        ...
+        """This rank's count for the step (the loop all-reduces the sum). Pure."""
+        raise NotImplementedError
 
     def micro_step(self, model: Any, batch: Batch, denominator: float) -> tuple[Tensor, Stats]:
         """(loss share to backward, detached (sum, count) metrics) of one micro-batch."""
-        ...
+        raise NotImplementedError
 
-    def evaluate(self, model: Any, ctx: TrainContext) -> dict[str, float]:
-        """Extra held-out metrics (may return {})."""
-        ...
+    def end_step(self, step: int, stats: dict[str, tuple[float, float]]) -> None:
+        """After optimizer step `step`: every metric's (sum, count) over the step's
+        micro-batches of all ranks."""
+
+    def evaluate(self, policy: SegmentLogps, ctx: TrainContext) -> dict[str, float]:
+        """Extra held-out metrics from the policy's log-probs on --eval-pairs (may be {})."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The objective's own state, saved in checkpoints (JSON-serialisable)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` on --resume."""
 
 
 @dataclass
@@ -98,7 +118,7 @@ class TrainContext:
                 truly needs full reference logits, e.g. --kl-estimator full)
     """
 
-    cfg: Any
+    cfg: TrainConfig
     strategy: Strategy
     data: PackedData
     model_path: Path

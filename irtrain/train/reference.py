@@ -17,6 +17,7 @@ so no reference model and no copy of the cache stays resident during training.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,44 +30,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from irtrain.config import TrainConfig
 from irtrain.errors import ReferenceMismatchError, ShardError
-from irtrain.losses import IGNORE_INDEX, TokenStats, segment_sums
-from irtrain.shards import ShardSet
-from irtrain.train.batching import Batch, collate
+from irtrain.losses import TokenStats, segment_sums
+from irtrain.models import model_hash
+from irtrain.shards import IGNORE_INDEX, ShardSet
+from irtrain.train.batching import Batch, PackedData, collate
 from irtrain.train.packed import packed_token_stats
+from irtrain.train.strategy import Strategy
 
 FORMAT = "1"
 _ARRAYS = ("token_logps", "row_token_offsets", "seg_logps", "seg_tokens", "row_seg_offsets")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_hash_cache: dict[tuple[str, int, int], str] = {}
 
 
 # --------------------------------------------------------------------------- keys
-def _file_sha256(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _hash_cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        _hash_cache[key] = h.hexdigest()
-    return _hash_cache[key]
-
-
-def model_hash(model_dir: str | Path) -> str:
-    """Identity of a model's weights: sha256 over its config and weight files' checksums."""
-    root = Path(model_dir)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
-                   and "checkpoint-" not in p.relative_to(root).as_posix())
-    if not files:
-        raise ShardError(f"{root}: no model weights found to fingerprint")
-    h = hashlib.sha256()
-    for p in files:
-        h.update(f"{p.relative_to(root).as_posix()}={_file_sha256(p)}\n".encode())
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class ReferenceKey:
     """What a reference cache was made from."""
@@ -216,10 +193,7 @@ def sequence_logps(model: Any, shards: ShardSet, *, device: torch.device, token_
     """For this rank's rows of `shards`: (row index, token logps [T_i] f32, segment sums
     [S_i] f64, segment response-token counts [S_i] i64) under `model`, by padding-free
     forwards of at most `token_budget` tokens (at least one row)."""
-    import contextlib
-
-    lengths = np.concatenate([np.diff(np.asarray(sh.arrays["row_offsets"], dtype=np.int64)) for sh in shards.shards]) \
-        if shards.shards else np.zeros(0, dtype=np.int64)
+    lengths = shards.row_lengths
     budget = max(token_budget, int(lengths.max()) if len(lengths) else 1)
     was_training = getattr(model, "training", False)
     model.eval()
@@ -236,7 +210,7 @@ def sequence_logps(model: Any, shards: ShardSet, *, device: torch.device, token_
             model.train()
 
 
-def segment_logps(batch: Batch, stats: TokenStats) -> tuple[Tensor, Tensor, Tensor]:
+def batch_sequence_logps(batch: Batch, stats: TokenStats) -> tuple[Tensor, Tensor, Tensor]:
     """(token logps [N], segment sums [S] f64, segment response-token counts [S]) of a
     packed batch's `TokenStats`."""
     seg_of_token = batch.seg_id[stats.index]
@@ -247,7 +221,7 @@ def segment_logps(batch: Batch, stats: TokenStats) -> tuple[Tensor, Tensor, Tens
 
 
 def _split_rows(batch: Batch, stats: TokenStats, rows: list[int], row_lens: list[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    logps, sums, counts = segment_logps(batch, stats)
+    logps, sums, counts = batch_sequence_logps(batch, stats)
     logps, sums, counts = logps.float().cpu().numpy(), sums.cpu().numpy(), counts.cpu().numpy()
     labels = batch.labels[0].cpu().numpy()
     seg_ends = batch.cu_seqlens[1:].cpu().numpy()
@@ -331,3 +305,55 @@ def batch_reference(refs: list[ReferenceLogps], batch: Batch, device: torch.devi
     return (torch.from_numpy(np.concatenate(toks).astype(np.float32)).to(dev),
             torch.from_numpy(np.concatenate(sums).astype(np.float64)).to(dev),
             torch.from_numpy(np.concatenate(counts).astype(np.int64)).to(dev))
+
+
+# --------------------------------------------------------------------------- for the loop
+def eval_token_budget(cfg: TrainConfig, data: PackedData | None) -> int:
+    """Tokens per no-grad forward (reference pass, eval): the micro-batch size, or 4 rows."""
+    if cfg.micro_batch_tokens > 0:
+        return cfg.micro_batch_tokens
+    longest = int(data.lengths.max()) if data is not None and len(data.lengths) else 2048
+    return max(1, cfg.micro_batch) * longest
+
+
+class References:
+    """Reference log-probs for `TrainContext`: cached beside the shards, computed with the
+    starting model (the training model before its first step, or loaded again on resume)."""
+
+    def __init__(self, cfg: TrainConfig, strategy: Strategy, model: Any, model_path: Path, tok_hash: str, *, fresh: bool):
+        self.cfg, self.strategy, self.train_model, self.model_path, self.tok_hash = cfg, strategy, model, model_path, tok_hash
+        self.fresh = fresh
+        self._hash: str | None = None
+        self._start: Any = None
+        self._resident: Any = None
+
+    def key(self, shards: ShardSet) -> ReferenceKey:
+        if self._hash is None:
+            self._hash = self.strategy.broadcast_object(model_hash(self.model_path) if self.strategy.is_main else None)
+        return ReferenceKey(self._hash, shards.tokenizer_hash or self.tok_hash, shards.content_hash)
+
+    def _starting_model(self) -> Any:
+        if self.fresh:
+            return self.train_model
+        if self._start is None:
+            self._start = self.model()
+        return self._start
+
+    def logps(self, shards: ShardSet) -> ReferenceLogps:
+        # at most a training micro-batch of these shards per forward (not micro_batch x 2048 tokens): the
+        # reference pass then never needs more memory than a training step
+        return ensure_reference(shards, self.key(shards), model_fn=self._starting_model, strategy=self.strategy,
+                                token_budget=eval_token_budget(self.cfg, PackedData([shards])), reference_dir=self.cfg.reference_dir,
+                                meta={"model": str(self.cfg.model)})
+
+    def model(self) -> Any:
+        """A frozen copy of the starting model, resident on the device."""
+        if self._resident is None:
+            m = self.strategy.load_model(self.model_path, attn_implementation=self.cfg.attn_implementation,
+                                         trust_remote_code=self.cfg.trust_remote_code)
+            m.config.use_cache = False
+            self._resident = self.strategy.frozen(m)
+        return self._resident
+
+    def release(self) -> None:
+        self._start = None  # a resident model handed out by model() stays with its user

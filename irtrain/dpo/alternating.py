@@ -1,73 +1,38 @@
-"""Joint SFT+DPO with an adaptive lambda, and the alternating SFT/DPO schedule.
+"""The alternating SFT/DPO schedule (FORMULAS.md "Multi-objective and alternating SFT/DPO",
+seed 001 App. D; the paper found it hurts, the tool exists to reproduce and study that).
 
-FORMULAS.md "Multi-objective and alternating SFT/DPO" (seed 001 App. D). The paper found
-both hurt; they exist so that users can reproduce and study that.
-
-- Joint (`irtrain dpo --joint-sft SFT_DIR`): the SFT shards join the training data, so
-  every step samples both kinds of rows; the loss is `L_sft + lambda * L_pref` with
-  `L_sft` the per-token `ce` of the SFT rows (reduced by the SFT tokens of the step) and
-  `L_pref` the preference loss (mean over the step's pairs). Every `--lambda-interval`
-  steps the preference accuracy of those steps (`rewards/accuracies`) is compared with
-  `--target-accuracy`; `adapt_lambda` is the rule. `joint/lambda` is logged every step.
-- Alternating (`irtrain dpo --alternate-with SFT_DIR --rounds K`): both datasets are split
-  into K parts (rows, a seeded permutation) and the stages SFT_1 -> DPO_1 -> ... ->
-  SFT_K -> DPO_K run one after the other, each starting from the previous stage's final
-  checkpoint, each with its starting model as reference. Stage k writes `OUT/stage-kk-sft`
-  or `OUT/stage-kk-dpo` (its own metrics.jsonl, with a `stage` column) and a line to
-  `OUT/stages.jsonl`; `--resume` skips finished stages and resumes the unfinished one.
+`irtrain dpo --alternate-with SFT_DIR --rounds K`: both datasets are split into K parts
+(rows, a seeded permutation) and the stages SFT_1 -> DPO_1 -> ... -> SFT_K -> DPO_K run one
+after the other, each starting from the previous stage's final checkpoint, each with its
+starting model as reference. Stage k writes `OUT/stage-kk-sft` or `OUT/stage-kk-dpo` (its
+own metrics.jsonl, with a `stage` column) and a line to `OUT/stages.jsonl`; `--resume`
+skips finished stages and resumes the unfinished one.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 
-from irtrain.config import SFTConfig, TrainConfig
+from irtrain.config import DPOConfig, SFTConfig, TrainConfig
+from irtrain.dpo.data import check_preference_shards
+from irtrain.dpo.objective import PreferenceObjective
+from irtrain.dpo.options import allowed_formats, resolve_loss
 from irtrain.errors import ConfigError, ShardError
-from irtrain.shards import ARRAYS, FORMAT_VERSION, MANIFEST, ShardSet, content_hash, file_sha256
-
-
-# ============================================================================ joint SFT + DPO
-def adapt_lambda(lam: float, accuracy: float, cfg: Any) -> float:
-    """FORMULAS.md: if a* - acc <= delta then lambda/2 else 2 lambda, clamped to [min, max].
-
-    (Preference accuracy close enough to the target: weigh the preference term less.)"""
-    new = lam / 2 if cfg.target_accuracy - accuracy <= cfg.lambda_delta else lam * 2
-    return float(min(max(new, cfg.lambda_min), cfg.lambda_max))
-
-
-def check_joint_config(cfg: Any) -> None:
-    if cfg.alternate_with:
-        raise ConfigError("--joint-sft and --alternate-with are two different schedules: give one")
-    if cfg.loss == "kto":
-        raise ConfigError("--joint-sft adapts lambda on the preference accuracy, which kto (unpaired data) does not have")
-    if not 0 < cfg.target_accuracy <= 1:
-        raise ConfigError(f"--target-accuracy must be in (0, 1], got {cfg.target_accuracy}")
-    if cfg.lambda_interval < 1:
-        raise ConfigError(f"--lambda-interval must be >= 1, got {cfg.lambda_interval}")
-    if cfg.lambda_delta < 0:
-        raise ConfigError(f"--lambda-delta must be >= 0, got {cfg.lambda_delta}")
-    if not 0 < cfg.lambda_min <= cfg.lambda_init <= cfg.lambda_max:
-        raise ConfigError(f"need 0 < --lambda-min <= --lambda-init <= --lambda-max, got {cfg.lambda_min}, {cfg.lambda_init}, {cfg.lambda_max}")
-
-
-def joint_config(cfg: Any) -> Any:
-    """The run's config with the SFT shards added to its data (idempotent, so a resolved
-    config.toml fed back with --resume gives the same data)."""
-    check_joint_config(cfg)
-    sft = ShardSet(cfg.joint_sft)
-    if sft.format not in ("chat", "prompt-completion"):
-        raise ShardError(f"--joint-sft {cfg.joint_sft}: needs chat or prompt-completion shards, got `{sft.format}`")
-    data = list(cfg.data)
-    if str(cfg.joint_sft) not in data:
-        data.append(str(cfg.joint_sft))
-    return dataclasses.replace(cfg, data=data)
+from irtrain.models import check_tokenizer, load_tokenizer, resolve_model
+from irtrain.paths import check_out_dir
+from irtrain.sft import SFTObjective
+from irtrain.shards import ARRAYS, MANIFEST, SFT_FORMATS, ShardSet, write_shard_arrays
+from irtrain.train.batching import Batch
+from irtrain.train.loop import TrainResult, train
+from irtrain.train.objective import Stats
+from irtrain.train.strategy import world_from_env
 
 
 # ============================================================================ splitting shard sets
@@ -80,8 +45,8 @@ def split_rows(sets: list[ShardSet], parts: int, seed: int) -> list[list[tuple[i
 
 def write_rows(sets: list[ShardSet], rows: list[tuple[int, int]], out: Path, note: dict[str, Any]) -> ShardSet:
     """Write the given packed rows of `sets` (same format and tokenizer) as a new shard set
-    (the format of `irtrain.shards`, one shard), atomically. Example ids of later sets are
-    offset so they stay unique."""
+    (one shard, through the format's Python writer). Example ids of later sets are offset so
+    they stay unique."""
     offsets, base = [], 0
     for s in sets:
         offsets.append(base)
@@ -100,31 +65,15 @@ def write_rows(sets: list[ShardSet], rows: list[tuple[int, int]], out: Path, not
         seg_off.extend((np.asarray(r.cu_seqlens[1:], dtype=np.int64) + n).tolist())
         n += r.num_tokens
         row_off.append(n)
-    cols["row_offsets"] = [np.asarray(row_off, dtype=np.int64)]
-    cols["seg_offsets"] = [np.asarray(seg_off, dtype=np.int64)]
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "shard-00000").mkdir(parents=True)
-    try:
-        digests = {}
-        for name, (dtype, _) in ARRAYS.items():
-            arr = np.concatenate(cols[name]).astype(dtype) if cols[name] else np.zeros(0, dtype=dtype)
-            path = tmp / "shard-00000" / f"{name}.bin"
-            arr.tofile(path)
-            digests[f"{name}.bin"] = file_sha256(path)
-        shard = {"name": "shard-00000", "rows": len(rows), "segments": len(seg_off) - 1, "tokens": n, "sha256": digests}
-        first = sets[0].manifest
-        manifest = {"irtrain_shards": FORMAT_VERSION, "format": first["format"], "packed": first.get("packed", True),
-                    "max_len": max(int(s.manifest.get("max_len", 0)) for s in sets), "tokenizer_hash": first["tokenizer_hash"],
-                    "chat_template_hash": first.get("chat_template_hash", ""),
-                    "sources": [{"path": str(s.path), "content_hash": s.content_hash} for s in sets],
-                    "config": note, "report": {}, "shards": [shard], "content_hash": content_hash([shard])}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    arrays = {name: np.concatenate(cols[name]).astype(dtype) if cols[name] else np.zeros(0, dtype=dtype)
+              for name, (dtype, _) in ARRAYS.items() if name not in ("row_offsets", "seg_offsets")}
+    arrays["row_offsets"] = np.asarray(row_off, dtype=np.int64)
+    arrays["seg_offsets"] = np.asarray(seg_off, dtype=np.int64)
+    first = sets[0].manifest
+    write_shard_arrays(out, first["format"], [arrays], max_len=max(int(s.manifest.get("max_len", 0)) for s in sets),
+                       packed=first.get("packed", True), tokenizer_hash=first["tokenizer_hash"],
+                       chat_template_hash=first.get("chat_template_hash", ""),
+                       sources=[{"path": str(s.path), "content_hash": s.content_hash} for s in sets], config=note)
     return ShardSet(out)
 
 
@@ -147,26 +96,22 @@ def split_data(dirs: list[str], parts: int, seed: int, out_dir: Path, name: str)
     return paths
 
 
-# ============================================================================ the alternating schedule
-def _stage_sft_objective(cfg: SFTConfig, stage: int) -> Any:
-    from irtrain.sft import SFTObjective
+# ============================================================================ the schedule
+class StageSFT(SFTObjective):
+    """The SFT objective of one stage, logging its stage number."""
 
-    class StageSFT(SFTObjective):
-        """The SFT objective, logging its stage number."""
+    def __init__(self, cfg: SFTConfig, stage: int):
+        super().__init__(cfg)
+        self.stage = stage
 
-        def micro_step(self, model: Any, batch: Any, denominator: float) -> Any:
-            loss, stats = super().micro_step(model, batch, denominator)
-            stats["stage"] = (float(stage), 1.0)
-            return loss, stats
-
-    return StageSFT(cfg)
+    def micro_step(self, model: Any, batch: Batch, denominator: float) -> tuple[Tensor, Stats]:
+        loss, stats = super().micro_step(model, batch, denominator)
+        stats["stage"] = (float(self.stage), 1.0)
+        return loss, stats
 
 
-def _check_alternating(cfg: Any) -> tuple[list[ShardSet], ShardSet]:
+def check_alternating(cfg: DPOConfig) -> tuple[list[ShardSet], ShardSet]:
     """Everything checkable before the first stage writes anything."""
-    from irtrain.dpo import PreferenceObjective, check_preference_shards, resolve_loss
-    from irtrain.train.loop import check_out_dir, check_tokenizer, load_tokenizer, resolve_model
-
     if cfg.joint_sft:
         raise ConfigError("--joint-sft and --alternate-with are two different schedules: give one")
     if cfg.ref_model:
@@ -183,14 +128,14 @@ def _check_alternating(cfg: Any) -> tuple[list[ShardSet], ShardSet]:
     tok = load_tokenizer(model_path)
     if not cfg.data:
         raise ConfigError("no preference data: give one or more shard directories made by `irtrain prepare`")
+    assert cfg.alternate_with is not None
     pref = [ShardSet(d) for d in cfg.data]
     sft = ShardSet(cfg.alternate_with)
-    if sft.format not in ("chat", "prompt-completion"):
+    if sft.format not in SFT_FORMATS:
         raise ShardError(f"--alternate-with {cfg.alternate_with}: needs chat or prompt-completion shards, got `{sft.format}`")
-    obj = PreferenceObjective(cfg)
-    allowed = {"preference": ("preference",), "unpaired": ("unpaired",), "ranked": ("ranked",)}[obj.spec.data_format]
+    allowed = allowed_formats(cfg.loss)
     for s in pref:
-        if s.format not in allowed and not (cfg.loss == "plackett_luce" and s.format == "preference"):
+        if s.format not in allowed:
             raise ShardError(f"{s.path}: these are `{s.format}` shards; {cfg.loss} needs `{allowed[0]}` shards")
         check_preference_shards(s, s.format, cfg.loss)
     if len({s.format for s in pref}) > 1 or len({s.tokenizer_hash for s in pref}) > 1:
@@ -205,15 +150,11 @@ def _check_alternating(cfg: Any) -> tuple[list[ShardSet], ShardSet]:
     return pref, sft
 
 
-def run_alternating(cfg: Any) -> list[Any]:
+def run_alternating(cfg: DPOConfig) -> list[TrainResult]:
     """SFT_1 -> DPO_1 -> ... -> SFT_K -> DPO_K (see the module docstring). Returns each stage's
     `TrainResult`, in order."""
-    from irtrain.dpo import PreferenceObjective
-    from irtrain.train.loop import train
-
-    from irtrain.train.strategy import world_from_env
-
-    _check_alternating(cfg)
+    check_alternating(cfg)
+    assert cfg.alternate_with is not None
     out = Path(cfg.out)
     K = cfg.rounds
     main = world_from_env()[0] == 0
@@ -250,7 +191,7 @@ def run_alternating(cfg: Any) -> list[Any]:
             if kind == "sft":
                 scfg = SFTConfig(**{**shared, "model": model, "data": [str(sft_parts[r])], "out": str(stage_out),
                                     "lr": cfg.sft_lr if cfg.sft_lr is not None else cfg.lr, "resume": resume})
-                result = train(scfg, _stage_sft_objective(scfg, stage))
+                result = train(scfg, StageSFT(scfg, stage))
             else:
                 dcfg = dataclasses.replace(cfg, model=model, data=[str(pref_parts[r])], out=str(stage_out),
                                            alternate_with=None, resume=resume)
