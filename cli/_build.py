@@ -24,7 +24,7 @@ def _param(f: dataclasses.Field, tp: Any) -> inspect.Parameter:
     choices = f.metadata.get("choices")
     if choices:
         help_text += f" [{'|'.join(choices)}]"
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
     if default not in (None, "", []):
         help_text += f" (default: {default!r})"
     flag = "--" + f.name.replace("_", "-")

@@ -27,7 +27,8 @@ def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, posi
     """Declare a config field: its default, one line of help, optional choices."""
     meta = {"help": help, "choices": choices, "positional": positional}
     if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=meta)
+        items: list[Any] = list(default)
+        return field(default_factory=lambda: list(items), metadata=meta)
     return field(default=default, metadata=meta)
 
 

@@ -76,13 +76,17 @@ class SFTObjective(Objective):
         out: Stats = {}
         ref_state_logits = None
         if self.ref_model is not None:
+            assert stats.logits is not None  # keep_logits=True
             with torch.no_grad():
                 ref_state_logits = packed_token_stats(self.ref_model, batch, keep_logits=True).logits
+            assert ref_state_logits is not None
             out["kl/full"] = (KL_ESTIMATORS["full"].fn(stats.logits.detach(), ref_state_logits).sum(), n)
         if self.kl is not None:
             if self.kl.needs_logits:
+                assert stats.logits is not None and ref_state_logits is not None
                 kl_tok = self.kl.fn(stats.logits, ref_state_logits)
             else:
+                assert ref_logps is not None  # setup fetched the reference cache
                 kl_tok = self.kl.fn(stats.logps, ref_logps)
             loss = loss + cfg.kl_coef * reduce_tokens(kl_tok, denominator)
         loss = loss * batch.weight
@@ -91,6 +95,7 @@ class SFTObjective(Objective):
         with torch.no_grad():
             out["loss/" + cfg.loss] = (per_token.detach().sum() * w, n * w)
             if n:
+                assert stats.correct is not None and stats.entropies is not None  # extras=True
                 out["token_accuracy"] = (stats.correct.float().sum() * w, n * w)
                 out["entropy"] = (stats.entropies.sum() * w, n * w)
                 s0 = stats.values.detach()[first_token_mask(stats.is_last)]

@@ -272,7 +272,7 @@ def iter_documents(shard_dir: str | Path) -> Iterator[dict[str, Any]]:
     """
     ss = ShardSet(shard_dir)
     fmt = ss.format
-    index = []  # (example id, shard k, segment j)
+    index: list[tuple[int, int, int]] = []  # (example id, shard k, segment j)
     for k, sh in enumerate(ss.shards):
         ex = np.asarray(sh.arrays["seg_example"])
         index.extend(zip(ex.tolist(), [k] * len(ex), range(len(ex))))

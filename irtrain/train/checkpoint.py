@@ -83,7 +83,7 @@ def save_checkpoint(out: Path, state: TrainState, *, model: Any, tokenizer: Any,
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     strategy.save_training_state(tmp)
-    rng = {"torch": torch.get_rng_state()}
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / f"rng-{strategy.rank}.pt")

@@ -49,7 +49,7 @@ def _logits_into(buf: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, co
 class _LMHeadStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, tau: float, chunk: int,
-                extras: bool) -> tuple[Tensor, ...]:
+                extras: bool) -> tuple[Tensor | None, ...]:
         dev = h.device.type
         # Under autocast the head runs in the autocast dtype (as `nn.Linear` would); the
         # backward, which runs outside autocast, uses the same dtype explicitly.
@@ -57,17 +57,17 @@ class _LMHeadStats(torch.autograd.Function):
         # statistics in float32 (float64 when the head is float64, e.g. for gradcheck)
         acc = ctx.acc_dtype = torch.promote_types(cd, torch.float32)
         n, vocab = h.shape[0], weight.shape[0]
-        f32 = dict(dtype=acc, device=h.device)
-        logps, lse, lse_tau = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
+        logps, lse = torch.empty(n, dtype=acc, device=h.device), torch.empty(n, dtype=acc, device=h.device)
+        lse_tau = torch.empty(n, dtype=acc, device=h.device)
         correct = torch.zeros(n, dtype=torch.bool, device=h.device) if extras else None
-        ents = torch.empty(n, **f32) if extras else None
-        buf = torch.empty(min(n, chunk), vocab, **f32)
+        ents = torch.empty(n, dtype=acc, device=h.device) if extras else None
+        buf = torch.empty(min(n, chunk), vocab, dtype=acc, device=h.device)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             z = _logits_into(buf, h[a:b], weight, bias, cd)  # [C, V] logits
             t = targets[a:b, None]
             target_logit = z.gather(1, t).squeeze(1)
-            if extras:
+            if correct is not None:
                 correct[a:b] = z.argmax(-1) == targets[a:b]
             if tau != 1.0:
                 lse_tau[a:b] = torch.logsumexp(z / tau, dim=-1)
@@ -76,7 +76,7 @@ class _LMHeadStats(torch.autograd.Function):
             total = e.sum(-1)
             lse[a:b] = m.squeeze(1) + total.log()
             logps[a:b] = target_logit - lse[a:b]
-            if extras:
+            if ents is not None:
                 # H = -sum p log p with p = e / total: log(total) - sum(e log e) / total
                 ents[a:b] = total.log() - torch.special.xlogy(e, e).sum(-1) / total
         del buf
@@ -117,14 +117,14 @@ class _LMHeadStats(torch.autograd.Function):
                 del q
             gz.scatter_add_(1, targets[a:b, None], g_lp[a:b, None])
             gzc = gz.to(cd)
-            if need_h:
+            if grad_h is not None:
                 grad_h[a:b] = gzc @ w
-            if need_w:
+            if grad_w is not None:
                 if cd == acc:
                     grad_w.addmm_(gzc.t(), hc)
                 else:
                     grad_w.add_(gzc.t() @ hc)
-            if need_b:
+            if grad_b is not None:
                 grad_b.add_(gz.sum(0))
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)

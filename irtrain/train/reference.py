@@ -221,8 +221,8 @@ def batch_sequence_logps(batch: Batch, stats: TokenStats) -> tuple[Tensor, Tenso
 
 
 def _split_rows(batch: Batch, stats: TokenStats, rows: list[int], row_lens: list[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    logps, sums, counts = batch_sequence_logps(batch, stats)
-    logps, sums, counts = logps.float().cpu().numpy(), sums.cpu().numpy(), counts.cpu().numpy()
+    logps_t, sums_t, counts_t = batch_sequence_logps(batch, stats)
+    logps, sums, counts = logps_t.float().cpu().numpy(), sums_t.cpu().numpy(), counts_t.cpu().numpy()
     labels = batch.labels[0].cpu().numpy()
     seg_ends = batch.cu_seqlens[1:].cpu().numpy()
     tok_off = seg_off = pos = 0
@@ -267,7 +267,7 @@ def compute_reference(model: Any, shards: ShardSet, key: ReferenceKey, path: Pat
         if sorted(parts) != list(range(n)):
             raise ShardError(f"{shards.path}: reference pass covered {len(parts)} of {n} rows")
         order = [parts[i] for i in range(n)]
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "token_logps": np.concatenate([p[0] for p in order]).astype(np.float32) if n else np.zeros(0, np.float32),
             "row_token_offsets": np.concatenate([[0], np.cumsum([len(p[0]) for p in order])]).astype(np.int64),
             "seg_logps": np.concatenate([p[1] for p in order]).astype(np.float64) if n else np.zeros(0, np.float64),

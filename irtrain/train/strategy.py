@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from irtrain.config import TrainConfig
 from irtrain.errors import ConfigError
+from irtrain.models import resolve_device, resolve_dtype
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -39,7 +40,8 @@ def world_from_env() -> tuple[int, int, int]:
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: no weight decay on biases and norm weights (1-D parameters)."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -49,7 +51,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return groups
 
 
-def _adamw(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
+def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         _param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
     )
@@ -60,15 +62,10 @@ class Strategy:
 
     name = "single"
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.rank, self.local_rank, self.world_size = 0, 0, 1
-        dev = cfg.device
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
-        if dev.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no CUDA GPU is available")
-        self.device = torch.device(dev)
+        self.device = resolve_device(cfg.device)
         self.model: Any = None
         self.optimizer: torch.optim.Optimizer | None = None
 
@@ -83,7 +80,7 @@ class Strategy:
 
     def param_dtype(self) -> torch.dtype:
         """dtype to load parameters in. auto: fp32 (with bf16 autocast on GPU)."""
-        return _DTYPES.get(self.cfg.dtype, torch.float32)
+        return resolve_dtype(self.cfg.dtype, auto=torch.float32)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.on_gpu and self.cfg.dtype == "auto":
@@ -120,8 +117,12 @@ class Strategy:
         return model
 
     # ------------------------------------------------------------------ step
+    def _opt(self) -> torch.optim.Optimizer:
+        assert self.optimizer is not None, "setup(model) first"
+        return self.optimizer
+
     def set_lr(self, lr: float) -> None:
-        for g in self.optimizer.param_groups:
+        for g in self._opt().param_groups:
             g["lr"] = lr
 
     def begin_micro_step(self, *, last: bool) -> None:
@@ -138,8 +139,8 @@ class Strategy:
         norm_f = float(norm)
         applied = finite_loss and math.isfinite(norm_f)
         if applied:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            self._opt().step()
+        self._opt().zero_grad(set_to_none=True)
         return norm_f, applied
 
     # ------------------------------------------------------------------ collectives
@@ -155,11 +156,11 @@ class Strategy:
     # ------------------------------------------------------------------ checkpoints
     def save_training_state(self, path: Path) -> None:
         """Optimizer state (everything but the weights, which go to safetensors)."""
-        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+        torch.save(self._opt().state_dict(), path / "optimizer.pt")
 
     def load_training_state(self, path: Path) -> None:
         state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state)
+        self._opt().load_state_dict(state)
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         """The model's full state dict on the main rank (None: use the module's own)."""
@@ -173,7 +174,7 @@ class Strategy:
 _ZERO = {"zero1": 1, "zero2": 2, "zero3": 3}
 
 
-def deepspeed_config(spec: str, cfg: Any, *, bf16: bool, world_size: int) -> dict[str, Any]:
+def deepspeed_config(spec: str, cfg: TrainConfig, *, bf16: bool, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config: a preset (zero1|zero2|zero3) or a user file whose "auto"
     values are filled in from the flags. DeepSpeed's batch sizes are bookkeeping only (the
     loop sets accumulation boundaries and scales losses itself); they are filled in to
@@ -223,7 +224,7 @@ class DeepSpeedStrategy(Strategy):
 
     name = "deepspeed"
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: TrainConfig):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -243,7 +244,7 @@ class DeepSpeedStrategy(Strategy):
         self.bf16 = (self.on_gpu and cfg.dtype == "auto") or cfg.dtype == "bfloat16"
         if cfg.dtype == "float16":
             raise ConfigError("--dtype float16 is not supported with --deepspeed (use bfloat16)")
-        self.ds_config = deepspeed_config(cfg.deepspeed, cfg, bf16=self.bf16, world_size=self.world_size)
+        self.ds_config = deepspeed_config(cfg.deepspeed or "", cfg, bf16=self.bf16, world_size=self.world_size)
         self.stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self._hf_ds_config: Any = None
         self.engine: Any = None
@@ -336,7 +337,7 @@ class DeepSpeedStrategy(Strategy):
             torch.distributed.barrier()
 
 
-def make_strategy(cfg: Any) -> Strategy:
+def make_strategy(cfg: TrainConfig) -> Strategy:
     """Single process unless `--deepspeed` is given; a multi-process launch without it is an error."""
     _, _, world = world_from_env()
     if cfg.deepspeed:
