@@ -17,12 +17,12 @@ import time
 
 from seed_common import Lab, conclude, main_of, table
 
+from irtrain.tasks import sft_example
+
 EXAMPLE = "seed_3_tau"
 
 
 def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1) -> bool:
-    from irtrain.tasks import sft_example
-
     t0 = time.perf_counter()
     lab = Lab(out, scale=scale, seed=seed, threads=threads)
     other = Lab(out, scale=scale, seed=seed, threads=threads, init_seed=seed + 1)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from seed_common import Lab, conclude, main_of, table, value_s0
 
+from irtrain.report import plot_lines, series
+
 EXAMPLE = "seed_4_value_s0"
 
 
@@ -27,8 +29,6 @@ def spearman(x: list[float], y: list[float]) -> float:
 
 
 def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1) -> bool:
-    from irtrain.report import plot_lines, series
-
     t0 = time.perf_counter()
     lab = Lab(out, scale=scale, seed=seed, threads=threads)
     total = lab.plan.sft_steps

@@ -1,7 +1,8 @@
 """Seed 001 App. D: joint SFT+DPO with an adaptive λ, and alternating SFT/DPO, both hurt.
 
 The paper tried training SFT and DPO as one objective, L = L_sft + λ·L_pref with λ halved
-when the preference accuracy is within δ of a target and doubled otherwise (FORMULAS.md),
+when the preference accuracy is within δ of a target and doubled otherwise
+(FORMULAS.md "Multi-objective and alternating SFT/DPO"),
 and an alternating schedule SFT_1 → DPO_1 → … → SFT_4 → DPO_4; both gave worse models than
 the sequential SFT → DPO (AlpacaEval 2: each SFT stage after a DPO stage lowered the win
 rate, e.g. 12.94 → 8.44).
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from seed_common import Lab, conclude, main_of, table
 
+from irtrain.shards import ShardSet
+
 EXAMPLE = "seed_6_joint"
 
 
@@ -31,8 +34,6 @@ def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1) -> boo
     # every schedule trains on 2 epochs of each dataset with the same global batch of packed rows
     seq_sft = lab.sft("seq-sft", epochs=2.0, max_steps=0, global_batch=batch, micro_batch=batch)
     seq = lab.dpo("seq-dpo", seq_sft.final, epochs=2.0, max_steps=0)
-    from irtrain.shards import ShardSet
-
     rows = 2 * (len(ShardSet(sft_shards)) + len(ShardSet(pref_shards)))
     joint = lab.dpo("joint", lab.base, joint_sft=sft_shards, lr=pl.sft_lr, max_steps=rows // batch,
                     target_accuracy=0.8, lambda_interval=10, lambda_init=1.0)

@@ -34,10 +34,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
-from irtrain.config import DPOConfig, QuickstartConfig, SFTConfig, config_to_dict
+from irtrain import dpo, prepare, rank, score, sft
+from irtrain.config import (
+    DPOConfig,
+    PrepareConfig,
+    QuickstartConfig,
+    RankConfig,
+    ScoreConfig,
+    SFTConfig,
+    TrainConfig,
+    config_to_dict,
+)
+from irtrain.evaluation import model_segment_logps
+from irtrain.models import model_hash
+from irtrain.quickstart import (
+    SHARD_SETS,
+    Quickstart,
+    quiet_transformers,
+    stage_model,
+    stage_prepare,
+    stage_task,
+    stage_tokenizer,
+)
+from irtrain.report import md_table, pair_index, preference_accuracy, read_metrics
+from irtrain.shards import Segment, ShardSet, write_shard_set
+from irtrain.tasks import generate_problems, make_task, read_jsonl, task_accuracy, write_jsonl
+from irtrain.toy import tiny_llama
 
 console = Console(highlight=False)
 
@@ -50,8 +76,6 @@ class Run:
     seconds: float
 
     def metrics(self) -> list[dict[str, Any]]:
-        from irtrain.report import read_metrics
-
         return read_metrics(self.out)
 
     def checkpoint(self, step: int) -> Path:
@@ -64,11 +88,7 @@ class Lab:
     def __init__(self, out: str | Path, *, scale: float = 1.0, seed: int = 0, demo_bug_rate: float | None = None,
                  threads: int = 1, pretrain: bool = True, base_from: Lab | None = None, init_seed: int | None = None,
                  pretrain_format: str = "text"):
-        import torch
-
-        from irtrain.quickstart import Quickstart, _quiet_transformers
-
-        _quiet_transformers()
+        quiet_transformers()
         if threads:
             torch.set_num_threads(threads)
         self.root = Path(out)
@@ -87,8 +107,6 @@ class Lab:
         self.pretrain_format = pretrain_format
         self.tag = "" if pretrain_format == "text" else "-chat"
         if init_seed is not None and init_seed != seed:  # another prior: the same architecture, another init
-            from irtrain.toy import tiny_llama
-
             pl = self.plan
             self.untrained = self.q.out / f"model-init-seed{init_seed}"
             self.tag += f"-seed{init_seed}"
@@ -104,9 +122,6 @@ class Lab:
     # ------------------------------------------------------------------ data and model
     def _build(self) -> None:
         """The quickstart's stages task -> tokenizer -> model -> prepare (reused when the plan is unchanged)."""
-        from irtrain.quickstart import SHARD_SETS, stage_model, stage_prepare, stage_task, stage_tokenizer
-        from irtrain.tasks import make_task
-
         q, pl = self.q, self.plan
         stamp = q.out / "lab.json"
         want = json.dumps(dataclasses.asdict(pl), sort_keys=True, default=str)
@@ -129,16 +144,12 @@ class Lab:
         learns arithmetic, not the assistant format), as many as the SFT set, same steps and lr.
         With ``pretrain_format="chat"`` the corpus is the same conversations rendered with the
         chat template (a base that already knows the assistant format, every token trained)."""
-        from irtrain.tasks import generate_problems
-
         pl, task = self.plan, self.q.task
         fresh = generate_problems(pl.n_sft, seed=pl.seed * 1000 + 7, spec=task.spec,
                                   exclude=task.sft + task.pref + task.heldout)
         shards = self.q.out / "extra-shards" / f"pretrain-{self.pretrain_format}"
         if not (shards / "manifest.json").is_file():
             from transformers import AutoTokenizer
-
-            from irtrain.shards import ShardSet
 
             if self.pretrain_format == "chat":
                 tok = AutoTokenizer.from_pretrained(str(self.q.p["tokenizer"]))
@@ -148,7 +159,7 @@ class Lab:
             write_text_shards(shards, texts, self.q.p["model"], pl.max_len,
                               ShardSet(self.shards["sft"]).tokenizer_hash)  # same tokenizer as prepare's shards
         run = self._train(f"pretrain{self.tag}", self.sft_config(model=str(self.untrained), data=[str(shards)],
-                                                                 eval_pairs=None), _sft_run)
+                                                                 eval_pairs=None), sft.run)
         return run.final
 
     @property
@@ -162,10 +173,6 @@ class Lab:
 
     def prepare(self, name: str, rows: list[dict[str, Any]], fmt: str) -> Path:
         """Write rows as JSONL and run `irtrain prepare` on them (cached by prepare itself)."""
-        from irtrain import prepare
-        from irtrain.config import PrepareConfig
-        from irtrain.tasks import write_jsonl
-
         src = write_jsonl(self.q.out / "extra" / f"{name}.jsonl", rows)
         out = self.q.out / "extra-shards" / name
         prepare.run(PrepareConfig(inputs=[str(src)], out=str(out), tokenizer=str(self.q.p["tokenizer"]), format=fmt,
@@ -193,14 +200,12 @@ class Lab:
         return DPOConfig(**base)
 
     def sft(self, name: str, **over: Any) -> Run:
-        return self._train(name, self.sft_config(**over), _sft_run)
+        return self._train(name, self.sft_config(**over), sft.run)
 
     def dpo(self, name: str, model: str | Path, **over: Any) -> Run:
-        from irtrain import dpo
-
         return self._train(name, self.dpo_config(model, **over), dpo.run)
 
-    def _train(self, name: str, cfg: Any, run_fn: Any) -> Run:
+    def _train(self, name: str, cfg: TrainConfig, run_fn: Any) -> Run:
         """Run `run_fn(cfg)` into OUT/runs/<name>, or reuse the finished run made with the same config."""
         out = self.runs / name
         cfg = dataclasses.replace(cfg, out=str(out))
@@ -226,18 +231,13 @@ class Lab:
 
     # ------------------------------------------------------------------ evaluation
     def _segment_logps(self, model: Path) -> Any:
-        from irtrain.report import segment_logps
-
         k = str(model)
         if k not in self._logps:
-            self._logps[k] = segment_logps(model, self.shards["heldout_pref"])
+            self._logps[k] = model_segment_logps(model, self.shards["heldout_pref"])
         return self._logps[k]
 
     def evaluate(self, model: str | Path) -> dict[str, float]:
         """Held-out task accuracy and held-out preference accuracy of a model."""
-        from irtrain.report import pair_index, preference_accuracy
-        from irtrain.tasks import read_jsonl, task_accuracy
-
         model = Path(model)
         if str(model) in self._eval:
             return self._eval[str(model)]
@@ -253,9 +253,6 @@ class Lab:
 
     def score_rank(self, name: str, models: dict[str, Path]) -> dict[str, Any]:
         """`irtrain score` every model on the held-out traces, then `irtrain rank` them."""
-        from irtrain import rank, score
-        from irtrain.config import RankConfig, ScoreConfig
-
         root = self.root / "tau" / name
         if root.exists():
             shutil.rmtree(root)
@@ -272,8 +269,6 @@ def write_text_shards(out: Path, texts: list[str], model_dir: Path, max_len: int
     rows of at most `max_len` tokens, written with `irtrain.shards.write_shard_set` (the
     reference writer of the shard format, meant for pre-tokenized data)."""
     from transformers import AutoTokenizer
-
-    from irtrain.shards import Segment, write_shard_set
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     rows: list[list[Segment]] = [[]]
@@ -293,23 +288,14 @@ def write_text_shards(out: Path, texts: list[str], model_dir: Path, max_len: int
     return out
 
 
-def _fingerprints(cfg: Any) -> dict[str, str]:
+def _fingerprints(cfg: TrainConfig) -> dict[str, str]:
     """What a run's result depends on besides its config: the starting model's weights and
     the data's content (so a cached run is reused only when its inputs are unchanged)."""
-    from irtrain.shards import ShardSet
-    from irtrain.train.reference import model_hash
-
     fp = {"model": model_hash(cfg.model)}
     for d in [*cfg.data, cfg.eval_pairs, getattr(cfg, "joint_sft", None), getattr(cfg, "alternate_with", None)]:
         if d:
             fp[str(d)] = ShardSet(d).content_hash
     return fp
-
-
-def _sft_run(cfg: SFTConfig) -> Any:
-    from irtrain import sft
-
-    return sft.run(cfg)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -322,8 +308,6 @@ def value_s0(run: Run, step: int, window: int = 5) -> float:
 
 def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
     """Print a rich table and return the same as markdown."""
-    from irtrain.report import md_table
-
     t = Table(title=title, title_justify="left")
     for h in header:
         t.add_column(h)

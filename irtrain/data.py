@@ -2,8 +2,9 @@
 
 - Reading prepared data: `iter_documents(shard_dir)` (from `irtrain.shards`; one
   dict per source example) and `ShardSet` for packed rows.
-- Tokenizers and templates: `load_tokenizer(name_or_dir)` finds `tokenizer.json`,
-  the chat template and the named special tokens, without importing transformers.
+- Tokenizers and templates: `load_tokenizer_files(name_or_dir)` finds `tokenizer.json`,
+  the chat template and the named special tokens, without importing transformers (the
+  model's transformers tokenizer is `irtrain.models.load_tokenizer`).
 - Inputs: `resolve_inputs(...)` turns files, directories and Hugging Face dataset
   names into `Source`s whose `chunks()` yield JSON-lines buffers with row numbers.
 - Encoding raw rows the way `prepare` does (render the chat template, tokenize
@@ -11,6 +12,9 @@
   for callers such as `score` that need token ids and labels without shards.
 
 The heavy work happens in the Rust extension (`irtrain._rust`), outside the GIL.
+
+Why one module: it is the one Python face of the Rust data path (tokenizer files, input
+sources, encoding, packing, shard writing share its types), a little over ~450 lines.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from irtrain.errors import DataError, IrtrainIOError, TemplateError, TokenizerEr
 from irtrain.shards import FORMATS, ShardSet, iter_documents
 
 __all__ = [
-    "iter_documents", "ShardSet", "TokenizerFiles", "load_tokenizer", "Source", "Chunk", "resolve_inputs",
+    "iter_documents", "ShardSet", "TokenizerFiles", "load_tokenizer_files", "Source", "Chunk", "resolve_inputs",
     "Encoder", "encode_rows", "detect_format", "pack_bfd", "write_shards", "preparer", "row_error", "FORMATS", "MASKS",
 ]
 
@@ -79,7 +83,7 @@ def _hub_file(repo: str, filename: str, required: bool) -> Path | None:
         return None
 
 
-def load_tokenizer(name_or_dir: str, chat_template_file: str | None = None) -> TokenizerFiles:
+def load_tokenizer_files(name_or_dir: str, chat_template_file: str | None = None) -> TokenizerFiles:
     """Find `tokenizer.json`, the chat template and the special tokens of a local
     directory or hub repo. The template is, in order: `chat_template_file`,
     `chat_template.jinja`, `tokenizer_config.json`'s `chat_template` (its
@@ -251,7 +255,9 @@ class Source:
     def _arrow_chunk(self, batch: Any, progress: int) -> Chunk:
         import polars as pl
 
-        text = pl.from_arrow(batch).write_ndjson()
+        frame = pl.from_arrow(batch)
+        assert isinstance(frame, pl.DataFrame)  # a table or record batch, never one column
+        text = frame.write_ndjson()
         first = self.rows + 1
         self.rows += batch.num_rows
         return Chunk(text.encode("utf-8"), first, progress)
@@ -361,7 +367,7 @@ class Encoder:
 
     def __init__(self, tokenizer: str | TokenizerFiles, *, fmt: str = "chat", mask: str = "assistant",
                  chat_template: str | None = None, threads: int = 0, fast_bpe: bool = True):
-        tok = tokenizer if isinstance(tokenizer, TokenizerFiles) else load_tokenizer(tokenizer, chat_template)
+        tok = tokenizer if isinstance(tokenizer, TokenizerFiles) else load_tokenizer_files(tokenizer, chat_template)
         if tok.chat_template is None:
             raise TemplateError(f"{tok.name}: the tokenizer has no chat template; pass --chat-template FILE")
         if fmt not in FORMATS:
@@ -382,8 +388,9 @@ class Encoder:
 
     @property
     def tokenizer_hash(self) -> str:
-        """sha256 of the tokenizer's canonical serialization: what manifests record and what
-        `irtrain.train` compares with sha256(transformers' `backend_tokenizer.to_str()`)."""
+        """sha256 of the tokenizer's canonical serialization: what manifests record; equal to
+        `irtrain.models.tokenizer_hash` of the transformers tokenizer, which training and
+        `irtrain score` compare with it."""
         return self._enc.tokenizer_hash
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:

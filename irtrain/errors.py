@@ -53,7 +53,3 @@ class TrainingError(IrtrainError):
 
 class IrtrainIOError(IrtrainError):
     """Reading or writing a file failed."""
-
-
-class NotBuiltError(IrtrainError):
-    """The command exists in the CLI but its implementation has not landed yet."""

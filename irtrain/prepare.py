@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from irtrain.config import PrepareConfig, config_to_dict
-from irtrain.data import TokenizerFiles, detect_format, first_row, load_tokenizer, preparer, resolve_inputs, row_error
+from irtrain.data import TokenizerFiles, detect_format, first_row, load_tokenizer_files, preparer, resolve_inputs, row_error
 from irtrain.errors import ConfigError, DataError, ShardError, TemplateError
 from irtrain.shards import FORMAT_VERSION, MANIFEST, ShardSet, content_hash, iter_documents
 
@@ -42,7 +42,7 @@ def run(cfg: PrepareConfig, *, console: Any = None) -> dict[str, Any]:
     _check(cfg)
     started = time.perf_counter()
     out = Path(cfg.out)
-    tok = load_tokenizer(cfg.tokenizer, cfg.chat_template)
+    tok = load_tokenizer_files(cfg.tokenizer, cfg.chat_template)
     if tok.chat_template is None:
         raise TemplateError(f"{cfg.tokenizer}: the tokenizer has no chat template; pass --chat-template FILE")
     sources = resolve_inputs(cfg.inputs, split=cfg.split, subset=cfg.subset)

@@ -31,6 +31,8 @@ import numpy as np
 
 from irtrain.config import RankConfig, config_to_dict
 from irtrain.errors import ConfigError, DataError, IrtrainIOError
+from irtrain.paths import check_out_dir
+from irtrain.score import read_table_meta
 from irtrain.stats import kendall_tau_matrix
 
 KEY = ("example_id", "part", "step")
@@ -57,9 +59,6 @@ def run(cfg: RankConfig, *, console: Any = None) -> dict[str, Any]:
     check_compatible(loaded)
     aligned = align(loaded, intersect=cfg.intersect)
     result = rank_values(aligned.values, aligned.trace_starts, bootstrap=cfg.bootstrap, seed=cfg.seed)
-
-    from irtrain.train.loop import check_out_dir
-
     out = check_out_dir(Path(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
     labels = [t.label for t in loaded]
@@ -145,8 +144,6 @@ def _listed_tables(d: Path) -> list[Path]:
 def load_table(label: str, path: Path) -> Table:
     """Read a score table's keys and values, refusing anything rank cannot use."""
     import polars as pl
-
-    from irtrain.score import read_table_meta
 
     meta = read_table_meta(path)
     if meta.get("kind") != "irtrain-score":

@@ -1,13 +1,16 @@
-"""Held-out preference accuracy, plots and the markdown report of `irtrain quickstart`
-(and of the seed experiments in examples/).
+"""Held-out preference accuracy, plots and the markdown pieces of the `irtrain quickstart`
+report (and of the seed experiments in examples/).
 
-Held-out preference accuracy (FORMULAS.md, "Implicit-reward metrics"): on preference
+Held-out preference accuracy (FORMULAS.md "Implicit-reward metrics"): on preference
 shards from `irtrain prepare`, the fraction of pairs whose implicit-reward margin
 ``m = β((logπ(y_w) - logπ_ref(y_w)) - (logπ(y_l) - logπ_ref(y_l)))`` is > 0, and the
-sigmoid DPO loss ``-logσ(m)``. Sequence log-probs come from the same padding-free forward
-the training loop uses (`irtrain.train.reference.sequence_logps`), pairs from
-`irtrain.train.loop.preference_pairs`. Without a reference, the reference-free ranking
-``logπ(y_w) > logπ(y_l)`` is reported as ``logp_accuracy``.
+sigmoid DPO loss ``-logσ(m)``. Everything is computed by `irtrain.evaluation`, the one
+held-out preference evaluation of the package: segment log-probs by
+`evaluation.model_segment_logps` (the training loop's padding-free forward), pairs by
+`evaluation.preference_pairs`, margins, losses and accuracies by `evaluation.pair_metrics`;
+`preference_accuracy` only summarizes them (means, and a breakdown by group). Without a
+reference, the reference-free ranking ``logπ(y_w) > logπ(y_l)`` is reported as
+``logp_accuracy``.
 """
 from __future__ import annotations
 
@@ -18,34 +21,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from irtrain.evaluation import pair_metrics, preference_pairs
+from irtrain.shards import ShardSet
+
 #: A fixed colour per stage, so every plot reads the same.
 COLORS = {"untrained": "#999999", "sft": "#1f77b4", "dpo": "#d62728"}
 
 
 # --------------------------------------------------------------------------- preference accuracy
-def segment_logps(model_dir: str | Path, shards_dir: str | Path, *, token_budget: int = 4096) -> np.ndarray:
-    """log π(y) (sum over response tokens) of every segment of a shard set, in global segment
-    order, under the model saved in ``model_dir``. [S] float64."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from irtrain.shards import ShardSet
-    from irtrain.train.reference import sequence_logps
-
-    shards = ShardSet(shards_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.config.use_cache = False
-    sums: dict[int, np.ndarray] = {}
-    for i, _, seg_sums, _ in sequence_logps(model, shards, device=torch.device("cpu"), token_budget=token_budget):
-        sums[i] = np.asarray(seg_sums, dtype=np.float64)
-    return np.concatenate([sums[i] for i in range(len(shards))]) if sums else np.zeros(0)
-
-
 def pair_index(shards_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(chosen segment, rejected segment, example id) of every pair in preference shards."""
-    from irtrain.shards import ShardSet
-    from irtrain.train.loop import preference_pairs
-
     shards = ShardSet(shards_dir)
     chosen, rejected = preference_pairs(shards)
     ex = np.concatenate([np.asarray(sh.arrays["seg_example"], dtype=np.int64) for sh in shards.shards])
@@ -57,27 +42,29 @@ def preference_accuracy(policy: np.ndarray, pairs: tuple[np.ndarray, np.ndarray,
                         groups: Sequence[str] | None = None) -> dict[str, Any]:
     """Held-out preference metrics from per-segment log-probs (see the module docstring).
 
-    policy, reference: [S] segment log-probs (`segment_logps`); pairs: `pair_index`;
-    groups: a label per example id (e.g. the planted error kind) for a breakdown.
+    policy, reference: [S] segment log-probs (`evaluation.model_segment_logps`); pairs:
+    `pair_index`; groups: a label per example id (e.g. the planted error kind) for a breakdown.
     """
     chosen, rejected, examples = pairs
     if len(chosen) == 0:
         raise ValueError("no preference pairs")
-    lp_margin = policy[chosen] - policy[rejected]
-    out: dict[str, Any] = {"n": int(len(chosen)), "logp_accuracy": float(np.mean(lp_margin > 0))}
-    if reference is not None:
-        m = beta * (lp_margin - (reference[chosen] - reference[rejected]))
-        out["accuracy"] = float(np.mean(m > 0))
-        out["loss"] = float(np.mean(np.logaddexp(0.0, -m)))  # -log sigmoid(m)
-        out["mean_margin"] = float(np.mean(m))
+    pm = pair_metrics(policy, chosen, rejected, reference=reference, beta=beta)
+    ranked = (pm.logp_margin > 0).numpy()
+    out: dict[str, Any] = {"n": int(len(chosen)), "logp_accuracy": float(np.mean(ranked))}
+    correct = None
+    if pm.margin is not None and pm.loss is not None and pm.correct is not None:
+        correct = pm.correct.numpy()
+        out["accuracy"] = float(np.mean(correct))
+        out["loss"] = float(pm.loss.mean())
+        out["mean_margin"] = float(pm.margin.mean())
     if groups is not None:
         by: dict[str, dict[str, float]] = {}
         labels = np.asarray([groups[int(e)] for e in examples])
         for g in sorted(set(labels.tolist())):
             sel = labels == g
-            entry = {"n": int(sel.sum()), "logp_accuracy": float(np.mean(lp_margin[sel] > 0))}
-            if reference is not None:
-                entry["accuracy"] = float(np.mean(m[sel] > 0))
+            entry = {"n": int(sel.sum()), "logp_accuracy": float(np.mean(ranked[sel]))}
+            if correct is not None:
+                entry["accuracy"] = float(np.mean(correct[sel]))
             by[g] = entry
         out["by_group"] = by
     return out

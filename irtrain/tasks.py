@@ -41,6 +41,9 @@ and checks a generated answer exactly (`check_answer`, `check_steps`).
 
 Everything is deterministic in ``seed``. Numbers stay small (operands 1-9,
 running values 0-29) so a tiny model on a CPU learns the task in minutes.
+
+Why one module: the task is one thing (generator, corruptions, writers and checker share
+`Problem` and its step format), a little over ~450 lines.
 """
 from __future__ import annotations
 

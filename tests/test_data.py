@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from irtrain import data
 from irtrain.errors import DataError, TemplateError
+from irtrain.models import tokenizer_hash
 from irtrain.shards import ARRAYS, Segment, write_shard_set
 
 
@@ -86,8 +87,8 @@ def test_bfd_needs_no_more_rows_than_trl():
 
 
 # --------------------------------------------------------------------------- tokenizer files and rendering
-def test_load_tokenizer_reads_template_and_specials(tokenizer_dirs):
-    tok = data.load_tokenizer(str(tokenizer_dirs["llama3"]))
+def test_load_tokenizer_files_reads_template_and_specials(tokenizer_dirs):
+    tok = data.load_tokenizer_files(str(tokenizer_dirs["llama3"]))
     assert dict(tok.special_tokens)["bos_token"] == "<|begin_of_text|>"
     assert "<|start_header_id|>" in tok.chat_template
     assert len(tok.file_sha256) == 64
@@ -104,12 +105,23 @@ def test_tokenizer_hash_matches_what_training_checks(tokenizer_dirs):
     assert data.Encoder(str(d)).tokenizer_hash == hashlib.sha256(backend.to_str().encode()).hexdigest()
 
 
+@pytest.mark.parametrize("template", ["chatml", "llama3", "mistral"])
+def test_encoder_tokenizer_hash_is_models_tokenizer_hash(tokenizer_dirs, template):
+    """One definition of the tokenizer hash: the Rust data path's (what `prepare` writes into
+    manifests) is `irtrain.models.tokenizer_hash` of the transformers tokenizer (what
+    training and score check shards against)."""
+    from transformers import AutoTokenizer
+
+    d = tokenizer_dirs[template]
+    assert data.Encoder(str(d)).tokenizer_hash == tokenizer_hash(AutoTokenizer.from_pretrained(str(d)))
+
+
 def test_missing_tokenizer_dir_is_an_error(tmp_path):
     from irtrain.errors import TokenizerError
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
-        data.load_tokenizer(str(tmp_path / "empty"))
+        data.load_tokenizer_files(str(tmp_path / "empty"))
 
 
 HF_STYLE_TEMPLATE = (

@@ -232,9 +232,9 @@ def test_packing_keeps_every_document_once_and_intact(tokenizer_dirs, tmp_path_f
 
 
 def test_packing_over_several_windows_is_still_valid(tokenizer_dirs, tmp_path):
-    from irtrain.data import load_tokenizer, preparer
+    from irtrain.data import load_tokenizer_files, preparer
 
-    tok = load_tokenizer(str(tokenizer_dirs["chatml"]))
+    tok = load_tokenizer_files(str(tokenizer_dirs["chatml"]))
     rng = np.random.default_rng(1)
     rows = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "w " * int(n)}]}
             for n in rng.integers(1, 80, size=300)]

@@ -1,0 +1,155 @@
+"""`irtrain score`: what a model's logits say about the value of each reasoning state.
+
+For every response (the tokens whose label is not -100) the response is split into
+steps at `--step-delimiter` (FORMULAS.md, "Value ranking"), and the soft value
+``V(s) = τ·logsumexp(l(s)/τ)`` (`--value-temperature` τ) is read at
+
+- step 0: ``s_0``, the last prompt position (its logits predict the first response token);
+- step k ≥ 1: the position of step k's last token (the state after step k).
+
+A step ends where its delimiter ends (the delimiter belongs to the step it closes; a run
+of delimiters counts as one; a delimiter at the very start opens no step), and the last
+step ends at the response's last token. "Last token" is exact at the byte level: each
+token's bytes are known (byte-level BPE: its byte alphabet; otherwise incremental
+decoding), and the token holding a step's last byte ends that step. When two steps end
+in the same token (a token holding a delimiter run and more), the later one is kept.
+
+Output, in ``--out``: one Parquet table per model, ``<name>.parquet``, one row per state:
+
+=================  =========================================================================
+example_id, part   the source example (0-based over the inputs) and its segment: 0 = the
+                   response or `chosen`, 1 = `rejected` (k = k-th candidate of ranked data)
+step, position     step index (0 = s_0) and token position inside the tokenized sequence
+value              V(s)
+num_steps          steps of this response
+logp, logp_mean    log π(y|x) = Σ_t log p_t and its mean over the response tokens
+num_tokens         |y|
+value_s0           V(s_0) of this response
+ref_logp, reward   with ``--ref-model``: log π_ref(y|x) and β·(log π − log π_ref)
+margin, dpo_loss,  with ``--ref-model`` on preference data, for the pair (both rows):
+dpo_accuracy       m = reward(chosen) − reward(rejected), −logσ(m), 1.0 if m > 0
+=================  =========================================================================
+
+The table's Parquet metadata (key ``irtrain``) and ``summary.json`` beside the tables record
+the data's content hash, the step delimiter and the settings, so that `irtrain rank`
+can refuse tables of different data.
+
+Inference is padding-free: rows of ``--batch-tokens`` tokens are concatenated into one
+sequence whose position ids restart at every document, and no attention crosses a
+document (`irtrain.train.packed.packed_scores`), and the LM head runs only at the response
+tokens and the scored states, in chunks (`irtrain.train.head`). Parameters are bf16 on GPU
+(``--dtype auto``), fp32 on CPU; values and log-probs are computed in fp32.
+
+Raw input files (chat, preference, prompt+completion JSONL/JSON/Parquet) go through
+`irtrain prepare` first (unpacked, into ``OUT/prepared``, reused when unchanged); the
+response is the last assistant turn (``--mask last``), or the completion.
+
+The package: `irtrain.score.steps` (token bytes and step ends), `irtrain.score.inputs`
+(models, data, the scored segments and their states), `irtrain.score.forward` (the model
+pass), `irtrain.score.table` (the table, its metadata and the summary); `run` here.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from irtrain.config import ScoreConfig, config_to_dict
+from irtrain.errors import ConfigError, DataError
+from irtrain.models import check_tokenizer, load_tokenizer, resolve_device, resolve_dtype, resolve_model
+from irtrain.score.forward import ModelScores, load_model, score_model
+from irtrain.score.inputs import ScoredSegment, out_dir, read_segments, resolve_data, resolve_models
+from irtrain.score.steps import incremental_token_bytes, step_ends, token_bytes, unescape
+from irtrain.score.table import (
+    BASE_COLUMNS,
+    META_KEY,
+    PAIR_COLUMNS,
+    REF_COLUMNS,
+    SUMMARY,
+    TABLE_VERSION,
+    build_table,
+    model_summary,
+    print_summary,
+    read_table_meta,
+    write_json,
+    write_table,
+)
+
+__all__ = [
+    "run", "ScoredSegment", "ModelScores", "read_segments", "resolve_models", "resolve_data", "load_model",
+    "score_model", "build_table", "write_table", "read_table_meta", "token_bytes", "incremental_token_bytes",
+    "step_ends", "unescape", "META_KEY", "TABLE_VERSION", "SUMMARY", "BASE_COLUMNS", "REF_COLUMNS", "PAIR_COLUMNS",
+]
+
+
+def run(cfg: ScoreConfig, *, console: Any = None) -> dict[str, Any]:
+    """Score the data with every model `cfg` names; write the tables and `summary.json`
+    into `cfg.out`; return the summary (also printed as a table)."""
+    from rich.console import Console
+
+    console = console or Console(highlight=False)
+    _check(cfg)
+    models = resolve_models(cfg)
+    out = out_dir(cfg.out)
+    tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else models[0][1]
+    shards = resolve_data(cfg, tok_dir, out, console)
+    tokenizer = load_tokenizer(tok_dir)
+    # shards that record a tokenizer must have been made with this one (the one definition
+    # of the tokenizer hash, as in training)
+    check_tokenizer(tok_dir, tokenizer, [shards])
+    delimiter = unescape(cfg.step_delimiter)
+    segments = read_segments(shards, tokenizer, delimiter, max_len=cfg.max_len)
+    if not segments:
+        raise DataError(f"{shards.path}: no response to score (every segment's labels are -100)")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, auto=torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    ref_logps = None
+    if cfg.ref_model:
+        ref_path = resolve_model(cfg.ref_model)
+        ref_logps = score_model(ref_path, shards, segments, cfg=cfg, device=device, dtype=dtype,
+                                console=console, label=f"reference {ref_path.name}").logp
+
+    summary: dict[str, Any] = {
+        "irtrain_score": TABLE_VERSION,
+        "data": {"path": str(shards.path), "format": shards.format, "content_hash": shards.content_hash,
+                 "tokenizer_hash": shards.tokenizer_hash, "segments": len(segments),
+                 "examples": len({s.example for s in segments}), "states": int(sum(s.num_states for s in segments))},
+        "step_delimiter": delimiter, "value_temperature": cfg.value_temperature, "beta": cfg.beta,
+        "ref_model": cfg.ref_model, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "config": config_to_dict(cfg), "tables": {}, "models": {},
+    }
+    for name, path in models:
+        started = time.perf_counter()
+        res = score_model(path, shards, segments, cfg=cfg, device=device, dtype=dtype, console=console, label=name)
+        frame = build_table(segments, res, ref_logps=ref_logps, beta=cfg.beta,
+                            preference=shards.format == "preference")
+        meta = {"kind": "irtrain-score", "version": TABLE_VERSION, "model": name, "model_path": str(path),
+                "data_hash": shards.content_hash, "data_format": shards.format, "data_path": str(shards.path),
+                "step_delimiter": delimiter, "value_temperature": cfg.value_temperature, "beta": cfg.beta,
+                "ref_model": cfg.ref_model}
+        table_path = out / f"{name}.parquet"
+        write_table(frame, table_path, meta)
+        seconds = time.perf_counter() - started
+        summary["tables"][name] = table_path.name
+        summary["models"][name] = model_summary(frame, path, seconds, res.tokens)
+        write_json(out / SUMMARY, summary)  # after every model: a crash keeps what is done
+    print_summary(summary, console)
+    return summary
+
+
+def _check(cfg: ScoreConfig) -> None:
+    if not cfg.data:
+        raise ConfigError("no data: give shards from `irtrain prepare` or a raw data file")
+    if not cfg.out:
+        raise ConfigError("no output directory: give --out")
+    if not cfg.model and not cfg.checkpoints:
+        raise ConfigError("no model: give --model or --checkpoints")
+    if not cfg.value_temperature > 0:
+        raise ConfigError(f"value_temperature = {cfg.value_temperature} must be > 0")
+    if cfg.batch_tokens < 1 or cfg.max_len < 2:
+        raise ConfigError("batch_tokens must be >= 1 and max_len >= 2")
+    if not cfg.step_delimiter:
+        raise ConfigError("step_delimiter must not be empty")

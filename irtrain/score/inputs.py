@@ -1,0 +1,136 @@
+"""What `irtrain score` reads: the models, the data (prepared first when raw), and the
+responses to score with their states (`ScoredSegment`)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from irtrain.config import PrepareConfig, ScoreConfig
+from irtrain.data import detect_format, first_row, resolve_inputs
+from irtrain.errors import ConfigError, DataError
+from irtrain.models import resolve_model
+from irtrain.paths import check_out_dir
+from irtrain.prepare import run as prepare
+from irtrain.score.steps import step_ends, token_bytes
+from irtrain.shards import IGNORE_INDEX, MANIFEST, ShardSet
+
+#: `prepare --mask` of raw data by format: the response is the last assistant turn, or the completion
+_MASK_FOR_FORMAT = {"chat": "last", "preference": "last", "prompt-completion": "completion",
+                    "unpaired": "completion", "ranked": "completion"}
+
+
+# --------------------------------------------------------------------------- models
+def _safe_name(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._") or "model"
+
+
+def _checkpoint_order(p: Path) -> tuple[int, int, str]:
+    m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+    return (0, int(m.group(1)), p.name) if m else (1, 0, p.name)
+
+
+def resolve_models(cfg: ScoreConfig) -> list[tuple[str, Path]]:
+    """(table name, model directory) for `--model` and every checkpoint of `--checkpoints`
+    (each subdirectory with a config.json, `checkpoint-<step>` by step; the directory itself
+    too when it holds a model)."""
+    found: list[tuple[str, Path]] = []
+    if cfg.model:
+        path = resolve_model(cfg.model)
+        found.append((_safe_name(Path(cfg.model.rstrip("/")).name), path))
+    if cfg.checkpoints:
+        root = Path(cfg.checkpoints)
+        if not root.is_dir():
+            raise ConfigError(f"--checkpoints {root}: no such directory")
+        subs = sorted((p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()), key=_checkpoint_order)
+        if (root / "config.json").is_file():
+            subs.append(root)
+        if not subs:
+            raise ConfigError(f"--checkpoints {root}: no model in it (no subdirectory with a config.json)")
+        found += [(_safe_name(p.name), p) for p in subs]
+    names: dict[str, int] = {}
+    unique = []
+    for name, path in found:
+        k = names.get(name, 0)
+        names[name] = k + 1
+        unique.append((name if k == 0 else f"{name}-{k + 1}", path))
+    return unique
+
+
+# --------------------------------------------------------------------------- data
+def out_dir(out: str) -> Path:
+    """`--out`, checked and created."""
+    path = check_out_dir(Path(out))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_data(cfg: ScoreConfig, tok_dir: Path, out: Path, console: Any) -> ShardSet:
+    """`cfg.data` as shards: a shard directory as is; raw files through `irtrain prepare`
+    (unpacked, cached in ``OUT/prepared``)."""
+    data = Path(cfg.data)
+    if data.is_dir() and (data / MANIFEST).is_file():
+        return ShardSet(data)
+    if not data.exists():
+        raise DataError("no such file or directory", path=str(data))
+    fmt = cfg.format
+    if fmt == "auto":
+        sources = resolve_inputs([str(data)])
+        line = first_row(sources[0])
+        if line is None:
+            raise DataError("file is empty (no rows)", path=sources[0].name)
+        fmt = detect_format(line)
+    manifest = prepare(PrepareConfig(
+        inputs=[str(data)], out=str(out / "prepared"), tokenizer=str(tok_dir), format=fmt,
+        mask=_MASK_FOR_FORMAT.get(fmt, "last"), max_len=cfg.max_len, truncation="drop", pack=False,
+    ), console=console)
+    too_long = int(manifest["report"].get("dropped_too_long", 0))
+    if too_long:
+        raise DataError(f"{too_long} example(s) are longer than --max-len {cfg.max_len} tokens; raise --max-len "
+                        "(score never truncates)", path=str(data))
+    return ShardSet(out / "prepared")
+
+
+# --------------------------------------------------------------------------- responses and states
+@dataclass
+class ScoredSegment:
+    """One scored sequence (a segment of the shard format, `irtrain.shards.Segment`): where
+    it is, its response and its states."""
+
+    example: int
+    part: int
+    row: int  # row index in the shard set
+    start: int  # token offset of the segment in its row
+    length: int
+    states: np.ndarray  # [K+1] token positions in the segment: s_0, then the end of each step
+
+    @property
+    def num_states(self) -> int:
+        return int(len(self.states))
+
+
+def read_segments(shards: ShardSet, tokenizer: Any, delimiter: str, *, max_len: int) -> list[ScoredSegment]:
+    """Every segment with a response, in row order, with its step-end positions."""
+    delim = delimiter.encode("utf-8")
+    segments = []
+    for r in range(len(shards)):
+        row = shards.row(r)
+        labels = np.asarray(row.labels)
+        ids = np.asarray(row.input_ids)
+        for s in range(len(row.cu_seqlens) - 1):
+            a, b = int(row.cu_seqlens[s]), int(row.cu_seqlens[s + 1])
+            if b - a > max_len:
+                raise DataError(f"{shards.path}: example {int(row.seg_example[s])} has {b - a} tokens, more than "
+                                f"--max-len {max_len}; raise --max-len (score never truncates)")
+            resp = np.flatnonzero(labels[a:b] != IGNORE_INDEX)
+            if len(resp) == 0:
+                continue
+            # the first token of a segment is never trained (shard format), so resp[0] >= 1
+            ends = step_ends(token_bytes(tokenizer, ids[a:b][resp].tolist()), delim)
+            states = np.concatenate([[resp[0] - 1], resp[ends]]).astype(np.int64)
+            segments.append(ScoredSegment(example=int(row.seg_example[s]), part=int(row.seg_part[s]), row=r,
+                                          start=a, length=b - a, states=states))
+    return segments

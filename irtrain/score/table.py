@@ -1,0 +1,170 @@
+"""The score table (one row per state), its Parquet metadata, and `summary.json`.
+
+Per-pair columns (``margin``, ``dpo_loss``, ``dpo_accuracy``) come from
+`irtrain.evaluation.pair_metrics` (FORMULAS.md "Implicit-reward metrics"), the one
+held-out preference evaluation every command shares.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from irtrain.errors import DataError, IrtrainIOError
+from irtrain.evaluation import pair_metrics
+from irtrain.score.forward import ModelScores
+from irtrain.score.inputs import ScoredSegment
+
+#: Parquet metadata key of a score table, and the version of its layout.
+META_KEY = b"irtrain"
+TABLE_VERSION = 1
+SUMMARY = "summary.json"
+#: the columns every table has, in order
+BASE_COLUMNS = ("example_id", "part", "step", "position", "value", "num_steps",
+                "logp", "logp_mean", "num_tokens", "value_s0")
+REF_COLUMNS = ("ref_logp", "reward")
+PAIR_COLUMNS = ("margin", "dpo_loss", "dpo_accuracy")
+
+
+# --------------------------------------------------------------------------- the table
+def build_table(segments: list[ScoredSegment], res: ModelScores, *, ref_logps: np.ndarray | None, beta: float,
+                preference: bool) -> Any:
+    """The score table (polars), one row per state; see `irtrain.score`."""
+    import polars as pl
+
+    counts = np.array([s.num_states for s in segments], dtype=np.int64)
+    rep = lambda a: np.repeat(np.asarray(a), counts)  # noqa: E731 - per segment -> per state
+    steps = np.concatenate([np.arange(n, dtype=np.int32) for n in counts])
+    logp = res.logp
+    cols: dict[str, Any] = {
+        "example_id": rep([s.example for s in segments]).astype(np.int64),
+        "part": rep([s.part for s in segments]).astype(np.int32),
+        "step": steps,
+        "position": np.concatenate([s.states for s in segments]).astype(np.int32),
+        "value": np.concatenate(res.values).astype(np.float64),
+        "num_steps": rep(counts - 1).astype(np.int32),
+        "logp": rep(logp),
+        "logp_mean": rep(logp / np.maximum(res.num_tokens, 1)),
+        "num_tokens": rep(res.num_tokens).astype(np.int32),
+        "value_s0": rep([v[0] for v in res.values]).astype(np.float64),
+    }
+    if ref_logps is not None:
+        reward = beta * (logp - ref_logps)
+        cols["ref_logp"] = rep(ref_logps)
+        cols["reward"] = rep(reward)
+        if preference:
+            margin, loss, acc = _pair_metrics(segments, logp, ref_logps, beta)
+            cols["margin"], cols["dpo_loss"], cols["dpo_accuracy"] = rep(margin), rep(loss), rep(acc)
+    return pl.DataFrame(cols)
+
+
+def _pair_metrics(segments: list[ScoredSegment], logp: np.ndarray, ref: np.ndarray, beta: float) -> tuple[np.ndarray, ...]:
+    """Per segment: its pair's margin, sigmoid DPO loss and accuracy (NaN without a partner)."""
+    chosen: dict[int, int] = {}
+    rejected: dict[int, int] = {}
+    for k, s in enumerate(segments):
+        (chosen if s.part == 0 else rejected)[s.example] = k
+    pairs = [(chosen[e], rejected[e]) for e in chosen if e in rejected]
+    margin = np.full(len(segments), np.nan)
+    loss = np.full(len(segments), np.nan)
+    acc = np.full(len(segments), np.nan)
+    if pairs:
+        c, r = (np.array(x, dtype=np.int64) for x in zip(*pairs))
+        pm = pair_metrics(logp, c, r, reference=ref, beta=beta)
+        assert pm.margin is not None and pm.loss is not None and pm.correct is not None
+        m, pair_loss, correct = pm.margin.numpy(), pm.loss.numpy(), pm.correct.numpy()
+        for idx in (c, r):
+            margin[idx], loss[idx], acc[idx] = m, pair_loss, correct
+    return margin, loss, acc
+
+
+def write_table(frame: Any, path: Path, meta: dict[str, Any]) -> None:
+    """Write a score table atomically, with `meta` as JSON under the Parquet key ``irtrain``."""
+    import pyarrow.parquet as pq
+
+    table = frame.to_arrow()
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise IrtrainIOError(f"{path}: cannot write the score table: {e}") from None
+
+
+def read_table_meta(path: str | Path) -> dict[str, Any]:
+    """The ``irtrain`` metadata of a score table ({} when it has none)."""
+    import pyarrow.parquet as pq
+
+    try:
+        md = pq.read_schema(path).metadata or {}
+    except (OSError, ValueError) as e:
+        raise DataError(f"not a readable Parquet file: {e}", path=str(path)) from None
+    raw = md.get(META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+# --------------------------------------------------------------------------- the summary
+def write_json(path: Path, obj: Any) -> None:
+    """`obj` as indented JSON, written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    return str(v)
+
+
+def _mean(x: Any) -> float | None:
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return float(x.mean()) if len(x) else None
+
+
+def model_summary(frame: Any, path: Path, seconds: float, tokens: int) -> dict[str, Any]:
+    """One model's entry of `summary.json`: means over its responses and states."""
+    first = frame.filter(frame["step"] == 0)  # one row per response
+    s: dict[str, Any] = {
+        "path": str(path), "responses": first.height, "states": frame.height,
+        "value/s0": _mean(first["value_s0"]), "value": _mean(frame["value"]),
+        "logp": _mean(first["logp"]), "logp_mean": _mean(first["logp_mean"]),
+        "num_tokens": _mean(first["num_tokens"]), "num_steps": _mean(first["num_steps"]),
+        "seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+    }
+    if "reward" in frame.columns:
+        s["reward"] = _mean(first["reward"])
+    if "margin" in frame.columns:
+        pairs = first.filter(first["part"] == 0)
+        s["rewards/margins"] = _mean(pairs["margin"])
+        s["eval/pref_loss"] = _mean(pairs["dpo_loss"])
+        s["eval/pref_accuracy"] = _mean(pairs["dpo_accuracy"])
+    return s
+
+
+def print_summary(summary: dict[str, Any], console: Any) -> None:
+    """The summary as a table in the terminal."""
+    from rich.table import Table
+
+    keys = ["responses", "states", "value/s0", "logp_mean", "reward", "eval/pref_accuracy", "tokens_per_second"]
+    keys = [k for k in keys if any(k in m for m in summary["models"].values())]
+    t = Table(title=f"score ({summary['data']['format']}, {summary['data']['segments']} responses)", title_justify="left")
+    t.add_column("model")
+    for k in keys:
+        t.add_column(k, justify="right")
+    for name, m in summary["models"].items():
+        t.add_row(name, *(_fmt(m.get(k)) for k in keys))
+    console.print(t)
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
