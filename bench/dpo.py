@@ -46,8 +46,23 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (SIZES, add_vocab_arg, alternate, base_mb, build_tokenizer, cpu_times, default_work, ensure_models,
-                     ensure_scratch, parse_sizes, peak_mb, size_label, trl_clock, trl_result, worker_main)
+from _common import (
+    SIZES,
+    add_vocab_arg,
+    alternate,
+    base_mb,
+    build_tokenizer,
+    cpu_times,
+    default_work,
+    ensure_models,
+    ensure_scratch,
+    parse_sizes,
+    peak_mb,
+    size_label,
+    trl_clock,
+    trl_result,
+    worker_main,
+)
 
 HERE = Path(__file__).resolve()
 

@@ -84,8 +84,8 @@ def main() -> None:
     for n in sizes:
         for ties in (False, True):
             x, y = data(n, ties, rng)
-            t_ir, (tau, p) = timed(lambda: kendall_tau(x, y), args.repeats)
-            t_sp, (tau_s, p_s) = timed(lambda: scipy_tau(x, y), args.repeats)
+            t_ir, (tau, p) = timed(lambda x=x, y=y: kendall_tau(x, y), args.repeats)
+            t_sp, (tau_s, p_s) = timed(lambda x=x, y=y: scipy_tau(x, y), args.repeats)
             assert abs(tau - tau_s) <= 1e-12 and abs(p - p_s) <= 1e-9 * p_s + 1e-300, (tau, tau_s, p, p_s)
             report(f"scalar n={n:.0e} {'ties' if ties else 'no ties'}", t_ir, t_sp)
     m = rng.standard_normal((16, mat_n))

@@ -92,7 +92,7 @@ def word_list(tok_dir: Path) -> list[str]:
     t = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
     vocab = t.get_vocab()
     words = []
-    for piece, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+    for piece, _i in sorted(vocab.items(), key=lambda kv: kv[1]):
         if piece.startswith("Ġ") and piece[1:].isalpha() and piece[1:].islower() and 3 <= len(piece) - 1 <= 12:
             words.append(piece[1:])
     return words  # in merge-rank order: frequent words first

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Optional
 
 import typer
 
@@ -24,18 +25,18 @@ def _param(f: dataclasses.Field, tp: Any) -> inspect.Parameter:
     choices = f.metadata.get("choices")
     if choices:
         help_text += f" [{'|'.join(choices)}]"
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
     if default not in (None, "", []):
         help_text += f" (default: {default!r})"
     flag = "--" + f.name.replace("_", "-")
     if f.metadata.get("positional"):
-        annotation = Optional[List[str]] if typing.get_origin(base) is list else Optional[str]
+        annotation = Optional[list[str]] if typing.get_origin(base) is list else Optional[str]
         info = typer.Argument(None, help=help_text, show_default=False)
     elif base is bool:
         annotation = Optional[bool]
         info = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
     elif typing.get_origin(base) is list:
-        annotation = Optional[List[str]]
+        annotation = Optional[list[str]]
         info = typer.Option(None, flag, help=help_text, show_default=False)
     else:
         annotation = Optional[base if base in (int, float) else str]

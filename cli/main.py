@@ -4,8 +4,8 @@ from __future__ import annotations
 import typer
 
 from irtrain import __version__
-from irtrain.config import DPOConfig, PrepareConfig, QuickstartConfig, RankConfig, ScoreConfig, SFTConfig
 from irtrain.cli._build import command_from_config, lazy_run
+from irtrain.config import DPOConfig, PrepareConfig, QuickstartConfig, RankConfig, ScoreConfig, SFTConfig
 
 app = typer.Typer(
     name="irtrain",

@@ -12,15 +12,18 @@ build the same dataclass and call ``irtrain.<command>.run(cfg)``.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from irtrain.errors import ConfigError
 from irtrain.losses import KL_ESTIMATORS, PREFERENCE_LOSSES, SFT_LOSSES
+from irtrain.models import DTYPES
+from irtrain.shards import FORMATS
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, positional: bool = False) -> Any:
@@ -58,13 +61,15 @@ class PrepareConfig(_Validated):
     inputs: list[str] = opt([], "Input files or directories (JSONL/JSON/Parquet) or Hugging Face datasets (owner/name, or hf:NAME_OR_DIR).", positional=True)
     out: str = opt("", "Output shard directory.")
     tokenizer: str = opt("", "Tokenizer: a local directory (tokenizer.json + tokenizer_config.json) or hub name.")
-    format: str = opt("auto", "Input format.", choices=("auto", "chat", "preference", "prompt-completion", "unpaired", "ranked"))
+    format: str = opt("auto", "Input format.", choices=("auto", *FORMATS))
     split: str = opt("train", "Dataset split, for Hugging Face dataset names.")
     subset: str | None = opt(None, "Dataset configuration (subset) name, for Hugging Face dataset names.")
     chat_template: str | None = opt(None, "A Jinja file overriding the tokenizer's chat template.")
-    mask: str = opt("assistant", "Trained tokens: every assistant turn | the last one | all after the prompt | all.", choices=("assistant", "last", "completion", "all"))
+    mask: str = opt("assistant", "Trained tokens: every assistant turn | the last one | all after the prompt | all.",
+                    choices=("assistant", "last", "completion", "all"))
     max_len: int = opt(2048, "Maximum tokens per packed row (and per example).")
-    truncation: str = opt("drop", "An example longer than --max-len: drop it, or cut tokens from its start (left) or end (right).", choices=("drop", "left", "right"))
+    truncation: str = opt("drop", "An example longer than --max-len: drop it, or cut tokens from its start (left) or end (right).",
+                          choices=("drop", "left", "right"))
     pack: bool = opt(True, "Pack examples into rows of --max-len tokens (best-fit decreasing).")
     shard_rows: int = opt(16384, "Rows per shard file set.")
     preview: int = opt(0, "Print N prepared examples with the masked tokens marked.")
@@ -80,8 +85,10 @@ class TrainConfig(_Validated):
     model: str = opt("", "Model to train: a local directory or hub name (AutoModelForCausalLM).")
     data: list[str] = opt([], "Shard directories made by `irtrain prepare`.", positional=True)
     out: str = opt("", "Output directory: checkpoints, metrics.jsonl, resolved config.")
-    dtype: str = opt("auto", "Parameter dtype (auto: fp32 weights + bf16 autocast on GPU, bf16 under DeepSpeed on GPU, fp32 on CPU).", choices=("auto", "float32", "bfloat16", "float16"))
-    attn_implementation: str | None = opt(None, "Attention for packed batches (default: flash_attention_2 on GPU if installed, else sdpa; irtrain_varlen on CPU).")
+    dtype: str = opt("auto", "Parameter dtype (auto: fp32 weights + bf16 autocast on GPU, bf16 under DeepSpeed on GPU, fp32 on CPU).",
+                     choices=("auto", *DTYPES))
+    attn_implementation: str | None = opt(
+        None, "Attention for packed batches (default: flash_attention_2 on GPU if installed, else sdpa; irtrain_varlen on CPU).")
     trust_remote_code: bool = opt(False, "Allow the model's custom code from the hub.")
     lr: float = opt(5e-6, "Peak learning rate.")
     lr_schedule: str = opt("cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant"))
@@ -131,7 +138,8 @@ class DPOConfig(TrainConfig):
     """Preference optimisation on `prepare` preference/unpaired/ranked shards."""
 
     lr: float = opt(5e-7, "Peak learning rate.")
-    loss: str = opt("sigmoid", "Preference loss (docs/FORMULAS.md \"Preference losses\"): " + _choices_help(PREFERENCE_LOSSES) + ".", choices=tuple(PREFERENCE_LOSSES))
+    loss: str = opt("sigmoid", "Preference loss (docs/FORMULAS.md \"Preference losses\"): " + _choices_help(PREFERENCE_LOSSES) + ".",
+                    choices=tuple(PREFERENCE_LOSSES))
     beta: float | None = opt(None, "Beta (default per loss: 0.1; simpo 2.0; orpo uses --orpo-lambda instead).")
     label_smoothing: float = opt(0.0, "Label smoothing / flip probability epsilon (sigmoid, robust).")
     gamma: float = opt(0.5, "SimPO target margin gamma.")
@@ -169,7 +177,7 @@ class ScoreConfig(_Validated):
     step_delimiter: str = opt("\n\n", "Split responses into steps at this string (\\n, \\t, \\r, \\\\ typed as escapes are unescaped).")
     value_temperature: float = opt(1.0, "Temperature tau of V(s) = tau*logsumexp(l/tau).")
     beta: float = opt(0.01, "Beta of the implicit reward and the per-pair DPO loss.")
-    dtype: str = opt("auto", "Compute dtype (auto: bf16 on GPU, fp32 on CPU).", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = opt("auto", "Compute dtype (auto: bf16 on GPU, fp32 on CPU).", choices=("auto", *DTYPES))
     batch_tokens: int = opt(8192, "Tokens per padding-free forward pass.")
     max_len: int = opt(4096, "Longest sequence scored; longer ones are an error.")
     device: str = opt("auto", "Device (auto, cpu, cuda).")

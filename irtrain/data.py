@@ -22,9 +22,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -191,8 +192,7 @@ class Source:
         source, invalid JSON in a JSON-array file and bytes that are not UTF-8 there."""
         self.rows = 0
         reader = {"jsonl": self._jsonl, "json": self._json, "parquet": self._parquet, "hf": self._hf}[self.kind]
-        for chunk in reader():
-            yield chunk
+        yield from reader()
 
     def _jsonl(self) -> Iterator[Chunk]:
         row, rest = 1, b""

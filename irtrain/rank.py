@@ -270,7 +270,7 @@ def rank_values(values: np.ndarray, starts: np.ndarray, *, bootstrap: int = 0, s
 def _nanmedian(a: np.ndarray) -> np.ndarray:
     out = np.full(a.shape[1:], np.nan)
     for i in np.ndindex(*a.shape[1:]):
-        col = a[(slice(None), *i)]
+        col = a[(slice(None),) + tuple(i)]
         col = col[np.isfinite(col)]
         if len(col):
             out[i] = np.median(col)

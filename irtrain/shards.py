@@ -40,13 +40,14 @@ MANIFEST (``manifest.json``)::
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
-import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 

@@ -50,9 +50,10 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 STEP_DELIMITER = "\n\n"
 ANSWER_PREFIX = "Answer: "

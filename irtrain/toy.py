@@ -10,8 +10,8 @@ Used by the quickstart and by the tests; nothing here downloads anything.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 #: Chat templates in the style of real model families (Jinja, rendered by transformers).
 CHAT_TEMPLATES: dict[str, str] = {

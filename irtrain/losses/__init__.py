@@ -14,13 +14,38 @@ adding a variant touches that module only, the config's choices come from the ta
 from __future__ import annotations
 
 from irtrain.losses.kl import KL_ESTIMATORS, KLEstimator, full_kl, k1, k2, k3
-from irtrain.losses.preference import (PREFERENCE_LOSSES, PREFERENCE_PARAM_DEFAULTS, DataFormat, PreferenceBatch,
-                                       PreferenceLoss, hinge_loss, infonca_loss, ipo_loss, kto_loss, kto_z, log1mexp,
-                                       orpo_loss, plackett_luce_loss, preference_metrics, robust_loss, sigmoid_loss,
-                                       simpo_loss)
+from irtrain.losses.preference import (
+                                       PREFERENCE_LOSSES,
+                                       PREFERENCE_PARAM_DEFAULTS,
+                                       DataFormat,
+                                       PreferenceBatch,
+                                       PreferenceLoss,
+                                       hinge_loss,
+                                       infonca_loss,
+                                       ipo_loss,
+                                       kto_loss,
+                                       kto_z,
+                                       log1mexp,
+                                       orpo_loss,
+                                       plackett_luce_loss,
+                                       preference_metrics,
+                                       robust_loss,
+                                       sigmoid_loss,
+                                       simpo_loss,
+)
 from irtrain.losses.sft import SFT_LOSSES, SFTLoss, ce, dft, hellinger, js, pearson, sequence_ce
-from irtrain.losses.tokens import (ResponseStates, TokenStats, delta_values, entropy, first_token_mask, reduce_tokens,
-                                   response_states, response_token_stats, segment_sums, state_token_stats)
+from irtrain.losses.tokens import (
+                                       ResponseStates,
+                                       TokenStats,
+                                       delta_values,
+                                       entropy,
+                                       first_token_mask,
+                                       reduce_tokens,
+                                       response_states,
+                                       response_token_stats,
+                                       segment_sums,
+                                       state_token_stats,
+)
 from irtrain.shards import IGNORE_INDEX
 
 __all__ = [

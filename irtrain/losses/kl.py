@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-
 # KL to the reference (FORMULAS.md "KL to the reference"). r_t = log q_t - log p_t on the data's
 # tokens. Exact expectations over a ~ pi_theta(.|s) at one state (tested by enumeration):
 #   E[k1] = KL(pi||ref),  E[grad k1] = 0

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 # Preference losses (FORMULAS.md "Preference losses"). Each is
 #     fn(batch: PreferenceBatch, *, beta: float, <its own params>) -> per-example loss [B]
 # (unreduced; FORMULAS.md's loss is the mean over pairs: reduce with `.mean()`, or with

@@ -8,12 +8,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from irtrain.losses.tokens import reduce_tokens
-
 
 # SFT losses (FORMULAS.md "SFT losses"): per token, in log space.
 # Arguments: logps [N] = log p_t, ref_logps [N] = log q_t, delta_v [N] = dV_t (from

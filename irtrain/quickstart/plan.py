@@ -6,9 +6,10 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from irtrain.config import QuickstartConfig
 from irtrain.errors import ConfigError

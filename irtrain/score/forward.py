@@ -2,9 +2,10 @@
 LM head only at the response tokens and the scored states (`irtrain.train.packed.packed_scores`)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -24,8 +24,16 @@ from irtrain.models import check_tokenizer, load_tokenizer, resolve_model
 from irtrain.paths import check_out_dir
 from irtrain.shards import IGNORE_INDEX, ShardSet, open_shards
 from irtrain.train.batching import Batch, PackedData, plan_run, split_micro
-from irtrain.train.checkpoint import (StopSignal, TrainState, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                      prune_checkpoints, read_state, save_checkpoint)
+from irtrain.train.checkpoint import (
+    StopSignal,
+    TrainState,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    read_state,
+    save_checkpoint,
+)
 from irtrain.train.metrics import MetricsLog, Progress
 from irtrain.train.objective import Objective, TrainContext
 from irtrain.train.reference import ReferenceLogps, References, eval_token_budget

@@ -44,9 +44,10 @@ whatever `count` counts (tokens, segments, pairs). Keep them detached.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 

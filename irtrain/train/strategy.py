@@ -32,7 +32,6 @@ from irtrain.errors import ConfigError
 from irtrain.models import resolve_device, resolve_dtype
 
 
-
 def world_from_env() -> tuple[int, int, int]:
     """(rank, local rank, world size) as set by `torchrun` / `deepspeed` launchers."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
