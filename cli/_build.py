@@ -24,7 +24,7 @@ def _param(f: dataclasses.Field, tp: Any) -> inspect.Parameter:
     help_text = f.metadata.get("help", "")
     choices = f.metadata.get("choices")
     if choices:
-        help_text += f" [{'|'.join(choices)}]"
+        help_text += f" \\[{'|'.join(choices)}]"  # escaped: Rich would read [a|b] as markup
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
     if default not in (None, "", []):
         help_text += f" (default: {default!r})"

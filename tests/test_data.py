@@ -16,7 +16,6 @@ from irtrain.errors import DataError, TemplateError
 from irtrain.models import tokenizer_hash
 from irtrain.shards import ARRAYS, Segment, write_shard_set
 
-
 # --------------------------------------------------------------------------- shard writer
 segments = st.builds(
     lambda ids, labels_on, ex, part, score: Segment(

@@ -27,11 +27,11 @@ from irtrain.config import DPOConfig, load_config
 from irtrain.dpo import PreferenceObjective, batch_examples, mismatched_rows
 from irtrain.errors import ConfigError, ReferenceMismatchError
 from irtrain.losses import PREFERENCE_LOSSES, PreferenceBatch, response_token_stats
+from irtrain.models import model_hash
 from irtrain.shards import Segment, ShardSet, write_shard_set
 from irtrain.train.batching import PackedData, plan_micro_batches
 from irtrain.train.metrics import read_metrics
 from irtrain.train.objective import TrainContext
-from irtrain.models import model_hash
 from irtrain.train.reference import ReferenceKey, default_path, ensure_reference
 from irtrain.train.strategy import Strategy
 
@@ -457,8 +457,8 @@ def test_it_learns(tiny_model_dir, tmp_path):
     raises held-out rewards/accuracies to >= 0.9 in 12 steps. At step 0 the policy is its
     reference, every margin is exactly 0 and TRL's metric reads 0 (ties count as wrong); the
     chance level, i.e. how often the starting model already prefers the chosen answer, is ~0.5."""
-    from irtrain.tasks import generate_problems, write_jsonl
     from irtrain.evaluation import preference_pairs
+    from irtrain.tasks import generate_problems, write_jsonl
     from irtrain.train.reference import sequence_logps
 
     problems = generate_problems(96 + 48, seed=11)

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from irtrain.cli.main import app
 from irtrain.dpo.joint import adapt_lambda
+from irtrain.models import model_hash
 from irtrain.shards import ShardSet
 from irtrain.train.metrics import read_metrics
-from irtrain.models import model_hash
 
 from test_dpo import write_pairs
 from test_train_common import make_sft_shards

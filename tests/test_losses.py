@@ -466,7 +466,7 @@ def test_preference_table_metadata():
     assert {n: (s.needs_ref, s.default_beta, s.data_format) for n, s in PREFERENCE_LOSSES.items()} == expected
     b = _random_pairs()
     free = PreferenceBatch(policy_logps=b.policy_logps, lengths=b.lengths)
-    for name, spec in PREFERENCE_LOSSES.items():
+    for spec in PREFERENCE_LOSSES.values():
         if spec.data_format != "preference":
             continue
         if spec.needs_ref:

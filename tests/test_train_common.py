@@ -1,12 +1,13 @@
-"""Helpers shared by the training tests (data made here, from token lists), and tests of
-the loop's pure pieces: the data plan, the micro-batch split, the lr schedule."""
+"""Helpers shared by the training tests: data made here (from token lists, or the generated
+task through the real `irtrain prepare`), the `irtrain sft` runner, and the fixtures the
+sft and loop tests share. No tests of its own: the data plan and micro-batch split are
+tested in test_batching.py, the lr schedule in test_schedule.py."""
 from __future__ import annotations
 
 import hashlib
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from irtrain.shards import Segment, write_shard_set
@@ -33,8 +34,8 @@ def tokenizer_hash(tokenizer) -> str:
 def prepare_task(out: Path, model_dir: Path, *, n_sft: int, n_heldout: int = 0, n_pref: int = 0, seed: int = 0,
                  max_len: int = 256) -> dict[str, Path]:
     """The project's generated task (irtrain.tasks) through the real `irtrain prepare`:
-    shard dirs `sft`, `heldout` (chat) and `heldout_pref` (preference) tokenized with the
-    model's tokenizer."""
+    shard dirs `sft`, `heldout` (chat) and `heldout_pref` (preference) with n_heldout, and
+    `pref` (preference) with n_pref, tokenized with the model's tokenizer, under `out`."""
     from typer.testing import CliRunner
 
     from irtrain.cli.main import app
@@ -42,8 +43,8 @@ def prepare_task(out: Path, model_dir: Path, *, n_sft: int, n_heldout: int = 0, 
 
     files = write_task(make_task(n_sft, n_pref, n_heldout, seed=seed), out / "jsonl")
     shards = {}
-    for name in ("sft", "heldout", "heldout_pref"):
-        if name != "sft" and not n_heldout:
+    for name in ("sft", "pref", "heldout", "heldout_pref"):
+        if (name == "pref" and not n_pref) or (name.startswith("heldout") and not n_heldout):
             continue
         r = CliRunner().invoke(app, ["prepare", str(files[name]), "--out", str(out / name), "--tokenizer", str(model_dir),
                                      "--max-len", str(max_len)])
@@ -113,63 +114,49 @@ def make_preference_shards(tokenizer, out: Path, *, n: int, seed: int = 1, max_l
     return out
 
 
-# --------------------------------------------------------------------------- the data plan
-from irtrain.errors import ConfigError  # noqa: E402
-from irtrain.train.batching import epoch_order, plan_steps, split_step  # noqa: E402
-from irtrain.train.schedule import lr_at, warmup_steps  # noqa: E402
+# --------------------------------------------------------------------------- `irtrain sft` and its shared fixtures
+def sft(*args: object):
+    """`irtrain sft ARGS` through Typer's test runner (the real CLI, in this process)."""
+    from typer.testing import CliRunner
+
+    from irtrain.cli.main import app
+
+    return CliRunner().invoke(app, ["sft", *map(str, args)])
 
 
-def test_plan_is_deterministic_and_covers_each_epoch():
-    lengths = np.arange(10, 30)
-    a = plan_steps(lengths, global_batch=4, seed=3, epochs=2)
-    b = plan_steps(lengths, global_batch=4, seed=3, epochs=2)
-    assert len(a) == 10 and all((x == y).all() for x, y in zip(a, b))
-    first, second = np.concatenate(a[:5]), np.concatenate(a[5:])
-    assert sorted(first) == list(range(20)) and sorted(second) == list(range(20))
-    assert not (first == second).all()  # each epoch has its own order
-    assert (np.concatenate(a) == np.concatenate([epoch_order(20, 3, 0), epoch_order(20, 3, 1)])).all()
-    # a longer run starts with the same steps (resume may extend --max-steps)
-    longer = plan_steps(lengths, global_batch=4, seed=3, max_steps=12)
-    assert all((x == y).all() for x, y in zip(a, longer))
-    with pytest.raises(ConfigError, match="no complete optimizer step"):
-        plan_steps(lengths, global_batch=64, seed=0, epochs=1)
+def base_args(model, data, out, *extra) -> list:
+    """The common flags of the loop tests' `irtrain sft` runs (8 rows a step, 2 per micro-batch)."""
+    return ["--model", model, "--out", out, "--lr", "1e-3", "--global-batch", "8", "--micro-batch", "2",
+            "--warmup-ratio", "0", "--no-kl-metrics", "--no-tensorboard", *extra, data]
 
 
-def test_plan_by_tokens():
-    lengths = np.full(50, 10)
-    steps = plan_steps(lengths, global_batch=0, global_batch_tokens=35, seed=0, epochs=1)
-    assert all(len(s) == 4 for s in steps) and len(steps) == 12  # 4 rows reach 35 tokens; 2 rows left over
-    assert len(set(np.concatenate(steps).tolist())) == 48
+def load_model(path):
+    """A checkpoint or model directory in fp32, for inspection (no KV cache)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    m.config.use_cache = False
+    return m
 
 
-def test_split_step_ranks_and_micro_batches():
-    lengths = np.array([5, 50, 7, 20, 9, 30, 11, 3])
-    rows = np.arange(8)
-    # row budget: contiguous equal slices, micro-batches of 2 rows
-    r0 = split_step(rows, lengths, world_size=2, rank=0, micro_batch=2)
-    r1 = split_step(rows, lengths, world_size=2, rank=1, micro_batch=2)
-    assert [m for m, _ in r0] == [[0, 1], [2, 3]] and [m for m, _ in r1] == [[4, 5], [6, 7]]
-    # token budget: balanced ranks, equal micro-batch counts, fillers weigh 0
-    parts = [split_step(rows, lengths, world_size=2, rank=k, micro_batch_tokens=40, by_tokens=True) for k in range(2)]
-    assert len(parts[0]) == len(parts[1])
-    real = sorted(g for p in parts for m, w in p if w for g in m)
-    assert real == list(range(8))
-    loads = [sum(int(lengths[g]) for m, w in p if w for g in m) for p in parts]
-    assert abs(loads[0] - loads[1]) <= max(lengths)
-    for p in parts:
-        for m, w in p:
-            assert w == 0.0 or sum(int(lengths[g]) for g in m) <= 40 or len(m) == 1
-    with pytest.raises(ConfigError, match="divisible"):
-        split_step(np.arange(6), lengths, world_size=4, rank=0)
+@pytest.fixture(scope="module")
+def task_shards(tiny_model_dir, tmp_path_factory):
+    """The generated arithmetic task through the real `irtrain prepare` (import into a test
+    module with the fixtures below)."""
+    return prepare_task(tmp_path_factory.mktemp("task"), tiny_model_dir, n_sft=200, n_heldout=48, seed=0, max_len=128)
 
 
-def test_lr_schedule():
-    total, peak = 100, 1.0
-    w = warmup_steps(total, 0.1)
-    assert w == 10
-    lrs = [lr_at(s, total_steps=total, peak=peak, warmup=w, schedule="cosine") for s in range(total)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-3
-    lin = [lr_at(s, total_steps=total, peak=peak, warmup=0, schedule="linear") for s in range(total)]
-    assert lin[0] == 1.0 and lin[50] == pytest.approx(0.5)
-    assert lr_at(77, total_steps=total, peak=2.0, warmup=0, schedule="constant") == 2.0
+@pytest.fixture(scope="module")
+def data_dir(task_shards):
+    return task_shards["sft"]
+
+
+@pytest.fixture(scope="module")
+def heldout_dir(task_shards):
+    return task_shards["heldout"]
+
+
+@pytest.fixture(scope="module")
+def pref_dir(task_shards):
+    return task_shards["heldout_pref"]

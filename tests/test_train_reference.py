@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from irtrain.config import SFTConfig
 from irtrain.errors import ReferenceMismatchError
 from irtrain.losses import response_token_stats
 from irtrain.shards import ShardSet
 from irtrain.train.batching import PackedData
 from irtrain.train.packed import packed_forward
-from irtrain.train.reference import (ReferenceKey, ReferenceLogps, batch_reference, default_path, ensure_reference,
-                                     model_hash)
+from irtrain.train.reference import ReferenceKey, ReferenceLogps, batch_reference, default_path, ensure_reference, model_hash
 from irtrain.train.strategy import Strategy
-from irtrain.config import SFTConfig
 
 from test_train_common import make_sft_shards, one_torch_thread  # noqa: F401
 

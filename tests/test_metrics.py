@@ -1,0 +1,83 @@
+"""`irtrain.train.metrics`: metrics.jsonl (one JSON object per logged step, non-finite values
+as strings, trimmed on resume), `read_metrics`, and the progress bar's on/off."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from irtrain.train.metrics import MetricsLog, Progress, read_metrics
+
+
+def test_jsonl_rows_and_non_finite_values(tmp_path):
+    """One line per `log` call, `step` first, then the metrics in order; NaN and +-inf are
+    written as the strings "nan", "inf", "-inf" (JSON has no such numbers), which is what
+    the loop's non-finite steps show; numpy floats are floats."""
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False)
+    log.log(1, {"loss": 0.5, "lr": 1e-3, "tokens": 12})
+    log.log(2, {"loss": float("nan"), "grad_norm": math.inf, "kl/k1": -math.inf, "skipped": True, "x": np.float64("nan")})
+    log.close()
+    lines = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert lines == ['{"step": 1, "loss": 0.5, "lr": 0.001, "tokens": 12}',
+                     '{"step": 2, "loss": "nan", "grad_norm": "inf", "kl/k1": "-inf", "skipped": true, "x": "nan"}']
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 0.5, "lr": 0.001, "tokens": 12},
+                                      {"step": 2, "loss": "nan", "grad_norm": "inf", "kl/k1": "-inf", "skipped": True, "x": "nan"}]
+    assert not (tmp_path / "tensorboard").exists()  # tensorboard=False
+
+
+def test_rows_reach_the_file_at_once(tmp_path):
+    """Each row is flushed when logged: a run killed mid-way leaves every logged step."""
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False)
+    log.log(3, {"loss": 1.25})
+    assert read_metrics(tmp_path) == [{"step": 3, "loss": 1.25}]
+    log.close()
+
+
+def test_resume_drops_rows_after_the_checkpoint_and_a_new_run_starts_afresh(tmp_path):
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False)
+    for step in range(6):  # step 0: an evaluation before training
+        log.log(step, {"loss": float(step)})
+    log.close()
+    # resumed from the checkpoint of step 3: rows 4 and 5 (written after it) go, the rest stay
+    log = MetricsLog(tmp_path, enabled=True, resume_step=3, tensorboard=False)
+    assert [m["step"] for m in read_metrics(tmp_path)] == [0, 1, 2, 3]
+    log.log(4, {"loss": 40.0})
+    log.close()
+    assert read_metrics(tmp_path) == [{"step": s, "loss": float(s)} for s in range(4)] + [{"step": 4, "loss": 40.0}]
+    # a new run (not resumed) in the same directory starts an empty file
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False)
+    assert read_metrics(tmp_path) == []
+    log.close()
+
+
+def test_disabled_log_writes_nothing_and_keeps_what_is_there(tmp_path):
+    """Not the main rank: no file is created, and another rank's file is left alone."""
+    log = MetricsLog(tmp_path / "a", enabled=False)
+    log.log(1, {"loss": 1.0})
+    log.close()
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n', encoding="utf-8")
+    for resume in (None, 0):
+        log = MetricsLog(tmp_path, enabled=False, resume_step=resume)
+        log.log(2, {"loss": 3.0})
+        log.close()
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+
+
+def test_progress_disabled_writes_nothing(capfd):
+    p = Progress(10, 0, enabled=False, description="sft")
+    p.update(1, {"loss": 0.5, "lr": 1e-3})
+    p.close()
+    assert capfd.readouterr() == ("", "")
+
+
+def test_progress_enabled_draws_on_stderr_only(capfd):
+    """The bar goes to stderr (stdout stays free for a command's output), with the step count
+    and the headline metrics."""
+    p = Progress(10, 2, enabled=True, description="sft")
+    p.update(3, {"loss": 0.5, "lr": 1e-3, "not_headline": 7.0})
+    p.close()
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "sft" in err and "3/10" in err and "loss 0.5" in err and "lr 0.001" in err
+    assert "not_headline" not in err
