@@ -327,27 +327,15 @@ def _atomic_dir(out: Path) -> Path:
     return tmp
 
 
-def write_shard_set(
-    out_dir: str | Path,
-    fmt: str,
-    rows: list[list[Segment]],
-    *,
-    max_len: int,
-    packed: bool = True,
-    shard_rows: int = 16384,
-    tokenizer_hash: str = "",
-    chat_template_hash: str = "",
-    sources: list[dict[str, Any]] | None = None,
-    config: dict[str, Any] | None = None,
-    report: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def write_shard_set(out_dir: str | Path, fmt: str, rows: list[list[Segment]], *, shard_rows: int = 16384,
+                    **manifest: Any) -> dict[str, Any]:
     """Pure-Python reference writer of the format above (the oracle for the Rust writer;
     also handy for writing pre-tokenized data). `rows` are already packed: each row a
-    list of segments. Writes under a temporary name, renames when complete, returns the
+    list of segments; `manifest` the fields of `write_shard_arrays` (max_len, packed,
+    tokenizer_hash, ...). Writes under a temporary name, renames when complete, returns the
     manifest. The first label of every segment is forced to -100 (format rule)."""
     chunks = [_row_arrays(rows[a : a + shard_rows]) for a in range(0, len(rows), shard_rows)] or [_row_arrays([])]
-    return write_shard_arrays(out_dir, fmt, chunks, max_len=max_len, packed=packed, tokenizer_hash=tokenizer_hash,
-                              chat_template_hash=chat_template_hash, sources=sources, config=config, report=report)
+    return write_shard_arrays(out_dir, fmt, chunks, **manifest)
 
 
 def write_shard_arrays(

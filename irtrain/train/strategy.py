@@ -30,6 +30,7 @@ from torch import Tensor
 from irtrain.config import TrainConfig
 from irtrain.errors import ConfigError
 from irtrain.models import resolve_device, resolve_dtype
+from irtrain.train.packed import default_attn_implementation
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -89,8 +90,6 @@ class Strategy:
     # ------------------------------------------------------------------ model
     def load_model(self, path: str | Path, *, attn_implementation: str | None, trust_remote_code: bool = False) -> Any:
         from transformers import AutoModelForCausalLM
-
-        from irtrain.train.packed import default_attn_implementation
 
         kwargs: dict[str, Any] = {"dtype": self.param_dtype(), "trust_remote_code": trust_remote_code,
                                   "attn_implementation": attn_implementation or default_attn_implementation(self.device)}
