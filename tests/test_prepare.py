@@ -82,8 +82,9 @@ def transformers_ids(tok, msgs: list[dict]) -> list[int]:
 @pytest.mark.parametrize("template", ["chatml", "llama3", "mistral", "qwen_style"])
 @pytest.mark.parametrize("mask", ["assistant", "last", "completion", "all"])
 def test_token_for_token_identity_with_transformers(tokenizer_dirs, tmp_path, template, mask):
-    from test_data import QWEN_STYLE_TEMPLATE, TOOL_CONV
     from transformers import AutoTokenizer
+
+    from test_data import QWEN_STYLE_TEMPLATE, TOOL_CONV
 
     tok_dir = tokenizer_dirs["chatml" if template == "qwen_style" else template]
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
