@@ -39,12 +39,14 @@ def world_from_env() -> tuple[int, int, int]:
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay on biases and norm weights (1-D parameters)."""
+    """AdamW groups: no weight decay on biases and norm weights (1-D parameters). A parameter's
+    dimensions are those of its full shape: under ZeRO-3 the model is built partitioned and
+    every local tensor is empty, shape (0,); DeepSpeed keeps the full shape in `ds_shape`."""
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
