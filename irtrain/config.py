@@ -12,8 +12,10 @@ build the same dataclass and call ``irtrain.<command>.run(cfg)``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,24 @@ from irtrain.losses import KL_ESTIMATORS, PREFERENCE_LOSSES, SFT_LOSSES
 from irtrain.models import DTYPES
 from irtrain.shards import FORMATS
 
+#: the range checks a field may declare (`opt(..., check=NAME)`): test, and what it says
+CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "positive": (lambda v: math.isfinite(v) and v > 0, "> 0 and finite"),
+    "nonnegative": (lambda v: math.isfinite(v) and v >= 0, ">= 0 and finite"),
+    "at_least_1": (lambda v: v >= 1, ">= 1"),
+    "at_least_2": (lambda v: v >= 2, ">= 2"),
+    "fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "beta": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "finite": (lambda v: math.isfinite(v), "finite"),
+}
 
-def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, positional: bool = False) -> Any:
-    """Declare a config field: its default, one line of help, optional choices."""
-    meta = {"help": help, "choices": choices, "positional": positional}
+
+def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, positional: bool = False,
+        check: str | None = None) -> Any:
+    """Declare a config field: its default, one line of help, optional choices, optional range
+    check (a key of `CHECKS`; None values pass, for optional fields)."""
+    assert check is None or check in CHECKS, check
+    meta = {"help": help, "choices": choices, "positional": positional, "check": check}
     if isinstance(default, list):
         items: list[Any] = list(default)
         return field(default_factory=lambda: list(items), metadata=meta)
@@ -41,7 +57,8 @@ def _choices_help(registry: dict[str, Any]) -> str:
 
 
 class _Validated:
-    """Mixin: check every field with `choices` after construction."""
+    """Mixin: check every field's `choices` and range after construction, so a bad setting is a
+    one-line error naming the flag before anything is loaded or written."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
@@ -51,6 +68,11 @@ class _Validated:
                 raise ConfigError(
                     f"{f.name} = {value!r} is not one of: {', '.join(choices)}"
                 )
+            check = f.metadata.get("check")
+            if check and value is not None:
+                ok, says = CHECKS[check]
+                if not ok(value):
+                    raise ConfigError(f"--{f.name.replace('_', '-')} must be {says}, got {value!r}")
 
 
 # --------------------------------------------------------------------------- prepare
@@ -67,14 +89,14 @@ class PrepareConfig(_Validated):
     chat_template: str | None = opt(None, "A Jinja file overriding the tokenizer's chat template.")
     mask: str = opt("assistant", "Trained tokens: every assistant turn | the last one | all after the prompt | all.",
                     choices=("assistant", "last", "completion", "all"))
-    max_len: int = opt(2048, "Maximum tokens per packed row (and per example).")
+    max_len: int = opt(2048, "Maximum tokens per packed row (and per example).", check="at_least_2")
     truncation: str = opt("drop", "An example longer than --max-len: drop it, or cut tokens from its start (left) or end (right).",
                           choices=("drop", "left", "right"))
     pack: bool = opt(True, "Pack examples into rows of --max-len tokens (best-fit decreasing).")
-    shard_rows: int = opt(16384, "Rows per shard file set.")
-    preview: int = opt(0, "Print N prepared examples with the masked tokens marked.")
+    shard_rows: int = opt(16384, "Rows per shard file set.", check="at_least_1")
+    preview: int = opt(0, "Print N prepared examples with the masked tokens marked.", check="nonnegative")
     skip_invalid: bool = opt(False, "Skip invalid rows (counted in the report) instead of failing.")
-    threads: int = opt(0, "Worker threads for the Rust data path (0 = all cores).")
+    threads: int = opt(0, "Worker threads for the Rust data path (0 = all cores).", check="nonnegative")
 
 
 # --------------------------------------------------------------------------- training (shared)
@@ -90,33 +112,33 @@ class TrainConfig(_Validated):
     attn_implementation: str | None = opt(
         None, "Attention for packed batches (default: flash_attention_2 on GPU if installed, else sdpa; irtrain_varlen on CPU).")
     trust_remote_code: bool = opt(False, "Allow the model's custom code from the hub.")
-    lr: float = opt(5e-6, "Peak learning rate.")
+    lr: float = opt(5e-6, "Peak learning rate.", check="positive")
     lr_schedule: str = opt("cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant"))
-    warmup_ratio: float = opt(0.1, "Fraction of steps for linear warmup.")
-    weight_decay: float = opt(0.0, "AdamW weight decay.")
-    adam_beta1: float = opt(0.9, "AdamW beta1.")
-    adam_beta2: float = opt(0.95, "AdamW beta2.")
-    adam_eps: float = opt(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping).")
-    epochs: float = opt(1.0, "Passes over the data (ignored when --max-steps > 0).")
-    max_steps: int = opt(0, "Optimizer steps to run (0 = from --epochs).")
-    global_batch: int = opt(128, "Sequences (packed rows) per optimizer step, over all ranks and micro-batches.")
-    global_batch_tokens: int = opt(0, "If > 0: tokens per optimizer step instead of --global-batch sequences.")
-    micro_batch: int = opt(1, "Packed rows per micro-batch per rank (forward/backward at once, padding-free).")
-    micro_batch_tokens: int = opt(0, "If > 0: at most this many tokens per micro-batch per rank, instead of --micro-batch rows.")
+    warmup_ratio: float = opt(0.1, "Fraction of steps for linear warmup.", check="fraction")
+    weight_decay: float = opt(0.0, "AdamW weight decay.", check="nonnegative")
+    adam_beta1: float = opt(0.9, "AdamW beta1.", check="beta")
+    adam_beta2: float = opt(0.95, "AdamW beta2.", check="beta")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.", check="positive")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping).", check="nonnegative")
+    epochs: float = opt(1.0, "Passes over the data (ignored when --max-steps > 0).", check="positive")
+    max_steps: int = opt(0, "Optimizer steps to run (0 = from --epochs).", check="nonnegative")
+    global_batch: int = opt(128, "Sequences (packed rows) per optimizer step, over all ranks and micro-batches.", check="at_least_1")
+    global_batch_tokens: int = opt(0, "If > 0: tokens per optimizer step instead of --global-batch sequences.", check="nonnegative")
+    micro_batch: int = opt(1, "Packed rows per micro-batch per rank (forward/backward at once, padding-free).", check="at_least_1")
+    micro_batch_tokens: int = opt(0, "If > 0: at most this many tokens per micro-batch per rank, instead of --micro-batch rows.", check="nonnegative")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     seed: int = opt(0, "Seed for initialisation, data order and dropout.")
-    log_steps: int = opt(1, "Write metrics every N steps.")
-    save_steps: int = opt(0, "Checkpoint every N steps (0 = only at the end and --save-at).")
+    log_steps: int = opt(1, "Write metrics every N steps.", check="at_least_1")
+    save_steps: int = opt(0, "Checkpoint every N steps (0 = only at the end and --save-at).", check="nonnegative")
     save_at: str = opt("", "Extra checkpoint steps, comma-separated (early-exit checkpoints), e.g. 50,100,150.")
-    save_total_limit: int = opt(0, "Keep at most N periodic checkpoints (0 = keep all; --save-at ones are always kept).")
+    save_total_limit: int = opt(0, "Keep at most N periodic checkpoints (0 = keep all; --save-at ones are always kept).", check="nonnegative")
     resume: bool = opt(False, "Resume from the last complete checkpoint in --out.")
-    max_bad_steps: int = opt(5, "Stop after this many non-finite steps in a row.")
+    max_bad_steps: int = opt(5, "Stop after this many non-finite steps in a row.", check="at_least_1")
     eval_pairs: str | None = opt(None, "Preference shards for eval/pref_loss and eval/pref_accuracy.")
-    eval_steps: int = opt(0, "Evaluate on --eval-pairs every N steps (0 = at start and end only).")
-    eval_beta: float = opt(0.01, "Beta of the held-out preference loss (paper: 0.01).")
-    value_temperature: float = opt(1.0, "Temperature tau of the soft value V(s) = tau*logsumexp(l/tau).")
-    kl_coef: float = opt(0.0, "Weight of the KL-to-reference term (0 = off).")
+    eval_steps: int = opt(0, "Evaluate on --eval-pairs every N steps (0 = at start and end only).", check="nonnegative")
+    eval_beta: float = opt(0.01, "Beta of the held-out preference loss (paper: 0.01).", check="positive")
+    value_temperature: float = opt(1.0, "Temperature tau of the soft value V(s) = tau*logsumexp(l/tau).", check="positive")
+    kl_coef: float = opt(0.0, "Weight of the KL-to-reference term (0 = off).", check="nonnegative")
     kl_estimator: str = opt("full", "KL estimator: " + _choices_help(KL_ESTIMATORS) + ".", choices=tuple(KL_ESTIMATORS))
     kl_metrics: bool = opt(True, "Log kl/k1, kl/k2, kl/k3 against the starting model (uses its log-probs, computed once and cached beside the shards).")
     reference_dir: str | None = opt(None, "Where reference log-prob caches live (default: a reference/ folder inside each shard directory).")
@@ -137,17 +159,17 @@ class SFTConfig(TrainConfig):
 class DPOConfig(TrainConfig):
     """Preference optimisation on `prepare` preference/unpaired/ranked shards."""
 
-    lr: float = opt(5e-7, "Peak learning rate.")
+    lr: float = opt(5e-7, "Peak learning rate.", check="positive")
     loss: str = opt("sigmoid", "Preference loss (docs/FORMULAS.md \"Preference losses\"): " + _choices_help(PREFERENCE_LOSSES) + ".",
                     choices=tuple(PREFERENCE_LOSSES))
-    beta: float | None = opt(None, "Beta (default per loss: 0.1; simpo 2.0; orpo uses --orpo-lambda instead).")
+    beta: float | None = opt(None, "Beta (default per loss: 0.1; simpo 2.0; orpo uses --orpo-lambda instead).", check="positive")
     label_smoothing: float = opt(0.0, "Label smoothing / flip probability epsilon (sigmoid, robust).")
-    gamma: float = opt(0.5, "SimPO target margin gamma.")
-    orpo_lambda: float = opt(0.1, "ORPO odds-ratio weight lambda (TRL's ORPO beta).")
-    desirable_weight: float = opt(1.0, "KTO weight of desirable examples.")
-    undesirable_weight: float = opt(1.0, "KTO weight of undesirable examples.")
-    infonca_alpha: float = opt(1e-3, "InfoNCA temperature alpha of the score softmax.")
-    sft_coef: float = opt(0.0, "Add sft_coef * ce(chosen response) to the loss (RPO-style).")
+    gamma: float = opt(0.5, "SimPO target margin gamma.", check="finite")
+    orpo_lambda: float = opt(0.1, "ORPO odds-ratio weight lambda (TRL's ORPO beta).", check="positive")
+    desirable_weight: float = opt(1.0, "KTO weight of desirable examples.", check="nonnegative")
+    undesirable_weight: float = opt(1.0, "KTO weight of undesirable examples.", check="nonnegative")
+    infonca_alpha: float = opt(1e-3, "InfoNCA temperature alpha of the score softmax.", check="positive")
+    sft_coef: float = opt(0.0, "Add sft_coef * ce(chosen response) to the loss (RPO-style).", check="nonnegative")
     ref_model: str | None = opt(None, "Reference model (default: the starting model); its log-probs are computed once and cached.")
     reference_free: bool = opt(False, "Use no reference at all (simpo, orpo only; no rewards against a reference, no KL metrics).")
     joint_sft: str | None = opt(None, "SFT shards for joint SFT+DPO: loss = ce + lambda * preference loss, lambda adaptive.")
@@ -158,8 +180,8 @@ class DPOConfig(TrainConfig):
     lambda_min: float = opt(1e-3, "Joint SFT+DPO: lower clamp of lambda.")
     lambda_max: float = opt(1e3, "Joint SFT+DPO: upper clamp of lambda.")
     alternate_with: str | None = opt(None, "SFT shards for the alternating schedule SFT_1 -> DPO_1 -> ... -> SFT_K -> DPO_K.")
-    rounds: int = opt(2, "Alternating schedule: number of rounds K (each dataset is split into K parts).")
-    sft_lr: float | None = opt(None, "Alternating schedule: SFT stages' learning rate (default: --lr).")
+    rounds: int = opt(2, "Alternating schedule: number of rounds K (each dataset is split into K parts).", check="at_least_1")
+    sft_lr: float | None = opt(None, "Alternating schedule: SFT stages' learning rate (default: --lr).", check="positive")
 
 
 # --------------------------------------------------------------------------- analysis
@@ -175,11 +197,11 @@ class ScoreConfig(_Validated):
     format: str = opt("auto", "Raw data format (auto: detected from the first row).", choices=("auto", "chat", "preference", "prompt-completion"))
     out: str = opt("", "Output directory: one Parquet table per model and summary.json (raw input is prepared into OUT/prepared).")
     step_delimiter: str = opt("\n\n", "Split responses into steps at this string (\\n, \\t, \\r, \\\\ typed as escapes are unescaped).")
-    value_temperature: float = opt(1.0, "Temperature tau of V(s) = tau*logsumexp(l/tau).")
-    beta: float = opt(0.01, "Beta of the implicit reward and the per-pair DPO loss.")
+    value_temperature: float = opt(1.0, "Temperature tau of V(s) = tau*logsumexp(l/tau).", check="positive")
+    beta: float = opt(0.01, "Beta of the implicit reward and the per-pair DPO loss.", check="positive")
     dtype: str = opt("auto", "Compute dtype (auto: bf16 on GPU, fp32 on CPU).", choices=("auto", *DTYPES))
-    batch_tokens: int = opt(8192, "Tokens per padding-free forward pass.")
-    max_len: int = opt(4096, "Longest sequence scored; longer ones are an error.")
+    batch_tokens: int = opt(8192, "Tokens per padding-free forward pass.", check="at_least_1")
+    max_len: int = opt(4096, "Longest sequence scored; longer ones are an error.", check="at_least_2")
     device: str = opt("auto", "Device (auto, cpu, cuda).")
     trust_remote_code: bool = opt(False, "Allow the model's custom code from the hub.")
 
@@ -191,7 +213,7 @@ class RankConfig(_Validated):
     tables: list[str] = opt([], "Score tables (Parquet) or directories of them (`irtrain score --out`); at least two.", positional=True)
     out: str = opt("", "Output directory: tau matrix (Parquet), heatmap (PNG), summary JSON.")
     intersect: bool = opt(False, "Keep only states present in every table (otherwise a missing state is an error).")
-    bootstrap: int = opt(0, "Bootstrap resamples (over traces) for 95% confidence intervals (0 = none).")
+    bootstrap: int = opt(0, "Bootstrap resamples (over traces) for 95% confidence intervals (0 = none).", check="nonnegative")
     seed: int = opt(0, "Seed of the bootstrap.")
 
 
@@ -200,9 +222,10 @@ class QuickstartConfig(_Validated):
     """Run the whole of irtrain on a generated task: prepare -> sft -> dpo -> score -> rank -> report."""
 
     out: str = opt("irtrain-quickstart", "Output directory for data, models and the report.")
-    scale: float = opt(1.0, "Scale the number of examples and steps (tests use a small value).")
+    scale: float = opt(1.0, "Scale the number of examples and steps (tests use a small value).", check="positive")
     seed: int = opt(0, "Seed of data generation and training.")
-    threads: int = opt(1, "Torch CPU threads (0 = torch's default). The models are tiny: 1 thread is steady on a busy machine, where 2 can stall.")
+    threads: int = opt(1, "Torch CPU threads (0 = torch's default). The models are tiny: 1 thread is steady on a busy machine, "
+                          "where 2 can stall.", check="nonnegative")
 
 
 # --------------------------------------------------------------------------- loading

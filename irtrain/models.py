@@ -19,6 +19,7 @@ tokens) is `irtrain.data.load_tokenizer_files`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -94,10 +95,28 @@ def tokenizer_hash(tokenizer: Any) -> str:
     return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
 
 
+def model_vocab_size(model_path: Path) -> int | None:
+    """The embedding rows of the model at `model_path` (its config.json's `vocab_size`, read
+    without loading anything), or None when it has no config.json (a tokenizer directory)."""
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    size = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+    return int(size) if isinstance(size, int) else None
+
+
 def check_tokenizer(model_path: Path, tokenizer: Any, sets: list[ShardSet]) -> str:
-    """Shards must have been made with the model's tokenizer. Returns its hash."""
+    """Shards must have been made with the model's tokenizer, and every token id must have a row
+    in the model's embedding (the smaller of the tokenizer's length and the model's
+    `vocab_size`). Returns the tokenizer's hash."""
     h = tokenizer_hash(tokenizer)
-    vocab = len(tokenizer)
+    model_vocab = model_vocab_size(model_path)
+    vocab = len(tokenizer) if model_vocab is None else min(len(tokenizer), model_vocab)
+    whose = "the model tokenizer's vocabulary" if vocab == len(tokenizer) else f"the model's vocabulary ({model_path}/config.json vocab_size)"
     for s in sets:
         if s.tokenizer_hash and h and s.tokenizer_hash != h:
             raise TokenizerError(
@@ -106,7 +125,7 @@ def check_tokenizer(model_path: Path, tokenizer: Any, sets: list[ShardSet]) -> s
         for sh in s.shards:
             ids = sh.arrays["input_ids"]
             if len(ids) and int(np.max(ids)) >= vocab:
-                raise TokenizerError(f"{s.path}: token id {int(np.max(ids))} is outside the model tokenizer's vocabulary ({vocab})")
+                raise TokenizerError(f"{s.path}: token id {int(np.max(ids))} is outside {whose} ({vocab})")
     return h
 
 

@@ -82,3 +82,21 @@ def test_model_hash_changes_with_weights_not_with_checkpoints(tiny_model_dir, tm
     (tmp_path / "none").mkdir()
     with pytest.raises(ShardError, match="no model weights"):
         model_hash(tmp_path / "none")
+
+
+def test_token_ids_beyond_the_models_embedding_are_refused(tiny_model_dir, tmp_path):
+    """A model whose embedding is smaller than its tokenizer (config.json vocab_size): ids past
+    the embedding are refused before the model is loaded (it would be an IndexError mid-run)."""
+    import json
+
+    small = tmp_path / "small-vocab"
+    shutil.copytree(tiny_model_dir, small)
+    cfg = json.loads((small / "config.json").read_text())
+    tok = load_tokenizer(small)
+    cfg["vocab_size"] = len(tok) - 10
+    (small / "config.json").write_text(json.dumps(cfg))
+    ok = _shards(tmp_path, "ok", [1, 2, len(tok) - 11], "")
+    assert check_tokenizer(small, tok, [ok]) == tokenizer_hash(tok)
+    past = _shards(tmp_path, "past", [1, 2, len(tok) - 10], "")
+    with pytest.raises(TokenizerError, match=rf"token id {len(tok) - 10} is outside the model's vocabulary \(.*config.json vocab_size\) \({len(tok) - 10}\)"):
+        check_tokenizer(small, tok, [past])
