@@ -53,3 +53,7 @@ class TrainingError(IrtrainError):
 
 class IrtrainIOError(IrtrainError):
     """Reading or writing a file failed."""
+
+
+class LockedError(IrtrainError):
+    """Another run holds the output directory (see `irtrain.paths.OutLock`)."""

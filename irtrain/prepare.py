@@ -24,6 +24,7 @@ from typing import Any
 from irtrain.config import PrepareConfig, config_to_dict
 from irtrain.data import TokenizerFiles, detect_format, first_row, load_tokenizer_files, preparer, resolve_inputs, row_error
 from irtrain.errors import ConfigError, DataError, ShardError, TemplateError
+from irtrain.paths import OutLock
 from irtrain.shards import FORMAT_VERSION, MANIFEST, ShardSet, content_hash, iter_documents
 
 #: bump when the output of the same inputs and config changes
@@ -60,22 +61,23 @@ def run(cfg: PrepareConfig, *, console: Any = None) -> dict[str, Any]:
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        manifest = _build(cfg, fmt, tok, sources, fingerprints, key, tmp, console)
-        manifest["report"]["seconds"] = round(time.perf_counter() - started, 3)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        if previous is not None:  # an older prepare output with another key: replace it
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with OutLock(out, "prepare"):  # a second prepare on the same --out is refused, not raced
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        try:
+            manifest = _build(cfg, fmt, tok, sources, fingerprints, key, tmp, console)
+            manifest["report"]["seconds"] = round(time.perf_counter() - started, 3)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+            if previous is not None:  # an older prepare output with another key: replace it
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     console.print(f"[green]wrote[/] {out} ({len(manifest['shards'])} shard(s), cache key {key[:12]})")
     print_report(manifest["report"], console)
     if cfg.preview:

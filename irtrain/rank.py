@@ -31,7 +31,7 @@ import numpy as np
 
 from irtrain.config import RankConfig, config_to_dict
 from irtrain.errors import ConfigError, DataError, IrtrainIOError
-from irtrain.paths import check_out_dir
+from irtrain.paths import OutLock, check_out_dir
 from irtrain.score import read_table_meta
 from irtrain.stats import kendall_tau_matrix
 
@@ -61,25 +61,26 @@ def run(cfg: RankConfig, *, console: Any = None) -> dict[str, Any]:
     result = rank_values(aligned.values, aligned.trace_starts, bootstrap=cfg.bootstrap, seed=cfg.seed)
     out = check_out_dir(Path(cfg.out))
     out.mkdir(parents=True, exist_ok=True)
-    labels = [t.label for t in loaded]
-    summary = {
-        "irtrain_rank": 1,
-        "models": {t.label: str(t.path) for t in loaded},
-        "data_hash": loaded[0].meta.get("data_hash"),
-        "states": int(aligned.values.shape[1]), "traces": len(aligned.trace_starts) - 1,
-        "dropped_states": aligned.dropped, "bootstrap": cfg.bootstrap, "ci": CI if cfg.bootstrap else None,
-        "config": config_to_dict(cfg),
-        "tau_pooled": _nested(labels, result.tau), "pvalue_pooled": _nested(labels, result.pvalue),
-        "tau_trace_mean": _nested(labels, result.trace_mean), "tau_trace_median": _nested(labels, result.trace_median),
-        "traces_used": _nested(labels, result.traces_used),
-        "files": {"matrix": "tau_matrix.parquet", "pairs": "tau_pairs.parquet", "heatmap": "tau_heatmap.png"},
-    }
-    if result.pooled_ci is not None and result.trace_mean_ci is not None:
-        summary["tau_pooled_ci"] = _nested(labels, np.stack([result.pooled_ci[0], result.pooled_ci[1]], -1))
-        summary["tau_trace_mean_ci"] = _nested(labels, np.stack([result.trace_mean_ci[0], result.trace_mean_ci[1]], -1))
-    write_outputs(out, labels, result, summary, states=int(aligned.values.shape[1]))
-    print_table(labels, result, summary, console)
-    return summary
+    with OutLock(out, "rank"):
+        labels = [t.label for t in loaded]
+        summary = {
+            "irtrain_rank": 1,
+            "models": {t.label: str(t.path) for t in loaded},
+            "data_hash": loaded[0].meta.get("data_hash"),
+            "states": int(aligned.values.shape[1]), "traces": len(aligned.trace_starts) - 1,
+            "dropped_states": aligned.dropped, "bootstrap": cfg.bootstrap, "ci": CI if cfg.bootstrap else None,
+            "config": config_to_dict(cfg),
+            "tau_pooled": _nested(labels, result.tau), "pvalue_pooled": _nested(labels, result.pvalue),
+            "tau_trace_mean": _nested(labels, result.trace_mean), "tau_trace_median": _nested(labels, result.trace_median),
+            "traces_used": _nested(labels, result.traces_used),
+            "files": {"matrix": "tau_matrix.parquet", "pairs": "tau_pairs.parquet", "heatmap": "tau_heatmap.png"},
+        }
+        if result.pooled_ci is not None and result.trace_mean_ci is not None:
+            summary["tau_pooled_ci"] = _nested(labels, np.stack([result.pooled_ci[0], result.pooled_ci[1]], -1))
+            summary["tau_trace_mean_ci"] = _nested(labels, np.stack([result.trace_mean_ci[0], result.trace_mean_ci[1]], -1))
+        write_outputs(out, labels, result, summary, states=int(aligned.values.shape[1]))
+        print_table(labels, result, summary, console)
+        return summary
 
 
 # =========================================================================== inputs

@@ -222,5 +222,5 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_model_dir, chat_shards):
         run(ScoreConfig(data=str(tmp_path / "nope.jsonl"), model=str(tiny_model_dir), out=str(tmp_path / "o")))
     with pytest.raises(DataError, match="more than --max-len 16"):
         run(ScoreConfig(data=shards, model=str(tiny_model_dir), out=str(tmp_path / "o"), max_len=16))
-    with pytest.raises(ConfigError, match="value_temperature"):
+    with pytest.raises(ConfigError, match="value.temperature"):
         run(ScoreConfig(data=shards, model=str(tiny_model_dir), out=str(tmp_path / "o"), value_temperature=0))

@@ -59,6 +59,7 @@ import torch
 from irtrain.config import ScoreConfig, config_to_dict
 from irtrain.errors import ConfigError, DataError
 from irtrain.models import check_tokenizer, load_tokenizer, resolve_device, resolve_dtype, resolve_model
+from irtrain.paths import OutLock
 from irtrain.score.forward import ModelScores, load_model, score_model
 from irtrain.score.inputs import ScoredSegment, out_dir, read_segments, resolve_data, resolve_models
 from irtrain.score.steps import incremental_token_bytes, step_ends, token_bytes, unescape
@@ -93,6 +94,11 @@ def run(cfg: ScoreConfig, *, console: Any = None) -> dict[str, Any]:
     _check(cfg)
     models = resolve_models(cfg)
     out = out_dir(cfg.out)
+    with OutLock(out, "score"):  # score processes sharing an --out would overwrite each other's summary
+        return _score(cfg, models, out, console)
+
+
+def _score(cfg: ScoreConfig, models: list[tuple[str, Path]], out: Path, console: Any) -> dict[str, Any]:
     tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else models[0][1]
     shards = resolve_data(cfg, tok_dir, out, console)
     tokenizer = load_tokenizer(tok_dir)

@@ -21,7 +21,7 @@ from irtrain.config import TrainConfig, config_to_dict, config_to_toml
 from irtrain.errors import ConfigError, IrtrainIOError, ShardError, TrainingError
 from irtrain.evaluation import held_out_metrics, segment_logps_of
 from irtrain.models import check_tokenizer, load_tokenizer, resolve_model
-from irtrain.paths import check_out_dir
+from irtrain.paths import OutLock, check_out_dir
 from irtrain.shards import IGNORE_INDEX, ShardSet, open_shards
 from irtrain.train.batching import Batch, PackedData, plan_run, split_micro
 from irtrain.train.checkpoint import (
@@ -66,88 +66,93 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
     run = check_run(cfg, objective, strategy)
     data, plan, out, total = run.data, run.plan, run.out, len(run.plan)
 
-    # ---------------------------------------------------------------- 2. build
-    write_config(cfg, out, strategy)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, strategy, run.resume_from or run.model_path)
-    state = load_checkpoint(run.resume_from, strategy=strategy) if run.resume_from else TrainState()
-    if run.resume_from:
-        objective.load_state_dict(state.extra.get("objective", {}))
-    refs = References(cfg, strategy, model, run.model_path, run.tok_hash, fresh=run.resume_from is None)
-    ctx = TrainContext(cfg=cfg, strategy=strategy, data=data, model_path=run.model_path, out=out, tokenizer=run.tokenizer,
-                       reference_logps_for=refs.logps, reference_model=refs.model)
-    objective.setup(ctx)
-    eval_ref = refs.logps(run.eval_set) if run.eval_set is not None else None
-    refs.release()
-    model.train()
-    log = MetricsLog(out, enabled=strategy.is_main, resume_step=state.step if run.resume_from else None, tensorboard=cfg.tensorboard)
-    progress = Progress(total, state.step, enabled=strategy.is_main, description=objective.name)
-    last_ckpt: Path | None = run.resume_from
-    metrics: dict[str, Any] = {}
-
-    def evaluate() -> dict[str, float]:
-        return evaluate_held_out(model, objective, ctx, run.eval_set, eval_ref)
-
-    def checkpoint(keep: bool) -> Path:
-        own = objective.state_dict()
-        if own:
-            state.extra["objective"] = own
-        path = save_checkpoint(out, state, model=model, tokenizer=run.tokenizer, strategy=strategy,
-                               config=config_to_dict(cfg), keep=keep)
-        if strategy.is_main:
-            prune_checkpoints(out, cfg.save_total_limit, protected=set(run.save_at))
-        return path
-
-    # ---------------------------------------------------------------- 3. the loop
-    if state.step == 0 and run.eval_set is not None:
-        log.log(0, evaluate())
-    t_start = time.perf_counter() - state.elapsed
+    # ---------------------------------------------------------------- 2. build, holding --out
+    lock = OutLock(out, objective.name).acquire() if strategy.is_main else None
     try:
-        with StopSignal() as stop:
-            for step in range(state.step, total):
-                t0 = time.perf_counter()
-                lr = lr_at(step, total_steps=total, peak=cfg.lr, warmup=run.warmup, schedule=cfg.lr_schedule)
-                strategy.set_lr(lr)
+        write_config(cfg, out, strategy)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, strategy, run.resume_from or run.model_path)
+        state = load_checkpoint(run.resume_from, strategy=strategy) if run.resume_from else TrainState()
+        if run.resume_from:
+            objective.load_state_dict(state.extra.get("objective", {}))
+        refs = References(cfg, strategy, model, run.model_path, run.tok_hash, fresh=run.resume_from is None)
+        ctx = TrainContext(cfg=cfg, strategy=strategy, data=data, model_path=run.model_path, out=out, tokenizer=run.tokenizer,
+                           reference_logps_for=refs.logps, reference_model=refs.model)
+        objective.setup(ctx)
+        eval_ref = refs.logps(run.eval_set) if run.eval_set is not None else None
+        refs.release()
+        model.train()
+        log = MetricsLog(out, enabled=strategy.is_main, resume_step=state.step if run.resume_from else None, tensorboard=cfg.tensorboard)
+        progress = Progress(total, state.step, enabled=strategy.is_main, description=objective.name)
+        last_ckpt: Path | None = run.resume_from
+        metrics: dict[str, Any] = {}
 
-                # this rank's micro-batches; forward / backward over them (gradients accumulate)
-                micro = split_micro(cfg, plan[step], data.lengths, world_size=strategy.world_size, rank=strategy.rank)
-                batches = [data.batch(rows, weight) for rows, weight in micro]
-                objective.begin_step(step, batches)
-                done = run_micro_batches(model, objective, strategy, batches)
+        def evaluate() -> dict[str, float]:
+            return evaluate_held_out(model, objective, ctx, run.eval_set, eval_ref)
 
-                # clip and step; a non-finite loss or gradient norm skips the step
-                grad_norm, applied = strategy.step(cfg.max_grad_norm, math.isfinite(done.loss))
-                objective.end_step(step, done.stats)
-                advance(state, rows=len(plan[step]), tokens=done.tokens, trained_tokens=done.trained_tokens, applied=applied)
-                dt = time.perf_counter() - t0
-                state.elapsed = time.perf_counter() - t_start
+        def checkpoint(keep: bool) -> Path:
+            own = objective.state_dict()
+            if own:
+                state.extra["objective"] = own
+            path = save_checkpoint(out, state, model=model, tokenizer=run.tokenizer, strategy=strategy,
+                                   config=config_to_dict(cfg), keep=keep)
+            if strategy.is_main:
+                prune_checkpoints(out, cfg.save_total_limit, protected=set(run.save_at))
+            return path
 
-                # log; stop on too many non-finite steps in a row; evaluate
-                metrics = step_metrics(state, done, lr=lr, grad_norm=grad_norm, applied=applied, dt=dt, rows=len(data))
-                if state.bad_in_row >= cfg.max_bad_steps:
-                    log.log(state.step, metrics)
-                    kept = latest_checkpoint(out)
-                    raise TrainingError(
-                        f"{state.bad_in_row} non-finite steps in a row (loss {done.loss}, grad norm {grad_norm}) at step {state.step}; "
-                        f"stopped (--max-bad-steps {cfg.max_bad_steps}). Last good checkpoint: {kept if kept else 'none'}")
-                if (cfg.eval_steps > 0 and state.step % cfg.eval_steps == 0) or state.step == total:
-                    metrics.update(evaluate())
-                if state.step % max(1, cfg.log_steps) == 0 or state.step == total or metrics.get("skipped"):
-                    log.log(state.step, metrics)
-                progress.update(state.step, metrics)
+        # ---------------------------------------------------------------- 3. the loop
+        if state.step == 0 and run.eval_set is not None:
+            log.log(0, evaluate())
+        t_start = time.perf_counter() - state.elapsed
+        try:
+            with StopSignal() as stop:
+                for step in range(state.step, total):
+                    t0 = time.perf_counter()
+                    lr = lr_at(step, total_steps=total, peak=cfg.lr, warmup=run.warmup, schedule=cfg.lr_schedule)
+                    strategy.set_lr(lr)
 
-                # checkpoint: periodic, --save-at, the end; and on SIGTERM/SIGINT
-                periodic = cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.bad_in_row == 0
-                if periodic or state.step in run.save_at or state.step == total:
-                    last_ckpt = checkpoint(keep=state.step in run.save_at)
-                stop_now = strategy.all_reduce(torch.tensor([1.0 if stop.requested else 0.0]), op="max").item() > 0
-                if stop_now and state.step < total:
-                    last_ckpt = checkpoint(keep=True)
-                    raise Interrupted(f"interrupted by signal at step {state.step}/{total}; checkpoint written to {last_ckpt}; "
-                                      "rerun with --resume to continue")
+                    # this rank's micro-batches; forward / backward over them (gradients accumulate)
+                    micro = split_micro(cfg, plan[step], data.lengths, world_size=strategy.world_size, rank=strategy.rank)
+                    batches = [data.batch(rows, weight) for rows, weight in micro]
+                    objective.begin_step(step, batches)
+                    done = run_micro_batches(model, objective, strategy, batches)
+
+                    # clip and step; a non-finite loss or gradient norm skips the step
+                    grad_norm, applied = strategy.step(cfg.max_grad_norm, math.isfinite(done.loss))
+                    objective.end_step(step, done.stats)
+                    advance(state, rows=len(plan[step]), tokens=done.tokens, trained_tokens=done.trained_tokens, applied=applied)
+                    dt = time.perf_counter() - t0
+                    state.elapsed = time.perf_counter() - t_start
+
+                    # log; stop on too many non-finite steps in a row; evaluate
+                    metrics = step_metrics(state, done, lr=lr, grad_norm=grad_norm, applied=applied, dt=dt, rows=len(data))
+                    if state.bad_in_row >= cfg.max_bad_steps:
+                        log.log(state.step, metrics)
+                        kept = latest_checkpoint(out)
+                        raise TrainingError(
+                            f"{state.bad_in_row} non-finite steps in a row (loss {done.loss}, grad norm {grad_norm}) at step {state.step}; "
+                            f"stopped (--max-bad-steps {cfg.max_bad_steps}). Last good checkpoint: {kept if kept else 'none'}")
+                    if (cfg.eval_steps > 0 and state.step % cfg.eval_steps == 0) or state.step == total:
+                        metrics.update(evaluate())
+                    if state.step % max(1, cfg.log_steps) == 0 or state.step == total or metrics.get("skipped"):
+                        log.log(state.step, metrics)
+                    progress.update(state.step, metrics)
+
+                    # checkpoint: periodic, --save-at, the end; and on SIGTERM/SIGINT
+                    periodic = cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.bad_in_row == 0
+                    if periodic or state.step in run.save_at or state.step == total:
+                        last_ckpt = checkpoint(keep=state.step in run.save_at)
+                    stop_now = strategy.all_reduce(torch.tensor([1.0 if stop.requested else 0.0]), op="max").item() > 0
+                    if stop_now and state.step < total:
+                        last_ckpt = checkpoint(keep=True)
+                        raise Interrupted(f"interrupted by signal at step {state.step}/{total}; checkpoint written to {last_ckpt}; "
+                                          "rerun with --resume to continue")
+        finally:
+            progress.close()
+            log.close()
     finally:
-        progress.close()
-        log.close()
+        if lock is not None:
+            lock.release()
     strategy.teardown()
     return TrainResult(out=out, steps=state.step, last_checkpoint=last_ckpt, metrics=metrics)
 
