@@ -7,12 +7,8 @@ steps at `--step-delimiter` (FORMULAS.md, "Value ranking"), and the soft value
 - step 0: ``s_0``, the last prompt position (its logits predict the first response token);
 - step k ≥ 1: the position of step k's last token (the state after step k).
 
-A step ends where its delimiter ends (the delimiter belongs to the step it closes; a run
-of delimiters counts as one; a delimiter at the very start opens no step), and the last
-step ends at the response's last token. "Last token" is exact at the byte level: each
-token's bytes are known (byte-level BPE: its byte alphabet; otherwise incremental
-decoding), and the token holding a step's last byte ends that step. When two steps end
-in the same token (a token holding a delimiter run and more), the later one is kept.
+Where a step ends (the delimiter belongs to the step it closes; exact at the byte level)
+is defined in `irtrain.score.steps`.
 
 Output, in ``--out``: one Parquet table per model, ``<name>.parquet``, one row per state:
 
