@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from irtrain.train.metrics import MetricsLog, Progress, read_metrics
 
@@ -81,3 +82,26 @@ def test_progress_enabled_draws_on_stderr_only(capfd):
     assert out == ""
     assert "sft" in err and "3/10" in err and "loss 0.5" in err and "lr 0.001" in err
     assert "not_headline" not in err
+
+
+def test_a_torn_last_line_is_dropped_on_resume(tmp_path):
+    """A crash or a full disk mid-write leaves a last line without its end: reading and
+    resuming skip it (instead of a JSONDecodeError); a bad line elsewhere names the file and line."""
+    from irtrain.errors import IrtrainIOError
+
+    log = MetricsLog(tmp_path, enabled=True, tensorboard=False)
+    for step in (1, 2, 3):
+        log.log(step, {"loss": float(step)})
+    log.close()
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 4, "lo')  # torn
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+    log = MetricsLog(tmp_path, enabled=True, resume_step=3, tensorboard=False)
+    log.log(4, {"loss": 4.0})
+    log.close()
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    assert path.read_text().endswith('"loss": 4.0}\n')
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(IrtrainIOError, match=r"metrics.jsonl:2: not a JSON line"):
+        read_metrics(tmp_path)

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from irtrain.errors import IrtrainIOError
+
 HEADLINE = ("loss", "lr", "grad_norm", "tokens_per_s", "value/s0", "eval/pref_accuracy")
 
 
@@ -27,9 +29,10 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():
-            keep = [ln for ln in self.path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+            keep = [ln for ln, row in _rows(self.path) if row.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+            tmp.replace(self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._f = open(self.path, "a", encoding="utf-8")
@@ -60,9 +63,26 @@ class MetricsLog:
             self._tb.close()
 
 
+def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of every complete line of a metrics file. A last line cut short (a crash or a
+    full disk mid-write) is left out; a bad line anywhere else is an error naming it."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    out = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            out.append((ln, json.loads(ln)))
+        except ValueError:
+            if i == len(lines) - 1:  # no newline after it: the write was torn
+                continue
+            raise IrtrainIOError(f"{path}:{i + 1}: not a JSON line (the metrics file is damaged)") from None
+    return out
+
+
 def read_metrics(out: str | Path) -> list[dict[str, Any]]:
-    path = Path(out) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    """The rows of OUT/metrics.jsonl (a torn last line left out)."""
+    return [row for _, row in _rows(Path(out) / "metrics.jsonl")]
 
 
 class Progress:
