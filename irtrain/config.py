@@ -34,7 +34,7 @@ CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
     "at_least_1": (lambda v: v >= 1, ">= 1"),
     "at_least_2": (lambda v: v >= 2, ">= 2"),
     "fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "beta": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "unit_half_open": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "finite": (lambda v: math.isfinite(v), "finite"),
 }
 
@@ -116,8 +116,8 @@ class TrainConfig(_Validated):
     lr_schedule: str = opt("cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = opt(0.1, "Fraction of steps for linear warmup.", check="fraction")
     weight_decay: float = opt(0.0, "AdamW weight decay.", check="nonnegative")
-    adam_beta1: float = opt(0.9, "AdamW beta1.", check="beta")
-    adam_beta2: float = opt(0.95, "AdamW beta2.", check="beta")
+    adam_beta1: float = opt(0.9, "AdamW beta1.", check="unit_half_open")
+    adam_beta2: float = opt(0.95, "AdamW beta2.", check="unit_half_open")
     adam_eps: float = opt(1e-8, "AdamW epsilon.", check="positive")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping).", check="nonnegative")
     epochs: float = opt(1.0, "Passes over the data (ignored when --max-steps > 0).", check="positive")

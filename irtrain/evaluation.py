@@ -78,13 +78,8 @@ def model_segment_logps(model_dir: str | Path, shards_dir: str | Path, *, token_
 
 def preference_pairs(shards: ShardSet) -> tuple[np.ndarray, np.ndarray]:
     """Global segment indices (chosen, rejected) of every pair in preference shards, by
-    example id."""
-    ex = np.concatenate([np.asarray(sh.arrays["seg_example"], dtype=np.int64) for sh in shards.shards])
-    part = np.concatenate([np.asarray(sh.arrays["seg_part"], dtype=np.int64) for sh in shards.shards])
-    chosen = {int(e): i for i, (e, p) in enumerate(zip(ex, part)) if p == 0}
-    rejected = {int(e): i for i, (e, p) in enumerate(zip(ex, part)) if p == 1}
-    common = sorted(set(chosen) & set(rejected))
-    return np.asarray([chosen[e] for e in common], dtype=np.int64), np.asarray([rejected[e] for e in common], dtype=np.int64)
+    example id (computed once per shard set: `ShardSet.preference_pairs`)."""
+    return shards.preference_pairs
 
 
 @dataclass

@@ -239,6 +239,17 @@ class ShardSet:
         """[R] int64 segments of each packed row, over all shards."""
         return np.concatenate([s.row_segments for s in self.shards]) if self.shards else np.zeros(0, np.int64)
 
+    @cached_property
+    def preference_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Global segment indices (chosen = part 0, rejected = part 1) of every example that has
+        both, by example id."""
+        ex = np.concatenate([np.asarray(sh.arrays["seg_example"], dtype=np.int64) for sh in self.shards]) if self.shards else np.zeros(0, np.int64)
+        part = np.concatenate([np.asarray(sh.arrays["seg_part"], dtype=np.int64) for sh in self.shards]) if self.shards else np.zeros(0, np.int64)
+        chosen = {int(e): i for i, (e, p) in enumerate(zip(ex, part)) if p == 0}
+        rejected = {int(e): i for i, (e, p) in enumerate(zip(ex, part)) if p == 1}
+        common = sorted(set(chosen) & set(rejected))
+        return np.asarray([chosen[e] for e in common], dtype=np.int64), np.asarray([rejected[e] for e in common], dtype=np.int64)
+
 
 def open_shards(path: str | Path, what: str) -> ShardSet:
     """A shard set that must hold rows (`what` names the option in the error)."""

@@ -58,12 +58,11 @@ def test_the_same_check_reads_a_toml_file(tmp_path):
 
 def test_optional_fields_pass_when_unset_and_defaults_are_valid():
     for cls in (PrepareConfig, SFTConfig, DPOConfig, ScoreConfig, RankConfig, QuickstartConfig):
-        cfg = cls()  # every default passes its own check
+        cls()  # every default passes its own check (a failing one raises here)
         for f in dataclasses.fields(cls):
             check = f.metadata.get("check")
             assert check is None or check in CHECKS, (cls.__name__, f.name)
     assert DPOConfig(beta=None).beta is None and DPOConfig(sft_lr=None).sft_lr is None
-    assert cfg is not None
 
 
 def test_every_numeric_training_setting_has_a_check():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from irtrain.dpo.options import allowed_formats, format_hint, resolve_loss
 from irtrain.errors import ConfigError, IrtrainError, ReferenceMismatchError, ShardError
 from irtrain.evaluation import SegmentLogps, preference_pairs
 from irtrain.losses import KL_ESTIMATORS, PreferenceBatch, TokenStats, first_token_mask, kto_z, preference_metrics, segment_sums, sequence_ce
-from irtrain.models import check_tokenizer, load_tokenizer, model_hash, resolve_model
+from irtrain.models import check_tokenizer, load_tokenizer, model_hash, resolve_model, tokenizer_hash
 from irtrain.shards import SFT_FORMATS, ShardSet
 from irtrain.train.batching import Batch, PackedData
 from irtrain.train.objective import Objective, Stats, TrainContext
@@ -105,7 +106,6 @@ class PreferenceObjective(Objective):
         self.strategy = strategy
         self.device = strategy.device
         self.autocast = strategy.autocast
-        self.data = ctx.data
         self.pref_set = [s.format not in SFT_FORMATS for s in ctx.data.sets] if self.joint else [True] * len(ctx.data.sets)
         self.row_lengths = [s.row_lengths for s in ctx.data.sets]
         if cfg.eval_pairs:
@@ -125,7 +125,7 @@ class PreferenceObjective(Objective):
             return holder["m"]
 
         mh = strategy.broadcast_object(model_hash(ref_path) if strategy.is_main else None)
-        tok_hash = check_tokenizer(ctx.model_path, ctx.tokenizer, [])  # the hash of the model's tokenizer
+        tok_hash = tokenizer_hash(ctx.tokenizer)
         cache: Callable[[ShardSet], ReferenceLogps]
         if cfg.ref_model:
             def cache(s: ShardSet) -> ReferenceLogps:
@@ -139,8 +139,6 @@ class PreferenceObjective(Objective):
         if cfg.eval_pairs:
             self.eval_ref = cache(ShardSet(cfg.eval_pairs))
         if cfg.loss == "kto":
-            import hashlib
-
             data_hash = hashlib.sha256("|".join(s.content_hash for s in ctx.data.sets).encode()).hexdigest()
             self.kto_refs = kto_reference(cfg, ctx.data, strategy, ReferenceKey(mh, tok_hash, data_hash), reference_model,
                                           self._unpaired_segments)

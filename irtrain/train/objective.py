@@ -45,7 +45,7 @@ whatever `count` counts (tokens, segments, pairs). Keep them detached.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,7 +127,6 @@ class TrainContext:
     tokenizer: Any
     reference_logps_for: Callable[[ShardSet], ReferenceLogps]
     reference_model: Callable[[], Any]
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def reference_logps(self, k: int) -> ReferenceLogps:
         return self.reference_logps_for(self.data.sets[k])
