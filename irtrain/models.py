@@ -44,8 +44,8 @@ def resolve_model(name: str, *, flag: str = "--model") -> Path:
         raise ConfigError(f"{flag} is required (a local directory or hub name)")
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{flag} {name}: {path} has no config.json (not a transformers model directory)")
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ConfigError(f"{flag} {name}: {path} has no config.json (not a transformers model directory, nor an adapter checkpoint)")
         return path
     looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep + os.sep in name
     if looks_local:
@@ -142,10 +142,14 @@ def _file_sha256(path: Path) -> str:
     return _hash_cache[key]
 
 
+#: besides weights, the files that make a model what it is (an adapter checkpoint: its config and its base's identity)
+_IDENTITY_FILES = ("config.json", "adapter_config.json", "irtrain_base.json")
+
+
 def model_hash(model_dir: str | Path) -> str:
     """Identity of a model's weights: sha256 over its config and weight files' checksums."""
     root = Path(model_dir)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in _IDENTITY_FILES)
                    and "checkpoint-" not in p.relative_to(root).as_posix())
     if not files:
         raise ShardError(f"{root}: no model weights found to fingerprint")

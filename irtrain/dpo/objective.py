@@ -118,6 +118,8 @@ class PreferenceObjective(Objective):
         holder: dict[str, Any] = {}
 
         def reference_model() -> Any:
+            if not cfg.ref_model and cfg.lora_r > 0:
+                return ctx.reference_model()  # the base: the training model with its adapters disabled
             if "m" not in holder:
                 m = strategy.load_model(ref_path, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
                 m.config.use_cache = False

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from irtrain.adapters import load_causal_lm
 from irtrain.config import ScoreConfig
 from irtrain.errors import ConfigError, TokenizerError
 from irtrain.score.inputs import ScoredSegment
@@ -31,13 +32,12 @@ class ModelScores:
 
 
 def load_model(path: Path, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> Any:
-    from transformers import AutoModelForCausalLM
-
+    """A model directory, or an adapter checkpoint (its base with the adapter merged), for inference."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        model = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot load the model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    model = model.to(device)  # type: ignore[arg-type]  # transformers' stubs: to(device) is fine
+    model = model.to(device)
     return model.eval().requires_grad_(False)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from irtrain.adapters import ADAPTER_CONFIG, base_of, check_base, is_adapter_dir
 from irtrain.config import PrepareConfig, ScoreConfig
 from irtrain.data import detect_format, first_row, resolve_inputs
 from irtrain.errors import ConfigError, DataError
@@ -33,10 +34,15 @@ def _checkpoint_order(p: Path) -> tuple[int, int, str]:
     return (0, int(m.group(1)), p.name) if m else (1, 0, p.name)
 
 
+def _holds_model(p: Path) -> bool:
+    return (p / "config.json").is_file() or (p / ADAPTER_CONFIG).is_file()
+
+
 def resolve_models(cfg: ScoreConfig) -> list[tuple[str, Path]]:
     """(table name, model directory) for `--model` and every checkpoint of `--checkpoints`
-    (each subdirectory with a config.json, `checkpoint-<step>` by step; the directory itself
-    too when it holds a model)."""
+    (each subdirectory with a config.json, or an adapter checkpoint, scored as its base with
+    the adapter merged; `checkpoint-<step>` by step; the directory itself too when it holds
+    a model). An adapter's base must exist and be the one it was trained on."""
     found: list[tuple[str, Path]] = []
     if cfg.model:
         path = resolve_model(cfg.model)
@@ -45,12 +51,15 @@ def resolve_models(cfg: ScoreConfig) -> list[tuple[str, Path]]:
         root = Path(cfg.checkpoints)
         if not root.is_dir():
             raise ConfigError(f"--checkpoints {root}: no such directory")
-        subs = sorted((p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()), key=_checkpoint_order)
-        if (root / "config.json").is_file():
+        subs = sorted((p for p in root.iterdir() if p.is_dir() and _holds_model(p)), key=_checkpoint_order)
+        if _holds_model(root):
             subs.append(root)
         if not subs:
-            raise ConfigError(f"--checkpoints {root}: no model in it (no subdirectory with a config.json)")
+            raise ConfigError(f"--checkpoints {root}: no model in it (no subdirectory with a config.json or an adapter_config.json)")
         found += [(_safe_name(p.name), p) for p in subs]
+    for _, path in found:
+        if is_adapter_dir(path):
+            check_base(path, base_of(path))
     names: dict[str, int] = {}
     unique = []
     for name, path in found:

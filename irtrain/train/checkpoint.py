@@ -3,6 +3,8 @@
 A checkpoint is a directory ``OUT/checkpoint-<step:07d>/``::
 
     model.safetensors (+ config.json, generation_config.json)   # from_pretrained-loadable
+      | adapter_config.json + adapter_model.safetensors          # LoRA: the adapter, peft's format
+        + irtrain_base.json                                      # the base it trains on (hash)
     tokenizer.json, tokenizer_config.json, ...                   # the model's tokenizer
     optimizer.pt  (single process)  |  deepspeed/ (DeepSpeed: per-rank optimizer partitions)
     rng.pt        torch CPU (+ CUDA) RNG states, per rank (rng-<rank>.pt)
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from irtrain.adapters import BASE_FILE
 
 PREFIX = "checkpoint-"
 STATE = "trainer_state.json"
@@ -64,8 +68,9 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def save_checkpoint(out: Path, state: TrainState, *, model: Any, tokenizer: Any, strategy: Any, config: dict[str, Any],
-                    keep: bool = True) -> Path:
-    """Write checkpoint-<state.step> atomically (every rank calls this)."""
+                    keep: bool = True, base_identity: dict[str, str] | None = None) -> Path:
+    """Write checkpoint-<state.step> atomically (every rank calls this). A peft model is saved
+    as its adapter (peft's format) with `base_identity` (the base it trains on) beside it."""
     final = checkpoint_dir(out, state.step)
     tmp = out / f".{final.name}.tmp"
     if strategy.is_main:
@@ -79,6 +84,9 @@ def save_checkpoint(out: Path, state: TrainState, *, model: Any, tokenizer: Any,
         kwargs: dict[str, Any] = {"safe_serialization": True}
         if full is not None:
             kwargs["state_dict"] = full
+        if base_identity is not None:  # an adapter: adapter_config.json + adapter_model.safetensors
+            kwargs["save_embedding_layers"] = False
+            (tmp / BASE_FILE).write_text(json.dumps(base_identity, indent=2), encoding="utf-8")
         inner.save_pretrained(tmp, **kwargs)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -9,6 +9,7 @@ anything is written lives in `check_run` below.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from irtrain.adapters import LoraSpec, apply_lora, lora_spec, merge_to, quantization_config
 from irtrain.config import TrainConfig, config_to_dict, config_to_toml
 from irtrain.errors import ConfigError, IrtrainIOError, ShardError, TrainingError
 from irtrain.evaluation import held_out_metrics, segment_logps_of
-from irtrain.models import check_tokenizer, load_tokenizer, resolve_model
+from irtrain.models import check_tokenizer, load_tokenizer, model_hash, resolve_model
 from irtrain.paths import OutLock, check_out_dir
 from irtrain.shards import IGNORE_INDEX, ShardSet, open_shards
 from irtrain.train.batching import Batch, PackedData, plan_run, split_micro
@@ -34,6 +36,7 @@ from irtrain.train.checkpoint import (
     read_state,
     save_checkpoint,
 )
+from irtrain.train.memory import strategy_estimate
 from irtrain.train.metrics import MetricsLog, Progress
 from irtrain.train.objective import Objective, TrainContext
 from irtrain.train.reference import ReferenceLogps, References, eval_token_budget
@@ -55,7 +58,8 @@ class TrainResult:
 
 # Fields that must not change when a run is resumed (they define the data order and the model).
 # (--max-steps / --epochs may change: the plan's prefix is the same, the lr schedule follows the new length.)
-_RESUME_FIXED = ("model", "data", "seed", "global_batch", "global_batch_tokens")
+_RESUME_FIXED = ("model", "data", "seed", "global_batch", "global_batch_tokens", "lora_r", "lora_target", "lora_modules_to_save",
+                 "use_dora")
 
 
 def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
@@ -71,7 +75,7 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
     try:
         write_config(cfg, out, strategy)
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, strategy, run.resume_from or run.model_path)
+        model = build_model(cfg, strategy, run)
         state = load_checkpoint(run.resume_from, strategy=strategy) if run.resume_from else TrainState()
         if run.resume_from:
             objective.load_state_dict(state.extra.get("objective", {}))
@@ -95,7 +99,7 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
             if own:
                 state.extra["objective"] = own
             path = save_checkpoint(out, state, model=model, tokenizer=run.tokenizer, strategy=strategy,
-                                   config=config_to_dict(cfg), keep=keep)
+                                   config=config_to_dict(cfg), keep=keep, base_identity=run.base_identity)
             if strategy.is_main:
                 prune_checkpoints(out, cfg.save_total_limit, protected=set(run.save_at))
             return path
@@ -150,10 +154,10 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
         finally:
             progress.close()
             log.close()
+        finish(cfg, strategy, run, last_ckpt)
     finally:
         if lock is not None:
             lock.release()
-    strategy.teardown()
     return TrainResult(out=out, steps=state.step, last_checkpoint=last_ckpt, metrics=metrics)
 
 
@@ -250,6 +254,8 @@ class RunPlan:
     resume_from: Path | None
     warmup: int
     eval_set: ShardSet | None
+    lora: LoraSpec | None            # None: a full fine-tune
+    base_identity: dict[str, str] | None  # LoRA: the base the adapter trains on (saved with it)
 
 
 def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> RunPlan:
@@ -257,6 +263,7 @@ def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> Run
     tokenizer, the data (the objective's checks too), the plan, --save-at, --resume."""
     out = check_out_dir(Path(cfg.out)) if strategy.is_main else Path(cfg.out)
     model_path = resolve_model(cfg.model)
+    lora = lora_spec(cfg, model_path)
     tokenizer = load_tokenizer(model_path)
     sets = [open_shards(d, "training data") for d in cfg.data] if cfg.data else []
     if not sets:
@@ -275,8 +282,10 @@ def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> Run
     resume_from = find_resume(out, cfg) if cfg.resume else None
     if not cfg.resume and list_checkpoints(out):
         raise ConfigError(f"--out {out} already holds checkpoints of a run: pass --resume to continue it, or pick another --out")
+    base_identity = {"base_model": lora.base_name, "model_hash": model_hash(model_path)} if lora and strategy.is_main else None
     return RunPlan(out=out, model_path=model_path, tokenizer=tokenizer, tok_hash=tok_hash, data=data, plan=plan,
-                   save_at=save_at, resume_from=resume_from, warmup=warmup_steps(len(plan), cfg.warmup_ratio), eval_set=eval_set)
+                   save_at=save_at, resume_from=resume_from, warmup=warmup_steps(len(plan), cfg.warmup_ratio), eval_set=eval_set,
+                   lora=lora, base_identity=base_identity)
 
 
 def write_config(cfg: TrainConfig, out: Path, strategy: Strategy) -> None:
@@ -290,10 +299,13 @@ def write_config(cfg: TrainConfig, out: Path, strategy: Strategy) -> None:
     strategy.barrier()
 
 
-def build_model(cfg: TrainConfig, strategy: Strategy, path: Path) -> Any:
-    """The model to train, loaded from `path` (the start, or the checkpoint to resume) and
-    handed to the strategy (device, optimizer, DeepSpeed engine)."""
-    model = strategy.load_model(path, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+def build_model(cfg: TrainConfig, strategy: Strategy, run: RunPlan) -> Any:
+    """The model to train: the start, or the checkpoint to resume (with LoRA: the base, with fresh
+    adapters or the resumed ones), handed to the strategy (device, optimizer, DeepSpeed engine).
+    Prints the memory line (parameters, bytes per device) on the main rank."""
+    path = run.resume_from if run.resume_from and run.lora is None else run.model_path
+    model = strategy.load_model(path, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code,
+                                quantization=quantization_config(run.lora))
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x name
         if enable is not None:
@@ -301,7 +313,19 @@ def build_model(cfg: TrainConfig, strategy: Strategy, path: Path) -> Any:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    return strategy.setup(model)
+    if run.lora is not None:
+        model = apply_lora(model, run.lora, resume_from=run.resume_from, gradient_checkpointing=cfg.gradient_checkpointing)
+    model = strategy.setup(model)
+    if strategy.is_main:
+        print(strategy_estimate(model, strategy, run.lora.describe() if run.lora else "full fine-tune").line(), file=sys.stderr)
+    return model
+
+
+def finish(cfg: TrainConfig, strategy: Strategy, run: RunPlan, last_ckpt: Path | None) -> None:
+    """After the last step: with --merge-at-end, base + adapter written to OUT/merged/ (main rank)."""
+    if cfg.merge_at_end and last_ckpt is not None and strategy.is_main:
+        merge_to(run.model_path, last_ckpt, run.out / "merged", tokenizer=run.tokenizer, trust_remote_code=cfg.trust_remote_code)
+    strategy.teardown()
 
 
 def parse_save_at(spec: str, total: int) -> list[int]:

@@ -110,7 +110,7 @@ def _fusable_head(inner: Any) -> tuple[Any, Any] | None:
     get_decoder, get_head = getattr(inner, "get_decoder", None), getattr(inner, "get_output_embeddings", None)
     if get_decoder is None or get_head is None:
         return None
-    decoder, head = get_decoder(), get_head()
+    decoder, head = get_decoder(), _active_head(get_head())
     if not isinstance(head, torch.nn.Linear) or decoder is None or decoder is inner:
         return None
     if hasattr(head.weight, "ds_id"):  # a ZeRO-3 partitioned weight: only the module's own forward gathers it
@@ -118,7 +118,18 @@ def _fusable_head(inner: Any) -> tuple[Any, Any] | None:
     return decoder, head
 
 
+def _active_head(head: Any) -> Any:
+    """The LM head that runs: under peft's `--lora-modules-to-save lm_head` the head is a wrapper
+    holding the original and a trained copy; the copy, unless adapters are disabled."""
+    if hasattr(head, "original_module") and hasattr(head, "modules_to_save"):
+        if head.disable_adapters or not all(a in head.modules_to_save for a in head.active_adapters):
+            return head.original_module
+        return head.modules_to_save[head.active_adapters[0]]
+    return head
+
+
 def _accepts(inner: Any, name: str) -> bool:
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # a peft model: its transformers model
     try:
         return name in inspect.signature(inner.forward).parameters
     except (TypeError, ValueError):

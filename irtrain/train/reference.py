@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from irtrain.adapters import AdaptersDisabled, peft_model_of
 from irtrain.config import TrainConfig
 from irtrain.errors import ReferenceMismatchError, ShardError
 from irtrain.losses import TokenStats, segment_sums
@@ -319,14 +320,16 @@ def eval_token_budget(cfg: TrainConfig, data: PackedData | None) -> int:
 
 class References:
     """Reference log-probs for `TrainContext`: cached beside the shards, computed with the
-    starting model (the training model before its first step, or loaded again on resume)."""
+    starting model (the training model before its first step, or loaded again on resume).
+    With LoRA the starting model is the training model with its adapters disabled, always:
+    no second copy of the base is ever loaded."""
 
     def __init__(self, cfg: TrainConfig, strategy: Strategy, model: Any, model_path: Path, tok_hash: str, *, fresh: bool):
         self.cfg, self.strategy, self.train_model, self.model_path, self.tok_hash = cfg, strategy, model, model_path, tok_hash
         self.fresh = fresh
         self._hash: str | None = None
         self._start: Any = None
-        self._resident: Any = None
+        self._resident: Any = AdaptersDisabled(model) if peft_model_of(model) is not None else None
 
     def key(self, shards: ShardSet) -> ReferenceKey:
         if self._hash is None:
@@ -334,6 +337,8 @@ class References:
         return ReferenceKey(self._hash, shards.tokenizer_hash or self.tok_hash, shards.content_hash)
 
     def _starting_model(self) -> Any:
+        if self._resident is not None:
+            return self._resident
         if self.fresh:
             return self.train_model
         if self._start is None:
@@ -348,7 +353,7 @@ class References:
                                 meta={"model": str(self.cfg.model)})
 
     def model(self) -> Any:
-        """A frozen copy of the starting model, resident on the device."""
+        """A frozen copy of the starting model, resident on the device (LoRA: the base, adapters off)."""
         if self._resident is None:
             m = self.strategy.load_model(self.model_path, attn_implementation=self.cfg.attn_implementation,
                                          trust_remote_code=self.cfg.trust_remote_code)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from irtrain.adapters import load_causal_lm
 from irtrain.config import TrainConfig
 from irtrain.errors import ConfigError
 from irtrain.models import resolve_device, resolve_dtype
@@ -90,13 +91,16 @@ class Strategy:
         return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ model
-    def load_model(self, path: str | Path, *, attn_implementation: str | None, trust_remote_code: bool = False) -> Any:
-        from transformers import AutoModelForCausalLM
-
+    def load_model(self, path: str | Path, *, attn_implementation: str | None, trust_remote_code: bool = False,
+                   quantization: Any = None) -> Any:
+        """A full model directory, or an adapter checkpoint (its base with the adapter merged);
+        `quantization`: a BitsAndBytesConfig (QLoRA), loaded straight onto this process's GPU."""
         kwargs: dict[str, Any] = {"dtype": self.param_dtype(), "trust_remote_code": trust_remote_code,
                                   "attn_implementation": attn_implementation or default_attn_implementation(self.device)}
+        if quantization is not None:
+            kwargs.update(quantization_config=quantization, dtype=torch.bfloat16, device_map={"": self.device})
         with self._init_context():
-            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            model = load_causal_lm(path, **kwargs)
         return model
 
     def _init_context(self) -> contextlib.AbstractContextManager:
@@ -104,7 +108,7 @@ class Strategy:
 
     def setup(self, model: Any) -> Any:
         """Move to the device, build AdamW; returns the model to call."""
-        self.model = model.to(self.device)
+        self.model = model if getattr(model, "is_quantized", False) else model.to(self.device)  # bitsandbytes: placed at load
         self.optimizer = _adamw(self.model, self.cfg)
         return self.model
 
@@ -319,17 +323,20 @@ class DeepSpeedStrategy(Strategy):
 
     def save_training_state(self, path: Path) -> None:
         # Every rank writes its optimizer partition; the weights go to safetensors separately.
-        self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False)
+        # With LoRA only the adapters are trainable; the frozen base is not written again.
+        self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False, exclude_frozen_parameters=self.cfg.lora_r > 0)
 
     def load_training_state(self, path: Path) -> None:
         load_path, _ = self.engine.load_checkpoint(
-            str(path), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True)
+            str(path), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False,
+            load_module_strict=self.cfg.lora_r == 0)
         if load_path is None:
             raise ConfigError(f"{path}: no DeepSpeed state to resume from")
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         if self.stage == 3:
-            return self.engine._zero3_consolidated_16bit_state_dict()  # collective; full on rank 0
+            # collective; full on rank 0 (with LoRA: the trainable parameters only, i.e. the adapter)
+            return self.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=self.cfg.lora_r > 0)
         return None
 
     def teardown(self) -> None:
