@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_common import base_args, data_dir, heldout_dir, load_model, pref_dir, sft, task_shards  # noqa: F401
+
+from test_train_common import base_args, data_dir, heldout_dir, load_model, pref_dir, sft, task_shards  # noqa: F401 (fixtures)
 
 pytest.importorskip("peft")
 
@@ -129,3 +130,187 @@ def test_memory_line_is_printed(tiny_model_dir, data_dir, tmp_path):
     assert r.exit_code == 0, r.output
     line = next(x for x in r.output.splitlines() if x.startswith("memory:"))
     assert "LoRA r=4" in line and "trainable" in line and "MiB" in line
+
+
+# --------------------------------------------------------------------------- the reference is the base, never a second copy
+@pytest.fixture
+def count_loads(monkeypatch):
+    """How many times the loop loads a model (the base, once, for a LoRA run)."""
+    import irtrain.train.strategy as strategy
+
+    calls: list[str] = []
+    real = strategy.load_causal_lm
+
+    def counting(path, **kwargs):
+        calls.append(str(path))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(strategy, "load_causal_lm", counting)
+    return calls
+
+
+def test_lora_dpo_reference_is_the_base_with_adapters_disabled(tiny_model_dir, pref_dir, tmp_path, count_loads):
+    """A LoRA dpo run: only adapter parameters change; its reference log-probs (computed by the
+    training model with its adapters disabled) equal a full fine-tune's (computed by the base
+    itself), entry for entry; a resumed run loads the base once and no second copy."""
+    from irtrain.train.reference import ReferenceLogps
+
+    common = ["--model", tiny_model_dir, "--lr", "1e-3", "--global-batch", "4", "--micro-batch", "2", "--warmup-ratio", "0",
+              "--no-tensorboard", "--max-steps", "3", "--save-steps", "1", "--beta", "0.1", str(pref_dir)]
+    full = dpo(*common, "--out", tmp_path / "full", "--reference-dir", tmp_path / "ref-full")
+    assert full.exit_code == 0, full.output
+    lora = dpo(*common, "--out", tmp_path / "lora", "--reference-dir", tmp_path / "ref-lora", *LORA)
+    assert lora.exit_code == 0, lora.output
+    assert count_loads == [str(tiny_model_dir), str(tiny_model_dir)]  # one per run: no reference copy for either
+    (a,), (b,) = list((tmp_path / "ref-full").glob("*.safetensors")), list((tmp_path / "ref-lora").glob("*.safetensors"))
+    assert a.name == b.name  # the same key: the base's hash
+    ra, rb = ReferenceLogps.load(a), ReferenceLogps.load(b)
+    np_eq = [(getattr(ra, n) == getattr(rb, n)).all() for n in ("token_logps", "seg_logps", "seg_tokens")]
+    assert all(np_eq)
+    # every rewards/* metric starts at 0: the step-1 policy (B = 0) is the reference
+    m = [json.loads(x) for x in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert m[0]["rewards/margins"] == 0.0 and m[0]["kl/k1"] == 0.0
+    # resume from step 1 with the cache moved away: recomputed with adapters disabled, same values
+    import shutil
+
+    for ck in ("checkpoint-0000002", "checkpoint-0000003"):
+        shutil.rmtree(tmp_path / "lora" / ck)
+    count_loads.clear()
+    again = dpo(*common, "--out", tmp_path / "lora", "--reference-dir", tmp_path / "ref-resume", "--resume", *LORA)
+    assert again.exit_code == 0, again.output
+    assert count_loads == [str(tiny_model_dir)]
+    (c,) = list((tmp_path / "ref-resume").glob("*.safetensors"))
+    assert (ReferenceLogps.load(c).token_logps == ra.token_logps).all()
+    m2 = [json.loads(x) for x in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["loss"] for x in m2] == [x["loss"] for x in m]
+
+
+def test_lora_sft_kl_full_uses_the_base_with_adapters_disabled(tiny_model_dir, data_dir, tmp_path, count_loads):
+    r = sft(*base_args(tiny_model_dir, data_dir, tmp_path / "run", "--max-steps", "2", "--kl-coef", "0.1", "--kl-estimator", "full",
+                       *LORA))
+    assert r.exit_code == 0, r.output
+    assert count_loads == [str(tiny_model_dir)]
+    m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert m[0]["kl/full"] == 0.0  # step 1: B = 0, the policy is the base exactly
+    assert m[1]["kl/full"] > 0.0
+
+
+def test_lora_kto_reference_without_a_copy(tiny_model_dir, tmp_path, count_loads):
+    """KTO's reference point z0 needs the reference on mismatched pairs (a forward, not a
+    cache lookup): with LoRA it is the training model with adapters disabled."""
+    from transformers import AutoTokenizer
+
+    from test_dpo import write_unpaired
+
+    data = write_unpaired(AutoTokenizer.from_pretrained(str(tiny_model_dir)), tmp_path / "unpaired", n=16)
+    r = dpo("--model", tiny_model_dir, "--out", tmp_path / "kto", "--loss", "kto", "--lr", "1e-3", "--global-batch", "4",
+            "--micro-batch", "2", "--max-steps", "2", "--no-tensorboard", *LORA, data)
+    assert r.exit_code == 0, r.output
+    assert count_loads == [str(tiny_model_dir)]
+
+
+# --------------------------------------------------------------------------- the head under peft
+def test_modules_to_save_lm_head_matches_the_full_logit_path(tiny_model_dir, data_dir):
+    """With the LM head trained in full next to the adapters, the chunked head (fused path, on
+    the trained copy) gives the same stats and gradients as transformers' full logits."""
+    from irtrain.adapters import LoraSpec, apply_lora
+    from irtrain.shards import ShardSet
+    from irtrain.train.batching import collate
+    from irtrain.train.packed import packed_token_stats
+
+    spec = LoraSpec(r=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj"), modules_to_save=("lm_head",), use_dora=False,
+                    quantization=None, base_name=str(tiny_model_dir))
+    torch.manual_seed(0)
+    model = apply_lora(load_model(tiny_model_dir), spec)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "modules_to_save" in n or "lora_B" in n:
+                p.add_(torch.randn_like(p) * 0.05)  # the copy and the adapter differ from the base
+    batch = collate([ShardSet(data_dir).row(i) for i in range(2)])
+
+    def run(keep_logits: bool):
+        model.zero_grad()
+        s = packed_token_stats(model, batch, tau=0.7, keep_logits=keep_logits)
+        (s.logps.sum() + 0.3 * s.values.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return s, grads
+
+    fused, g_fused = run(False)
+    full, g_full = run(True)
+    assert full.logits is not None and fused.logits is None  # the two paths really differ
+    torch.testing.assert_close(fused.logps, full.logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.values, full.values, rtol=1e-5, atol=1e-5)
+    assert any("modules_to_save" in n for n in g_fused)
+    for n in g_full:
+        torch.testing.assert_close(g_fused[n], g_full[n], rtol=1e-4, atol=1e-6, msg=n)
+    # and the head that ran is the trained copy: with adapters disabled the logps change
+    with model.disable_adapter():
+        base = packed_token_stats(model, batch, tau=0.7)
+    assert not torch.allclose(base.logps, fused.logps.detach())
+
+
+def test_dora_run(tiny_model_dir, data_dir, tmp_path):
+    r = sft(*base_args(tiny_model_dir, data_dir, tmp_path / "run", "--max-steps", "2", "--use-dora", *LORA))
+    assert r.exit_code == 0, r.output
+    assert "DoRA r=4" in r.output
+    ckpt = final(tmp_path / "run")
+    assert any("lora_magnitude_vector" in k for k in adapter_tensors(ckpt))
+    assert json.loads((ckpt / "adapter_config.json").read_text())["use_dora"] is True
+    peft_model(tiny_model_dir, ckpt)  # loads
+
+
+# --------------------------------------------------------------------------- score / rank on adapter checkpoints
+def test_score_adapter_checkpoints_equal_their_merged_model(tiny_model_dir, lora_sft, heldout_dir, tmp_path):
+    import polars as pl
+    from typer.testing import CliRunner
+
+    from irtrain.cli.main import app
+
+    r = CliRunner().invoke(app, ["score", str(heldout_dir), "--checkpoints", str(lora_sft), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["score", str(heldout_dir), "--model", str(lora_sft / "merged"), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    adapter = pl.read_parquet(tmp_path / "a" / "checkpoint-0000004.parquet")
+    merged = pl.read_parquet(tmp_path / "m" / "merged.parquet")
+    assert {"checkpoint-0000002.parquet", "checkpoint-0000004.parquet"} <= {p.name for p in (tmp_path / "a").iterdir()}
+    np = pytest.importorskip("numpy")
+    np.testing.assert_allclose(adapter["logp"].to_numpy(), merged["logp"].to_numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_on_another_base_is_refused(tiny_model_dir, lora_sft, heldout_dir, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from irtrain.cli.main import app
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(final(lora_sft), ckpt)
+    cfg = json.loads((ckpt / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(lora_sft / "merged")  # a different model than it was trained on
+    (ckpt / "adapter_config.json").write_text(json.dumps(cfg))
+    r = CliRunner().invoke(app, ["score", str(heldout_dir), "--model", str(ckpt), "--out", str(tmp_path / "out")])
+    assert r.exit_code != 0
+    assert "adapter trained on another base model" in r.output and not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- bad input: one line, nothing written
+@pytest.mark.parametrize("flags, says", [
+    (["--lora-r", "-1"], "--lora-r must be >= 0"),
+    (["--lora-r", "4", "--lora-target", "q_proj,qkv"], "--lora-target 'qkv' names no module"),
+    (["--lora-r", "4", "--lora-modules-to-save", "head"], "--lora-modules-to-save 'head' names no module"),
+    (["--lora-r", "4", "--load-in-4bit"], "--load-in-4bit (QLoRA) needs a CUDA GPU"),
+    (["--lora-r", "4", "--load-in-8bit"], "--load-in-8bit (QLoRA) needs a CUDA GPU"),
+    (["--merge-at-end"], "--merge-at-end needs LoRA"),
+    (["--use-dora"], "--use-dora needs LoRA"),
+    (["--lora-r", "4", "--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
+])
+def test_bad_adapter_flags_are_one_line_errors(tiny_model_dir, data_dir, tmp_path, flags, says):
+    out = tmp_path / "run"
+    r = sft(*base_args(tiny_model_dir, data_dir, out, "--max-steps", "1", *flags))
+    assert r.exit_code != 0
+    assert says in r.output, r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) <= 2
+    assert not out.exists()
+    if "lora-target" in flags:
+        assert "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj" in r.output
