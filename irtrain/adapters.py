@@ -132,7 +132,7 @@ def lora_spec(cfg: Any, model_path: Path) -> LoraSpec | None:
     quantization = check_quantization(cfg)
     if cfg.deepspeed and is_adapter_dir(model_path) and "3" in str(cfg.deepspeed):
         raise ConfigError(f"--model {model_path} is an adapter checkpoint; under ZeRO-3 train from its merged model (--merge-at-end)")
-    meta = _meta_model(base_of(model_path) if is_adapter_dir(model_path) else model_path, cfg.trust_remote_code)
+    meta = _meta_model(root_model(model_path), cfg.trust_remote_code)
     module_names = [n for n, _ in meta.named_modules()]
     linear = linear_layers(meta)
     for t in targets:
@@ -243,6 +243,18 @@ def base_of(adapter_dir: str | Path) -> Path:
     if not name:
         raise ConfigError(f"{path}: names no base model (base_model_name_or_path)")
     return resolve_model(name, flag=f"the base model of {adapter_dir}")
+
+
+def root_model(path: Path) -> Path:
+    """The full model under a chain of adapter checkpoints (an adapter trained on an adapter
+    checkpoint, as the alternating schedule's stages are), or `path` itself."""
+    seen = []
+    while is_adapter_dir(path):
+        if path in seen:
+            raise ConfigError(f"{path}: adapter checkpoints name each other as base models")
+        seen.append(path)
+        path = base_of(path)
+    return path
 
 
 def check_base(adapter_dir: Path, base: Path) -> None:

@@ -360,3 +360,25 @@ def test_deepspeed_lora_matches_single_process(stage, tiny_model_dir, data_dir, 
     after = adapter_tensors(final(tmp_path / "ds"))
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-7)
+
+
+def test_alternating_and_joint_schedules_with_lora(tiny_model_dir, data_dir, pref_dir, tmp_path):
+    """--alternate-with: each stage trains a new adapter on the one before (its base is the
+    previous stage's adapter checkpoint), and the last one loads as the whole chain merged;
+    --joint-sft trains one adapter."""
+    from irtrain.adapters import load_causal_lm
+
+    common = ["--model", tiny_model_dir, "--global-batch", "4", "--micro-batch", "2", "--max-steps", "2", "--lr", "1e-3",
+              "--no-tensorboard", *LORA]
+    r = dpo(*common, "--out", tmp_path / "alt", "--alternate-with", data_dir, "--rounds", "2", pref_dir)
+    assert r.exit_code == 0, r.output
+    stages = [json.loads(x) for x in (tmp_path / "alt" / "stages.jsonl").read_text().splitlines()]
+    assert [s["kind"] for s in stages] == ["sft", "dpo", "sft", "dpo"]
+    last = Path(stages[-1]["checkpoint"])
+    assert Path(json.loads((last / "adapter_config.json").read_text())["base_model_name_or_path"]) == Path(stages[-2]["checkpoint"]).resolve()
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    chain = logits(load_causal_lm(last, dtype=torch.float32).eval(), ids)
+    assert not torch.allclose(chain, logits(load_model(tiny_model_dir).eval(), ids), atol=1e-4)
+    r = dpo(*common, "--out", tmp_path / "joint", "--joint-sft", data_dir, pref_dir)
+    assert r.exit_code == 0, r.output
+    assert (final(tmp_path / "joint") / "adapter_model.safetensors").is_file()
