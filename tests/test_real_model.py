@@ -129,3 +129,35 @@ def test_score_reads_values(real_model, shards, tmp_path):
     assert frame.height >= 2 * len(ShardSet(shards["pairs"])) and np.isfinite(frame["value"].to_numpy()).all()
     assert np.allclose(frame["reward"].to_numpy(), 0.0)  # the model against itself
     assert (frame["logp"].to_numpy() < 0).all()
+
+
+def test_lora_sft_and_dpo_on_the_real_model(real_model, shards, tmp_path):
+    """LoRA on the real model: sft (merged at the end) then dpo from the adapter checkpoint;
+    each adapter loads with peft on the base and generates; the merged model loads in plain
+    transformers and equals base + adapter; score reads the adapter checkpoints."""
+    from peft import PeftModel
+
+    lora = ["--lora-r", "8", "--lora-alpha", "16", "--max-steps", "2", "--global-batch", "4", "--micro-batch", "2", "--no-tensorboard"]
+    r = runner.invoke(app, ["sft", str(shards["sft"]), "--model", str(real_model), "--out", str(tmp_path / "sft"), "--lr", "1e-4",
+                            "--merge-at-end", *lora])
+    assert r.exit_code == 0, r.output
+    assert "LoRA r=8" in r.output and "trainable" in r.output
+    ckpt = tmp_path / "sft" / "checkpoint-0000002"
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    assert loads_and_generates(tmp_path / "sft" / "merged").strip()
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    base = AutoModelForCausalLM.from_pretrained(str(real_model), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(ckpt)).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sft" / "merged"), dtype=torch.float32).eval()
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, peft(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    r = runner.invoke(app, ["dpo", str(shards["pairs"]), "--model", str(ckpt), "--out", str(tmp_path / "dpo"), "--lr", "1e-5",
+                            "--beta", "0.1", *lora])
+    assert r.exit_code == 0, r.output
+    m = [x for x in read_metrics(tmp_path / "dpo") if "loss" in x]
+    assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    r = runner.invoke(app, ["score", str(shards["pairs"]), "--checkpoints", str(tmp_path / "dpo"), "--out", str(tmp_path / "scores")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "scores" / "checkpoint-0000002.parquet").is_file()
