@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,16 +290,12 @@ def load_causal_lm(path: str | Path, *, base: Path | None = None, **kwargs: Any)
 def merge_to(base: Path, adapter_dir: Path, dest: Path, *, tokenizer: Any = None, trust_remote_code: bool = False) -> Path:
     """Write base + adapter as one full model directory `dest` (temporary name, then renamed)."""
     model = load_causal_lm(adapter_dir, base=base, dtype="auto", trust_remote_code=trust_remote_code)
-    tmp = dest.parent / f".{dest.name}.tmp"
+    from irtrain.durable import publish, temp_name
+
+    tmp = temp_name(dest)
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
-    return dest
+    return publish(tmp, dest)

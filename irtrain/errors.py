@@ -47,6 +47,10 @@ class ReferenceMismatchError(IrtrainError):
     """Precomputed reference log-probs were made for another model, tokenizer or data."""
 
 
+class CorruptCacheError(ReferenceMismatchError):
+    """A cache file is truncated, corrupted or from another format version: recomputed, with a warning."""
+
+
 class TrainingError(IrtrainError):
     """Training cannot continue (e.g. too many non-finite steps in a row)."""
 

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from irtrain.config import PrepareConfig, config_to_dict
 from irtrain.data import TokenizerFiles, detect_format, first_row, load_tokenizer_files, preparer, resolve_inputs, row_error
-from irtrain.errors import ConfigError, DataError, ShardError, TemplateError
+from irtrain.durable import io_error, publish, sweep_temps, temp_name
+from irtrain.errors import ConfigError, DataError, IrtrainIOError, ShardError, TemplateError
 from irtrain.paths import OutLock
 from irtrain.shards import FORMAT_VERSION, MANIFEST, ShardSet, content_hash, iter_documents
 
@@ -59,22 +60,28 @@ def run(cfg: PrepareConfig, *, console: Any = None) -> dict[str, Any]:
             print_preview(out, tok, cfg.preview, console)
         return previous
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise io_error(e, out.parent, "create") from None
     with OutLock(out, "prepare"):  # a second prepare on the same --out is refused, not raced
+        for p in sweep_temps(out.parent, out.name):  # what a killed prepare of this --out left
+            console.print(f"[dim]removed {p}, left by a prepare that did not finish[/]")
         if tmp.exists():
             shutil.rmtree(tmp)
         try:
             manifest = _build(cfg, fmt, tok, sources, fingerprints, key, tmp, console)
             manifest["report"]["seconds"] = round(time.perf_counter() - started, 3)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-            if previous is not None:  # an older prepare output with another key: replace it
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
+            publish(tmp, out)  # fsynced; an older output (another key) is replaced atomically, never missing
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise io_error(e, getattr(e, "filename", None) or tmp) from None
+        except IrtrainIOError as e:  # from the Rust writer, which does not name the file
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = "no space left on device" if "os error 28" in str(e) else str(e)
+            raise IrtrainIOError(f"cannot write the shards of --out {out} (under {tmp}): {reason}") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -129,11 +136,16 @@ def _previous_output(out: Path) -> dict[str, Any] | None:
         raise ShardError(f"--out {out} exists and is not an irtrain prepare output (no {MANIFEST}); "
                          "choose another --out or remove it")
     try:
-        ss = ShardSet(out)
+        ss = ShardSet(out, verify=False)
     except ShardError as e:
         raise ShardError(f"--out {out} is not a usable prepare output ({e}); choose another --out or remove it") from None
     if "cache_key" not in ss.manifest:
         raise ShardError(f"--out {out} holds shards not written by `irtrain prepare`; choose another --out or remove it")
+    try:
+        ss.verify()
+    except ShardError as e:  # our own output, damaged: never a cache hit, rebuilt and replaced
+        print(f"warning: {e}; --out {out} is rebuilt", file=sys.stderr)
+        return {**ss.manifest, "cache_key": None}
     return ss.manifest
 
 

@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from irtrain.durable import publish
 from irtrain.errors import ShardError
 
 FORMAT_VERSION = 1
@@ -73,12 +74,25 @@ ARRAYS: dict[str, tuple[str, str]] = {
 }
 
 
+_verified: dict[tuple[str, int, int], str] = {}
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _checked_sha256(path: Path) -> str:
+    """`file_sha256`, once per file version in a process (keyed by path, size and mtime): a shard
+    set opened again in the same run (stages, evaluation) is not hashed again."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _verified:
+        _verified[key] = file_sha256(path)
+    return _verified[key]
 
 
 def content_hash(shards: list[dict[str, Any]]) -> str:
@@ -171,14 +185,17 @@ class Shard:
 
     def verify(self) -> None:
         for name, digest in self.meta["sha256"].items():
-            if file_sha256(self.root / name) != digest:
-                raise ShardError(f"{self.root / name}: checksum does not match manifest.json (corrupted or modified)")
+            if _checked_sha256(self.root / name) != digest:
+                raise ShardError(f"{self.root / name}: checksum does not match manifest.json (corrupted or modified); "
+                                 "run `irtrain prepare` again")
 
 
 class ShardSet:
     """A shard directory written by `irtrain prepare`: manifest plus memory-mapped shards."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, verify: bool = True):
+        """Open the shard directory at `path`; with `verify` (the default: every read) each file
+        is checked against the sha256 in manifest.json first (`ShardError` naming the file)."""
         self.path = Path(path)
         mpath = self.path / MANIFEST
         if not self.path.exists():
@@ -193,6 +210,8 @@ class ShardSet:
             raise ShardError(f"{mpath}: unsupported shard format version {self.manifest.get('irtrain_shards')!r}")
         self.shards = [Shard(self.path, m) for m in self.manifest.get("shards", [])]
         self._starts = np.cumsum([0] + [s.num_rows for s in self.shards])
+        if verify:
+            self.verify()
 
     @property
     def format(self) -> str:
@@ -394,7 +413,7 @@ def write_shard_arrays(
             "shards": shards_meta, "content_hash": content_hash(shards_meta),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, out)
+        publish(tmp, out)  # fsynced, then renamed
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,12 @@ import torch
 from torch import Tensor
 
 from irtrain.config import DPOConfig
-from irtrain.errors import ConfigError, ReferenceMismatchError
+from irtrain.durable import publish, sweep_temps
+from irtrain.errors import ConfigError, CorruptCacheError, ReferenceMismatchError
 from irtrain.shards import IGNORE_INDEX, Row, ShardSet
 from irtrain.train.batching import Batch, PackedData, collate, plan_micro_batches
 from irtrain.train.packed import packed_token_stats
-from irtrain.train.reference import ReferenceKey, batch_sequence_logps
+from irtrain.train.reference import ReferenceKey, array_checksums, batch_sequence_logps, verify_arrays
 from irtrain.train.strategy import Strategy, world_from_env
 
 RowsKey = tuple[tuple[int, int], ...]
@@ -79,7 +82,7 @@ class MismatchedReference:
     micro-batch's rows. One safetensors file per rank beside the first shard set (or under
     --reference-dir)."""
 
-    FORMAT = "1"
+    FORMAT = "2"
 
     def __init__(self, table: dict[RowsKey, np.ndarray]):
         self.table = table
@@ -110,13 +113,17 @@ class MismatchedReference:
     def load(cls, path: Path, meta: dict[str, str]) -> MismatchedReference:
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="numpy") as f:
-            found = f.metadata() or {}
-            if any(found.get(k) != v for k, v in meta.items()):
-                bad = [k for k, v in meta.items() if found.get(k) != v]
-                raise ReferenceMismatchError(f"{path}: KTO mismatched-pair reference log-probs made for another {', '.join(bad)}")
-            rows, row_off = f.get_tensor("rows"), f.get_tensor("row_offsets")
-            logps, logp_off = f.get_tensor("logps"), f.get_tensor("logp_offsets")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                found = f.metadata() or {}
+                if any(found.get(k) != v for k, v in meta.items()):
+                    bad = [k for k, v in meta.items() if found.get(k) != v]
+                    raise ReferenceMismatchError(f"{path}: KTO mismatched-pair reference log-probs made for another {', '.join(bad)}")
+                arrays = {k: f.get_tensor(k) for k in ("rows", "row_offsets", "logps", "logp_offsets")}
+        except (OSError, ValueError) as e:  # safetensors: a truncated or garbled file
+            raise CorruptCacheError(f"{path}: unreadable ({str(e).splitlines()[0][:100]})") from None
+        verify_arrays(path, arrays, found)
+        rows, row_off, logps, logp_off = arrays["rows"], arrays["row_offsets"], arrays["logps"], arrays["logp_offsets"]
         table = {}
         rows = rows.reshape(-1, 2)  # (shard set, row) pairs; row_offsets count pairs
         for j in range(len(row_off) - 1):
@@ -135,8 +142,9 @@ class MismatchedReference:
         logp_off = np.concatenate([[0], np.cumsum([len(table[k]) for k in keys])]).astype(np.int64)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        save_file({"rows": rows, "row_offsets": row_off, "logps": logps, "logp_offsets": logp_off}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        arrays = {"rows": rows, "row_offsets": row_off, "logps": logps, "logp_offsets": logp_off}
+        save_file(arrays, str(tmp), metadata={**meta, **array_checksums(arrays)})
+        publish(tmp, path)
 
 
 def check_kto_batches(cfg: DPOConfig, sets: list[ShardSet], pref_set: list[bool]) -> None:
@@ -154,13 +162,28 @@ def check_kto_batches(cfg: DPOConfig, sets: list[ShardSet], pref_set: list[bool]
                     f"but micro-batch {j + 1} of rank {rank} holds {n}: raise --micro-batch or --micro-batch-tokens, or pack the data")
 
 
+def _usable(path: Path, meta: dict[str, str]) -> bool:
+    """This rank's cache file exists and verifies; a damaged one is removed with a warning."""
+    sweep_temps(path.parent, re.escape(path.name), regex=True)
+    if not path.is_file():
+        return False
+    try:
+        MismatchedReference.load(path, meta)
+        return True
+    except CorruptCacheError as e:
+        print(f"warning: {e}; recomputing it", file=sys.stderr)
+        path.unlink()
+        return False
+
+
 def kto_reference(cfg: DPOConfig, data: PackedData, strategy: Strategy, key: ReferenceKey, model_fn: Callable[[], Any],
                   unpaired_segments: Callable[[Batch], np.ndarray]) -> MismatchedReference:
     """The reference log-probs of the mismatched sequences of every micro-batch of this rank's
     run: loaded from the cache, or computed with `model_fn()` and cached first.
     `unpaired_segments(batch)` gives a micro-batch's example segments."""
     path, meta = MismatchedReference.path_for(cfg, data.sets, key, strategy.world_size, strategy.rank)
-    missing = strategy.all_reduce(torch.tensor([0.0 if path.is_file() else 1.0], device=strategy.device), op="max").item() > 0
+    ok = _usable(path, meta)
+    missing = strategy.all_reduce(torch.tensor([0.0 if ok else 1.0], device=strategy.device), op="max").item() > 0
     if missing:
         model = model_fn()
         table: dict[RowsKey, np.ndarray] = {}

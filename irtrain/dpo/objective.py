@@ -17,7 +17,7 @@ from irtrain.dpo.data import Examples, batch_examples, check_preference_shards, 
 from irtrain.dpo.joint import AdaptiveLambda, check_joint_config
 from irtrain.dpo.kto import MismatchedReference, check_kto_batches, kto_reference, mismatched_logps
 from irtrain.dpo.options import allowed_formats, format_hint, resolve_loss
-from irtrain.errors import ConfigError, IrtrainError, ReferenceMismatchError, ShardError
+from irtrain.errors import ConfigError, CorruptCacheError, IrtrainError, ReferenceMismatchError, ShardError
 from irtrain.evaluation import SegmentLogps, preference_pairs
 from irtrain.losses import KL_ESTIMATORS, PreferenceBatch, TokenStats, first_token_mask, kto_z, preference_metrics, segment_sums, sequence_ce
 from irtrain.models import check_tokenizer, load_tokenizer, model_hash, resolve_model, tokenizer_hash
@@ -98,7 +98,10 @@ class PreferenceObjective(Objective):
             key = ReferenceKey(mh, s.tokenizer_hash or tok_hash, s.content_hash)
             path = default_path(s, key, cfg.reference_dir)
             if path.is_file():
-                ReferenceLogps.load(path, expect=key, shards=s)
+                try:
+                    ReferenceLogps.load(path, expect=key, shards=s)
+                except CorruptCacheError:
+                    pass  # damaged, not another key's: recomputed with a warning when the run gets there
 
     # ------------------------------------------------------------------ once, before the first step
     def setup(self, ctx: TrainContext) -> None:

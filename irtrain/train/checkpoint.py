@@ -10,14 +10,14 @@ A checkpoint is a directory ``OUT/checkpoint-<step:07d>/``::
     rng.pt        torch CPU (+ CUDA) RNG states, per rank (rng-<rank>.pt)
     trainer_state.json   step, data position, token counters, bad-step counters, config
 
-It is written under ``.checkpoint-<step>.tmp`` and renamed when complete, so a directory
-named ``checkpoint-*`` is always whole. Everything is loaded with
+It is written under ``.checkpoint-<step>.tmp``, fsynced and renamed when complete, so a
+directory named ``checkpoint-*`` is always whole; trainer_state.json records the sha256 of
+every other file, checked before a checkpoint is resumed (`verify_checkpoint`). Everything is loaded with
 ``torch.load(weights_only=True)`` or as JSON/safetensors.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import threading
@@ -28,6 +28,9 @@ from typing import Any
 import torch
 
 from irtrain.adapters import BASE_FILE
+from irtrain.durable import io_error, publish
+from irtrain.errors import IrtrainIOError
+from irtrain.shards import file_sha256
 
 PREFIX = "checkpoint-"
 STATE = "trainer_state.json"
@@ -67,8 +70,19 @@ def latest_checkpoint(out: Path) -> Path | None:
     return cks[-1] if cks else None
 
 
-def save_checkpoint(out: Path, state: TrainState, *, model: Any, tokenizer: Any, strategy: Any, config: dict[str, Any],
-                    keep: bool = True, base_identity: dict[str, str] | None = None) -> Path:
+def latest_verified_checkpoint(out: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies, and the newer ones skipped with the reason."""
+    skipped: list[tuple[Path, str]] = []
+    for ckpt in reversed(list_checkpoints(out)):
+        why = verify_checkpoint(ckpt)
+        if why is None:
+            return ckpt, skipped
+        skipped.append((ckpt, why))
+    return None, skipped
+
+
+def write_checkpoint(out: Path, state: TrainState, *, model: Any, tokenizer: Any, strategy: Any, config: dict[str, Any],
+                     keep: bool = True, base_identity: dict[str, str] | None = None) -> Path:
     """Write checkpoint-<state.step> atomically (every rank calls this). A peft model is saved
     as its adapter (peft's format) with `base_identity` (the base it trains on) beside it."""
     final = checkpoint_dir(out, state.step)
@@ -97,13 +111,51 @@ def save_checkpoint(out: Path, state: TrainState, *, model: Any, tokenizer: Any,
     torch.save(rng, tmp / f"rng-{strategy.rank}.pt")
     strategy.barrier()
     if strategy.is_main:
-        payload = {"state": asdict(state), "config": config, "world_size": strategy.world_size, "keep": keep}
+        payload = {"state": asdict(state), "config": config, "world_size": strategy.world_size, "keep": keep,
+                   "files": checksums(tmp)}
         (tmp / STATE).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish(tmp, final)  # fsynced, then renamed; an existing checkpoint of this step is replaced atomically
     strategy.barrier()
     return final
+
+
+def save_checkpoint(out: Path, state: TrainState, **kwargs: Any) -> Path:
+    """`write_checkpoint`, with a write that fails (a full disk, no permission) as a one-line
+    error naming the checkpoint; its temporary directory is removed, earlier checkpoints stay."""
+    try:
+        return write_checkpoint(out, state, **kwargs)
+    except OSError as e:
+        shutil.rmtree(out / f".{checkpoint_dir(out, state.step).name}.tmp", ignore_errors=True)
+        raise io_error(e, checkpoint_dir(out, state.step), "write checkpoint") from None
+    except RuntimeError as e:  # torch.save reports a failed write as RuntimeError ("unexpected pos ...")
+        if "writ" not in str(e) and "unexpected pos" not in str(e):
+            raise
+        shutil.rmtree(out / f".{checkpoint_dir(out, state.step).name}.tmp", ignore_errors=True)
+        free = shutil.disk_usage(out).free if out.exists() else 0
+        raise IrtrainIOError(f"cannot write checkpoint {checkpoint_dir(out, state.step)}: the write failed "
+                             f"({str(e).splitlines()[0][:120]}); {free / 2**20:.0f} MiB free on that disk") from None
+
+
+def checksums(path: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint directory but trainer_state.json, by relative path."""
+    return {p.relative_to(path).as_posix(): file_sha256(p) for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != STATE}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be used (None: it is complete and every file matches
+    the checksum recorded when it was written)."""
+    try:
+        _, payload = read_state(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{STATE} is unreadable ({type(e).__name__})"
+    for name, digest in (payload.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if file_sha256(f) != digest:
+            return f"{name} does not match its checksum (truncated or corrupted)"
+    return None
 
 
 def read_state(path: Path) -> tuple[TrainState, dict[str, Any]]:

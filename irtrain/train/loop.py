@@ -20,7 +20,8 @@ import torch
 
 from irtrain.adapters import LoraSpec, apply_lora, lora_spec, merge_to, quantization_config
 from irtrain.config import TrainConfig, config_to_dict, config_to_toml
-from irtrain.errors import ConfigError, IrtrainIOError, ShardError, TrainingError
+from irtrain.durable import io_error, publish, sweep_temps
+from irtrain.errors import ConfigError, ShardError, TrainingError
 from irtrain.evaluation import held_out_metrics, segment_logps_of
 from irtrain.models import check_tokenizer, load_tokenizer, model_hash, resolve_model
 from irtrain.paths import OutLock, check_out_dir
@@ -30,6 +31,7 @@ from irtrain.train.checkpoint import (
     StopSignal,
     TrainState,
     latest_checkpoint,
+    latest_verified_checkpoint,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -144,11 +146,13 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
 
                     # checkpoint: periodic, --save-at, the end; and on SIGTERM/SIGINT
                     periodic = cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.bad_in_row == 0
-                    if periodic or state.step in run.save_at or state.step == total:
+                    saved = periodic or state.step in run.save_at or state.step == total
+                    if saved:
                         last_ckpt = checkpoint(keep=state.step in run.save_at)
                     stop_now = strategy.all_reduce(torch.tensor([1.0 if stop.requested else 0.0]), op="max").item() > 0
                     if stop_now and state.step < total:
-                        last_ckpt = checkpoint(keep=True)
+                        if not saved:  # a save step's checkpoint is this step's: not written twice
+                            last_ckpt = checkpoint(keep=True)
                         raise Interrupted(f"interrupted by signal at step {state.step}/{total}; checkpoint written to {last_ckpt}; "
                                           "rerun with --resume to continue")
         finally:
@@ -289,13 +293,17 @@ def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> Run
 
 
 def write_config(cfg: TrainConfig, out: Path, strategy: Strategy) -> None:
-    """The first thing a run writes: OUT/config.toml, the resolved config."""
+    """The first thing a run writes: OUT/config.toml, the resolved config (after removing the
+    checkpoint temporaries a killed run of this --out left half-written)."""
     if strategy.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.toml").write_text(config_to_toml(cfg), encoding="utf-8")
+            sweep_temps(out, r"checkpoint-\d+|config\.toml", regex=True)
+            tmp = out / ".config.toml.tmp"
+            tmp.write_text(config_to_toml(cfg), encoding="utf-8")
+            publish(tmp, out / "config.toml")
         except OSError as e:
-            raise IrtrainIOError(f"--out {out}: cannot write: {e.strerror or e}") from None
+            raise io_error(e, out / "config.toml") from None
     strategy.barrier()
 
 
@@ -344,9 +352,14 @@ def parse_save_at(spec: str, total: int) -> list[int]:
 
 
 def find_resume(out: Path, cfg: TrainConfig) -> Path | None:
-    """The latest complete checkpoint, after checking the run it belongs to is this one."""
-    ckpt = latest_checkpoint(out)
+    """The newest checkpoint that is complete and verifies (a damaged newer one is skipped, with
+    a note saying why), after checking the run it belongs to is this one."""
+    ckpt, skipped = latest_verified_checkpoint(out)
+    for bad, why in skipped:
+        print(f"note: --resume skips {bad}: {why}", file=sys.stderr)
     if ckpt is None:
+        if skipped:
+            raise ConfigError(f"--resume: no usable checkpoint in {out} (" + "; ".join(f"{p.name}: {w}" for p, w in skipped) + ")")
         return None
     _, payload = read_state(ckpt)
     saved = payload.get("config", {})

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from irtrain.durable import publish
 from irtrain.errors import IrtrainIOError
 
 HEADLINE = ("loss", "lr", "grad_norm", "tokens_per_s", "value/s0", "eval/pref_accuracy")
@@ -32,7 +33,7 @@ class MetricsLog:
             keep = [ln for ln, row in _rows(self.path) if row.get("step", 0) <= resume_step]
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-            tmp.replace(self.path)
+            publish(tmp, self.path)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._f = open(self.path, "a", encoding="utf-8")

@@ -21,7 +21,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,8 @@ from torch import Tensor
 
 from irtrain.adapters import AdaptersDisabled, peft_model_of
 from irtrain.config import TrainConfig
-from irtrain.errors import ReferenceMismatchError, ShardError
+from irtrain.durable import publish, sweep_temps
+from irtrain.errors import CorruptCacheError, ReferenceMismatchError, ShardError
 from irtrain.losses import TokenStats, segment_sums
 from irtrain.models import model_hash
 from irtrain.shards import IGNORE_INDEX, ShardSet
@@ -41,7 +44,7 @@ from irtrain.train.batching import Batch, PackedData, collate
 from irtrain.train.packed import packed_token_stats
 from irtrain.train.strategy import Strategy
 
-FORMAT = "1"
+FORMAT = "2"  # 2: per-array sha256 in the metadata, checked on every load
 _ARRAYS = ("token_logps", "row_token_offsets", "seg_logps", "seg_tokens", "row_seg_offsets")
 
 
@@ -110,7 +113,8 @@ class ReferenceLogps:
         header, data_start = _read_header(path)
         meta = header.pop("__metadata__", {}) or {}
         if meta.get("irtrain_reference") != FORMAT:
-            raise ReferenceMismatchError(f"{path}: not an irtrain reference log-probs file (format {meta.get('irtrain_reference')!r})")
+            raise CorruptCacheError(f"{path}: not an irtrain reference log-probs file of format {FORMAT} "
+                                    f"(format {meta.get('irtrain_reference')!r})")
         key = ReferenceKey(meta.get("model_hash", ""), meta.get("tokenizer_hash", ""), meta.get("data_hash", ""))
         if expect is not None and key != expect:
             raise ReferenceMismatchError(
@@ -125,8 +129,12 @@ class ReferenceLogps:
             start, end = info["data_offsets"]
             dt = np.dtype(dtypes[info["dtype"]])
             count = (end - start) // dt.itemsize
-            arrays[name] = (np.memmap(path, dtype=dt, mode="r", offset=data_start + start, shape=(count,))
-                            if count else np.zeros(0, dtype=dt))
+            try:
+                arrays[name] = (np.memmap(path, dtype=dt, mode="r", offset=data_start + start, shape=(count,))
+                                if count else np.zeros(0, dtype=dt))
+            except ValueError:
+                raise CorruptCacheError(f"{path}: truncated (array {name} ends past the end of the file)") from None
+        verify_arrays(path, arrays, meta)
         ref = cls(path, key, arrays, meta)
         if shards is not None:
             n_rows, n_segs = len(shards), shards.num_segments
@@ -141,27 +149,48 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ReferenceMismatchError(f"{path}: truncated file")
+            raise CorruptCacheError(f"{path}: truncated file")
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
-            raise ReferenceMismatchError(f"{path}: not a safetensors file")
+            raise CorruptCacheError(f"{path}: not a safetensors file")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
-            raise ReferenceMismatchError(f"{path}: not a safetensors file") from None
+        except (ValueError, UnicodeDecodeError):
+            raise CorruptCacheError(f"{path}: not a safetensors file (header unreadable)") from None
     return header, 8 + n
 
 
+def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """`sha256/<name>` of each array's little-endian bytes: the metadata a cache is verified by."""
+    out = {}
+    for name, a in arrays.items():
+        h = hashlib.sha256()
+        c = np.ascontiguousarray(a)
+        if c.size:
+            h.update(c.data)  # the buffer as is: no copy
+        out[f"sha256/{name}"] = h.hexdigest()
+    return out
+
+
+def verify_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> None:
+    """`CorruptCacheError` unless every array matches the checksum written with it."""
+    found = array_checksums(arrays)
+    for k, digest in found.items():
+        if meta.get(k) != digest:
+            raise CorruptCacheError(f"{path}: array {k.split('/', 1)[1]} does not match its checksum (corrupted)")
+
+
 def write_reference(path: Path, key: ReferenceKey, arrays: dict[str, np.ndarray], meta: dict[str, str]) -> None:
-    """Write a cache file atomically (temporary name, then rename)."""
+    """Write a cache file durably (temporary name, fsync, rename), with its checksums."""
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    data = {k: np.ascontiguousarray(arrays[k]) for k in _ARRAYS}
     metadata = {"irtrain_reference": FORMAT, "model_hash": key.model_hash, "tokenizer_hash": key.tokenizer_hash,
-                "data_hash": key.data_hash, **meta}
+                "data_hash": key.data_hash, **meta, **array_checksums(data)}
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    save_file({k: np.ascontiguousarray(arrays[k]) for k in _ARRAYS}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    save_file(data, str(tmp), metadata=metadata)
+    publish(tmp, path)
 
 
 # --------------------------------------------------------------------------- computing
@@ -288,9 +317,25 @@ def ensure_reference(shards: ShardSet, key: ReferenceKey, *, model_fn: Any, stra
     expected place made for another key is refused with `ReferenceMismatchError`.
     """
     path = default_path(shards, key, reference_dir)
-    if not path.is_file():
+    usable = strategy.broadcast_object(_usable(path, key, shards) if strategy.is_main else None)
+    if not usable:
         compute_reference(model_fn(), shards, key, path, strategy=strategy, token_budget=token_budget, meta=meta)
     return ReferenceLogps.load(path, expect=key, shards=shards)
+
+
+def _usable(path: Path, key: ReferenceKey, shards: ShardSet) -> bool:
+    """Whether the cache file at `path` can be used as is (main rank). A damaged one is removed
+    with a warning, to be recomputed; one made for another key is refused (an error)."""
+    sweep_temps(path.parent, re.escape(path.name), regex=True)  # a killed write's leftovers
+    if not path.is_file():
+        return False
+    try:
+        ReferenceLogps.load(path, expect=key, shards=shards)
+        return True
+    except CorruptCacheError as e:
+        print(f"warning: {e}; recomputing it", file=sys.stderr)
+        path.unlink()
+        return False
 
 
 def batch_reference(refs: list[ReferenceLogps], batch: Batch, device: torch.device | None = None) -> tuple[Tensor, Tensor, Tensor]:
