@@ -207,7 +207,8 @@ def test_checkpoints_directory_scores_every_model_in_order(tmp_path, tiny_model_
         shutil.copytree(tiny_model_dir, ck / f"checkpoint-{step:07d}")
     (ck / "logs").mkdir()  # not a model: ignored
     summary = run(ScoreConfig(data=str(chat_shards[0]), checkpoints=str(ck), out=str(tmp_path / "s")))
-    assert list(summary["tables"]) == ["checkpoint-0000003", "checkpoint-0000020"]
+    # named by run and checkpoint (irtrain.score.inputs.table_names), in step order
+    assert list(summary["tables"]) == ["run-checkpoint-0000003", "run-checkpoint-0000020"]
     a, b = (pl.read_parquet(tmp_path / "s" / f) for f in summary["tables"].values())
     assert a.equals(b)  # the same weights give the same table
 

@@ -10,7 +10,9 @@ steps at `--step-delimiter` (FORMULAS.md, "Value ranking"), and the soft value
 Where a step ends (the delimiter belongs to the step it closes; exact at the byte level)
 is defined in `irtrain.score.steps`.
 
-Output, in ``--out``: one Parquet table per model, ``<name>.parquet``, one row per state:
+Output, in ``--out``: one Parquet table per model, ``<name>.parquet`` (a run's checkpoint
+named ``<run>-checkpoint-<step>``, any other model by its directory; `inputs.table_names`),
+one row per state:
 
 =================  =========================================================================
 example_id, part   the source example (0-based over the inputs) and its segment: 0 = the
@@ -28,24 +30,34 @@ dpo_accuracy       m = reward(chosen) − reward(rejected), −logσ(m), 1.0 if 
 
 The table's Parquet metadata (key ``irtrain``) and ``summary.json`` beside the tables record
 the data's content hash, the step delimiter and the settings, so that `irtrain rank`
-can refuse tables of different data.
+can refuse tables of different data. One run at a time holds ``--out`` (`irtrain.paths.OutLock`);
+a later run of the same data and settings adds its models to ``summary.json`` (a model
+scored again is replaced), one of other data or settings starts it anew. Responses the
+delimiter never splits (one step: s_0 and the response's end) are counted
+(``data.no_step_boundary``), with a warning.
 
 Inference is padding-free: rows of ``--batch-tokens`` tokens are concatenated into one
 sequence whose position ids restart at every document, and no attention crosses a
-document (`irtrain.train.packed.packed_scores`), and the LM head runs only at the response
-tokens and the scored states, in chunks (`irtrain.train.head`). Parameters are bf16 on GPU
-(``--dtype auto``), fp32 on CPU; values and log-probs are computed in fp32.
+document (`irtrain.train.packed.packed_scores`, with irtrain's packed attention: per-document
+SDPA on CPU, flash-attn's varlen kernel or SDPA on GPU; no [N, N] mask), and the LM head
+runs only at the response tokens and the scored states, in chunks (`irtrain.train.head`).
+Parameters are bf16 on GPU (``--dtype auto``, loaded straight onto it), fp32 on CPU; values
+and log-probs are computed in fp32. Under `torchrun` the models, or the forwards of each,
+are split over the processes (`irtrain.score.parallel`), with the same result.
 
 Raw input files (chat, preference, prompt+completion JSONL/JSON/Parquet) go through
 `irtrain prepare` first (unpacked, into ``OUT/prepared``, reused when unchanged); the
 response is the last assistant turn (``--mask last``), or the completion.
 
 The package: `irtrain.score.steps` (token bytes and step ends), `irtrain.score.inputs`
-(models, data, the scored segments and their states), `irtrain.score.forward` (the model
-pass), `irtrain.score.table` (the table, its metadata and the summary); `run` here.
+(models, table names, data, the scored segments and their states), `irtrain.score.forward`
+(the model pass), `irtrain.score.parallel` (several processes), `irtrain.score.table` (the
+table, its metadata and the summary); `run` here.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -57,7 +69,16 @@ from irtrain.errors import ConfigError, DataError
 from irtrain.models import check_tokenizer, load_tokenizer, resolve_device, resolve_dtype, resolve_model
 from irtrain.paths import OutLock
 from irtrain.score.forward import ModelScores, load_model, score_model
-from irtrain.score.inputs import ScoredSegment, out_dir, read_segments, resolve_data, resolve_models
+from irtrain.score.inputs import (
+    ScoredSegment,
+    check_weights,
+    out_dir,
+    read_segments,
+    resolve_data,
+    resolve_models,
+    table_names,
+)
+from irtrain.score.parallel import ALL, Ranks, Share, merge_parts, model_rounds
 from irtrain.score.steps import incremental_token_bytes, step_ends, token_bytes, unescape
 from irtrain.score.table import (
     BASE_COLUMNS,
@@ -67,36 +88,50 @@ from irtrain.score.table import (
     SUMMARY,
     TABLE_VERSION,
     build_table,
+    merge_summary,
     model_summary,
     print_summary,
+    read_summary,
     read_table_meta,
     write_json,
     write_table,
 )
+from irtrain.shards import ShardSet
 
 __all__ = [
     "run", "ScoredSegment", "ModelScores", "read_segments", "resolve_models", "resolve_data", "load_model",
     "score_model", "build_table", "write_table", "read_table_meta", "token_bytes", "incremental_token_bytes",
-    "step_ends", "unescape", "META_KEY", "TABLE_VERSION", "SUMMARY", "BASE_COLUMNS", "REF_COLUMNS", "PAIR_COLUMNS",
+    "step_ends", "unescape", "table_names", "check_weights", "META_KEY", "TABLE_VERSION", "SUMMARY", "BASE_COLUMNS",
+    "REF_COLUMNS", "PAIR_COLUMNS",
 ]
 
 
 def run(cfg: ScoreConfig, *, console: Any = None) -> dict[str, Any]:
     """Score the data with every model `cfg` names; write the tables and `summary.json`
-    into `cfg.out`; return the summary (also printed as a table)."""
+    into `cfg.out`; return the summary (also printed as a table). Under `torchrun` every
+    rank calls this and returns the same summary."""
     from rich.console import Console
 
     console = console or Console(highlight=False)
     _check(cfg)
     models = resolve_models(cfg)
-    out = out_dir(cfg.out)
-    with OutLock(out, "score"):  # score processes sharing an --out would overwrite each other's summary
-        return _score(cfg, models, out, console)
+    with Ranks() as ranks, contextlib.ExitStack() as held:
+        if not ranks.is_main:
+            console = Console(quiet=True)
+
+        def take_out() -> str:
+            out = out_dir(cfg.out)
+            # score processes sharing an --out would overwrite each other's summary: one run at a time
+            held.enter_context(OutLock(out, "score"))
+            return str(out)
+
+        out = Path(ranks.on_main(take_out))
+        return _score(cfg, models, out, console, ranks)
 
 
-def _score(cfg: ScoreConfig, models: list[tuple[str, Path]], out: Path, console: Any) -> dict[str, Any]:
+def _score(cfg: ScoreConfig, models: list[tuple[str, Path]], out: Path, console: Any, ranks: Ranks) -> dict[str, Any]:
     tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else models[0][1]
-    shards = resolve_data(cfg, tok_dir, out, console)
+    shards = ShardSet(Path(ranks.on_main(lambda: str(resolve_data(cfg, tok_dir, out, console).path))))
     tokenizer = load_tokenizer(tok_dir)
     # shards that record a tokenizer must have been made with this one (the one definition
     # of the tokenizer hash, as in training)
@@ -105,41 +140,72 @@ def _score(cfg: ScoreConfig, models: list[tuple[str, Path]], out: Path, console:
     segments = read_segments(shards, tokenizer, delimiter, max_len=cfg.max_len)
     if not segments:
         raise DataError(f"{shards.path}: no response to score (every segment's labels are -100)")
-    device = resolve_device(cfg.device)
+    one_step = sum(s.num_states == 2 for s in segments)
+    if one_step and ranks.is_main:
+        print(f"warning: {one_step} of {len(segments)} responses have no step boundary (the step delimiter "
+              f"{delimiter!r} never splits them): each is one step, only s_0 and its end are scored", file=sys.stderr)
+    device = ranks.device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, auto=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    attn = getattr(cfg, "attn_implementation", None)  # irtrain's packed attention unless the config names one
+
+    def scores(path: Path, label: str, share: Share = ALL) -> ModelScores:
+        return score_model(path, shards, segments, cfg=cfg, device=device, dtype=dtype, console=console, label=label,
+                           attn_implementation=attn, share=share)
 
     ref_logps = None
     if cfg.ref_model:
-        ref_path = resolve_model(cfg.ref_model)
-        ref_logps = score_model(ref_path, shards, segments, cfg=cfg, device=device, dtype=dtype,
-                                console=console, label=f"reference {ref_path.name}").logp
+        ref_path = resolve_model(cfg.ref_model, flag="--ref-model")
+        check_weights(ref_path)
+        ref_logps = merge_parts(ranks.all_gather(scores(ref_path, f"reference {ref_path.name}", ranks.share))).logp
 
     summary: dict[str, Any] = {
         "irtrain_score": TABLE_VERSION,
         "data": {"path": str(shards.path), "format": shards.format, "content_hash": shards.content_hash,
                  "tokenizer_hash": shards.tokenizer_hash, "segments": len(segments),
-                 "examples": len({s.example for s in segments}), "states": int(sum(s.num_states for s in segments))},
+                 "examples": len({s.example for s in segments}), "states": int(sum(s.num_states for s in segments)),
+                 "no_step_boundary": int(one_step)},
         "step_delimiter": delimiter, "value_temperature": cfg.value_temperature, "beta": cfg.beta,
         "ref_model": cfg.ref_model, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "config": config_to_dict(cfg), "tables": {}, "models": {},
+        "processes": ranks.world, "config": config_to_dict(cfg), "tables": {}, "models": {},
     }
-    for name, path in models:
-        started = time.perf_counter()
-        res = score_model(path, shards, segments, cfg=cfg, device=device, dtype=dtype, console=console, label=name)
-        frame = build_table(segments, res, ref_logps=ref_logps, beta=cfg.beta,
-                            preference=shards.format == "preference")
+    if ranks.is_main:
+        summary = merge_summary(read_summary(out / SUMMARY), summary)
+
+    def write(name: str, path: Path, res: ModelScores, started: float) -> dict[str, Any]:
+        frame = build_table(segments, res, ref_logps=ref_logps, beta=cfg.beta, preference=shards.format == "preference")
         meta = {"kind": "irtrain-score", "version": TABLE_VERSION, "model": name, "model_path": str(path),
                 "data_hash": shards.content_hash, "data_format": shards.format, "data_path": str(shards.path),
                 "step_delimiter": delimiter, "value_temperature": cfg.value_temperature, "beta": cfg.beta,
                 "ref_model": cfg.ref_model}
-        table_path = out / f"{name}.parquet"
-        write_table(frame, table_path, meta)
-        seconds = time.perf_counter() - started
-        summary["tables"][name] = table_path.name
-        summary["models"][name] = model_summary(frame, path, seconds, res.tokens)
-        write_json(out / SUMMARY, summary)  # after every model: a crash keeps what is done
-    print_summary(summary, console)
-    return summary
+        write_table(frame, out / f"{name}.parquet", meta)
+        return model_summary(frame, path, time.perf_counter() - started, res.tokens)
+
+    def record(entries: list[tuple[str, dict[str, Any]]]) -> None:
+        for name, entry in entries:
+            summary["tables"][name] = f"{name}.parquet"
+            summary["models"][name] = entry
+        write_json(out / SUMMARY, summary)  # after every model (or round of models): a crash keeps what is done
+
+    if len(models) >= ranks.world:  # whole models per rank (one process: every model, in order)
+        for round_ in model_rounds(len(models), ranks.world):
+            mine = round_[ranks.rank] if ranks.rank < len(round_) else None
+            entry = None
+            if mine is not None:
+                name, path = models[mine]
+                started = time.perf_counter()
+                entry = (name, write(name, path, scores(path, name), started))
+            done = ranks.gather(entry)
+            if done is not None:
+                record([e for e in done if e is not None])
+    else:  # every model on every rank, each rank its share of the forwards
+        for name, path in models:
+            started = time.perf_counter()
+            parts = ranks.gather(scores(path, name, ranks.share))
+            if parts is not None:
+                record([(name, write(name, path, merge_parts(parts), started))])
+    if ranks.is_main:
+        print_summary(summary, console)
+    return ranks.on_main(lambda: summary)
 
 
 def _check(cfg: ScoreConfig) -> None:

@@ -2,6 +2,8 @@
 responses to score with their states (`ScoredSegment`)."""
 from __future__ import annotations
 
+import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,7 @@ import numpy as np
 from irtrain.adapters import ADAPTER_CONFIG, base_of, check_base, is_adapter_dir
 from irtrain.config import PrepareConfig, ScoreConfig
 from irtrain.data import detect_format, first_row, resolve_inputs
-from irtrain.errors import ConfigError, DataError
+from irtrain.errors import ConfigError, DataError, IrtrainIOError
 from irtrain.models import resolve_model
 from irtrain.paths import check_out_dir
 from irtrain.prepare import run as prepare
@@ -25,12 +27,16 @@ _MASK_FOR_FORMAT = {"chat": "last", "preference": "last", "prompt-completion": "
 
 
 # --------------------------------------------------------------------------- models
+#: a training run's checkpoint directory (`irtrain.train.checkpoint`)
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
 def _safe_name(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._") or "model"
 
 
 def _checkpoint_order(p: Path) -> tuple[int, int, str]:
-    m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+    m = _CHECKPOINT.fullmatch(p.name)
     return (0, int(m.group(1)), p.name) if m else (1, 0, p.name)
 
 
@@ -42,31 +48,85 @@ def resolve_models(cfg: ScoreConfig) -> list[tuple[str, Path]]:
     """(table name, model directory) for `--model` and every checkpoint of `--checkpoints`
     (each subdirectory with a config.json, or an adapter checkpoint, scored as its base with
     the adapter merged; `checkpoint-<step>` by step; the directory itself too when it holds
-    a model). An adapter's base must exist and be the one it was trained on."""
-    found: list[tuple[str, Path]] = []
+    a model), named by `table_names`. An adapter's base must exist and be the one it was
+    trained on; every safetensors file must be whole (`check_weights`)."""
+    found: list[tuple[Path, Path, bool]] = []  # (path as given, model directory, is a checkpoint of a run)
     if cfg.model:
-        path = resolve_model(cfg.model)
-        found.append((_safe_name(Path(cfg.model.rstrip("/")).name), path))
+        given = Path(cfg.model.rstrip("/") or cfg.model)
+        found.append((given, resolve_model(cfg.model), bool(_CHECKPOINT.fullmatch(given.name))))
     if cfg.checkpoints:
         root = Path(cfg.checkpoints)
         if not root.is_dir():
             raise ConfigError(f"--checkpoints {root}: no such directory")
         subs = sorted((p for p in root.iterdir() if p.is_dir() and _holds_model(p)), key=_checkpoint_order)
+        found += [(p, p, True) for p in subs]
         if _holds_model(root):
-            subs.append(root)
-        if not subs:
+            found.append((root, root, False))
+        if not found[1 if cfg.model else 0:]:
             raise ConfigError(f"--checkpoints {root}: no model in it (no subdirectory with a config.json or an adapter_config.json)")
-        found += [(_safe_name(p.name), p) for p in subs]
-    for _, path in found:
+    for _, path, _ in found:
+        check_weights(path)
         if is_adapter_dir(path):
-            check_base(path, base_of(path))
-    names: dict[str, int] = {}
-    unique = []
-    for name, path in found:
-        k = names.get(name, 0)
-        names[name] = k + 1
-        unique.append((name if k == 0 else f"{name}-{k + 1}", path))
-    return unique
+            base = base_of(path)
+            check_base(path, base)
+            check_weights(base)
+    names = table_names([(given, path, 2 if ckpt else 1) for given, path, ckpt in found])
+    return [(name, path) for name, (_, path, _) in zip(names, found)]
+
+
+def table_names(entries: list[tuple[Path, Path, int]]) -> list[str]:
+    """A table name per (path as given, model directory, depth): the last `depth` parts of
+    the given path joined by ``-`` (a run's checkpoint, depth 2: ``<run>-checkpoint-<step>``;
+    any other model, depth 1: its directory's or hub name's last part). Different models that
+    still share a name take one more parent directory each until they differ; the same
+    directory given twice is suffixed ``-2``, ``-3``, ..."""
+    parts = [(Path(os.path.abspath(g)) if g.exists() else g).parts for g, _, _ in entries]
+    depth = [d for _, _, d in entries]
+    key = [str(p.resolve()) for _, p, _ in entries]
+    name = lambda i: _safe_name("-".join(parts[i][-depth[i]:]))  # noqa: E731
+    while True:
+        groups: dict[str, list[int]] = {}
+        for i in range(len(entries)):
+            groups.setdefault(name(i), []).append(i)
+        grow = [i for g in groups.values() if len({key[i] for i in g}) > 1 for i in g if depth[i] < len(parts[i])]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    seen: dict[str, int] = {}
+    out = []
+    for i in range(len(entries)):
+        n = name(i)
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        out.append(n if k == 0 else f"{n}-{k + 1}")
+    return out
+
+
+def check_weights(model_dir: Path) -> None:
+    """Every ``*.safetensors`` file of a model directory is whole: its header reads and the
+    file is exactly as long as the header says (a truncated copy, a partly written or
+    overwritten file are a one-line error naming the file, not a loader traceback)."""
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        size = f.stat().st_size
+        want = None
+        try:
+            with f.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if size >= 8 and n <= size - 8:
+                    header = json.loads(fh.read(n))
+                    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+                    want = 8 + n + max(ends, default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            want = None
+        except OSError as e:
+            raise IrtrainIOError(f"{f}: cannot read the model weights: {e}") from None
+        if want is None:
+            raise IrtrainIOError(f"{f}: corrupted model weights (not a readable safetensors header, {size} bytes); "
+                                 "copy or save the checkpoint again")
+        if want != size:
+            raise IrtrainIOError(f"{f}: {'truncated' if size < want else 'corrupted'} model weights ({size} bytes, "
+                                 f"its header describes {want}); copy or save the checkpoint again")
 
 
 # --------------------------------------------------------------------------- data

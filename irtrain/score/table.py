@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,43 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """A `summary.json` written by `irtrain score`, or None (none there, unreadable, another kind)."""
+    try:
+        s = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return s if isinstance(s, dict) and "irtrain_score" in s else None
+
+
+#: what must agree for a new run's models to join an --out's summary.json
+_SAME_RUN = (("irtrain_score",), ("data", "content_hash"), ("step_delimiter",), ("value_temperature",), ("beta",),
+             ("ref_model",))
+
+
+def merge_summary(previous: dict[str, Any] | None, current: dict[str, Any]) -> dict[str, Any]:
+    """The summary a run writes into an --out that has one: the previous run's models (those
+    whose table is still listed) kept ahead of this run's when the data and settings agree
+    (a model scored again replaces its entry); otherwise this run's alone, with a note."""
+    if previous is None:
+        return current
+
+    def get(s: dict[str, Any], key: tuple[str, ...]) -> Any:
+        for k in key:
+            s = s.get(k) if isinstance(s, dict) else None  # type: ignore[assignment]
+        return s
+
+    if any(get(previous, k) != get(current, k) for k in _SAME_RUN):
+        print(f"note: {SUMMARY} in --out was written for other data or settings; it now lists this run's "
+              "models only (the other tables stay on disk)", file=sys.stderr)
+        return current
+    out = dict(current)
+    tables, models = previous.get("tables") or {}, previous.get("models") or {}
+    out["tables"] = {n: t for n, t in tables.items() if n in models}
+    out["models"] = {n: models[n] for n in out["tables"]}
+    return out
 
 
 def _json_default(v: Any) -> Any:
