@@ -10,6 +10,10 @@ values V(s) (FORMULAS.md, "Value ranking"; Rust, `irtrain.stats`):
   counted);
 - ``--bootstrap N``: 95% percentile intervals of both, resampling traces with replacement.
 
+Traces of fewer than 3 states (a response of one step: s_0 and its end) carry little of
+the per-trace τ (with 2 states it is ±1 or undefined); how many there are is printed and
+recorded (``short_traces``).
+
 Outputs, in ``--out``: ``tau_matrix.parquet`` (pooled τ, one row per model, one column per
 model), ``tau_pairs.parquet`` (every statistic per ordered pair of models),
 ``tau_heatmap.png``, ``summary.json``; and a table in the terminal.
@@ -39,6 +43,8 @@ KEY = ("example_id", "part", "step")
 TRACE = ("example_id", "part")
 SUMMARY = "summary.json"
 CI = 0.95
+#: traces with fewer states than this are counted as short (per-trace tau is +-1 or undefined)
+SHORT = 3
 #: settings that must agree for values to be comparable (metadata key, what it is)
 _MUST_MATCH = (("data_hash", "data (content hash)"), ("step_delimiter", "step delimiter"),
                ("value_temperature", "value temperature"))
@@ -68,6 +74,7 @@ def run(cfg: RankConfig, *, console: Any = None) -> dict[str, Any]:
             "models": {t.label: str(t.path) for t in loaded},
             "data_hash": loaded[0].meta.get("data_hash"),
             "states": int(aligned.values.shape[1]), "traces": len(aligned.trace_starts) - 1,
+            "short_traces": int((np.diff(aligned.trace_starts) < SHORT).sum()),
             "dropped_states": aligned.dropped, "bootstrap": cfg.bootstrap, "ci": CI if cfg.bootstrap else None,
             "config": config_to_dict(cfg),
             "tau_pooled": _nested(labels, result.tau), "pvalue_pooled": _nested(labels, result.pvalue),
@@ -95,7 +102,8 @@ class Table:
 def resolve_tables(items: list[str]) -> list[tuple[str, Path]]:
     """(label, path) per table. A file is labelled by its name; a directory holding one table
     by the directory's name; a directory of several tables (its `summary.json`'s list, or
-    every *.parquet) by the tables' names. Clashing labels get their parent's name."""
+    every *.parquet) by the tables' names (as `summary.json` names them). Clashing labels get
+    their parent's name."""
     found: list[tuple[str, Path]] = []
     for item in items:
         p = Path(item)
@@ -106,9 +114,9 @@ def resolve_tables(items: list[str]) -> list[tuple[str, Path]]:
             if not listed:
                 raise DataError("no score tables (*.parquet) in this directory", path=str(p))
             if len(listed) == 1:
-                found.append((p.resolve().name, listed[0]))
+                found.append((p.resolve().name, listed[0][1]))
             else:
-                found += [(t.stem, t) for t in listed]
+                found += listed
         else:
             raise DataError("no such file or directory", path=str(p))
     if len(found) < 2:
@@ -129,17 +137,20 @@ def resolve_tables(items: list[str]) -> list[tuple[str, Path]]:
     return final
 
 
-def _listed_tables(d: Path) -> list[Path]:
+def _listed_tables(d: Path) -> list[tuple[str, Path]]:
+    """(name, path) of the tables a score directory lists in its `summary.json` (those on
+    disk), else of every *.parquet in it (named by file)."""
     s = d / SUMMARY
     if s.is_file():
         try:
             names = json.loads(s.read_text(encoding="utf-8")).get("tables", {})
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, AttributeError):
             names = {}
-        listed = [d / n for n in names.values() if (d / n).is_file()]
+        names = names if isinstance(names, dict) else {}
+        listed = [(str(n), d / t) for n, t in names.items() if isinstance(t, str) and (d / t).is_file()]
         if listed:
             return listed
-    return sorted(d.glob("*.parquet"))
+    return [(t.stem, t) for t in sorted(d.glob("*.parquet"))]
 
 
 def load_table(label: str, path: Path) -> Table:
@@ -374,6 +385,9 @@ def print_table(labels: list[str], r: RankResult, summary: dict[str, Any], conso
             t.add_row(labels[i], labels[j], pooled, f"{r.pvalue[i, j]:.2g}", mean, _f(r.trace_median[i, j]),
                       str(int(r.traces_used[i, j])))
     console.print(t)
+    if summary["short_traces"]:
+        console.print(f"{summary['short_traces']} of {summary['traces']} traces have fewer than {SHORT} states (one step: "
+                      "per-trace τ is ±1 or undefined there, so they add little to the per-trace mean and median)")
 
 
 def _f(v: float) -> str:

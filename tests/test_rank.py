@@ -69,7 +69,9 @@ def test_two_checkpoints_scored_and_ranked_through_the_cli(tmp_path, trace_shard
                               "--model", str(checkpoints / "checkpoint-0000000"), "--out", str(scores)])
     assert res.exit_code == 0, res.output
     tables = json.loads((scores / "summary.json").read_text())["tables"]
-    assert list(tables) == ["checkpoint-0000000", "checkpoint-0000000-2", "checkpoint-0000004"]
+    run_name = checkpoints.name  # tables are named <run>-checkpoint-<step>; the same directory twice gets -2
+    assert list(tables) == [f"{run_name}-checkpoint-0000000", f"{run_name}-checkpoint-0000000-2",
+                            f"{run_name}-checkpoint-0000004"]
 
     res = runner.invoke(app, ["rank", str(scores), "--out", str(ranked), "--bootstrap", "30", "--seed", "1"])
     assert res.exit_code == 0, res.output
@@ -99,7 +101,8 @@ def test_two_checkpoints_scored_and_ranked_through_the_cli(tmp_path, trace_shard
     assert same["states"] == 8 * 5
     assert same["tau_pooled_lo"] == pytest.approx(1.0, abs=1e-12) and same["tau_pooled_hi"] == pytest.approx(1.0, abs=1e-12)
     summary = json.loads((ranked / "summary.json").read_text())
-    assert summary["states"] == 40 and summary["traces"] == 8
+    assert summary["states"] == 40 and summary["traces"] == 8 and summary["short_traces"] == 0
+    assert "fewer than 3 states" not in res.output
     lo, hi = summary["tau_pooled_ci"][labels[0]][labels[2]]
     assert lo <= hi
 
@@ -185,6 +188,20 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert summary["states"] == 11 and summary["dropped_states"] == 2
     assert summary["tau_pooled"]["a"]["b"] == -1.0 and summary["tau_pooled"]["a"]["short"] == 1.0
     assert not list((tmp_path / "out").glob(".*tmp*"))
+
+
+def test_traces_of_fewer_than_three_states_are_counted(tmp_path):
+    # traces of 4, 2, 1 and 3 states: two are short (per-trace tau is +-1 or undefined there)
+    keys = [(e, 0, s) for e, n in enumerate((4, 2, 1, 3)) for s in range(n)]
+    v = np.arange(len(keys), dtype=np.float64)
+    a = make_table(tmp_path / "a.parquet", v, keys=keys)
+    b = make_table(tmp_path / "b.parquet", v ** 2, keys=keys)
+    res = runner.invoke(app, ["rank", str(a), str(b), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert "2 of 4 traces have fewer than 3 states" in " ".join(res.output.split())
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["short_traces"] == 2 and summary["traces"] == 4
+    assert summary["traces_used"]["a"]["b"] == 3  # the one-state trace has no tau
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path):
