@@ -1,11 +1,13 @@
 """Run the six seed-paper examples one after the other and write the summary table.
 
     python examples/run_all.py [--out examples-out] [--scale 1.0]
+    python examples/run_all.py --model real                 # SmolLM2-135M-Instruct, the GPU set (~5 min on one H200)
+    python examples/run_all.py --model real --smoke         # the same on a CPU at a smoke scale (minutes; inconclusive)
 
 Each example prints the paper's expected outcome next to the measured one; this script
-collects them into OUT/results/summary.md (the table the README quotes) and prints the
-wall time of each. Runs shared by several examples (e.g. the ce SFT baseline) are trained
-once (see seed_common.Lab).
+collects them into OUT/results/summary.md (the table the README quotes; its first line
+names the model and the scale) and prints the wall time of each. Runs shared by several
+examples (e.g. the ce SFT baseline) are trained once (see seed_common.Lab).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -28,11 +32,19 @@ def main() -> None:
     times = {}
     for name in EXAMPLES:
         t0 = time.perf_counter()
-        importlib.import_module(name).run(args.out, scale=args.scale, seed=args.seed, threads=args.threads)
+        importlib.import_module(name).run(args.out, scale=args.scale, seed=args.seed, threads=args.threads, model=args.model,
+                                          lora_r=args.lora_r)
         times[name] = time.perf_counter() - t0
     total = time.perf_counter() - t_all
     results = [json.loads((Path(args.out) / "results" / f"{n}.json").read_text()) for n in EXAMPLES]
-    lines = [f"Scale {args.scale:g}, seed {args.seed}, {args.threads} torch thread(s); total {total / 60:.1f} min "
+    described = {r.get("model_description") for r in results}
+    assert len(described) == 1, f"the examples ran on different models: {described}"
+    r0 = results[0]
+    flags = f" --lora-r {args.lora_r}" if args.lora_r else ""
+    lines = [f"Model: {args.model}{flags} = {r0['model_description']}.", "",
+             f"Scale {args.scale:g} ({r0['n_heldout']} held-out problems, {r0['sft_steps']} SFT steps, "
+             f"{r0['dpo_steps']} DPO steps per run), seed {args.seed}, "
+             f"{args.threads or torch.get_num_threads()} torch thread(s); total {total / 60:.1f} min "
              "(" + ", ".join(f"{n} {t:.0f}s" for n, t in times.items()) + ").", "",
              "| # | claim | paper | measured | verdict |", "|---|---|---|---|---|"]
     for i, r in enumerate(results, 1):

@@ -19,9 +19,10 @@ from seed_common import Lab, conclude, main_of, table
 EXAMPLE = "seed_1_sft_lr"
 
 
-def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1) -> bool:
+def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1, model: str = "tiny",
+        lora_r: int = 0) -> bool:
     t0 = time.perf_counter()
-    lab = Lab(out, scale=scale, seed=seed, threads=threads)
+    lab = Lab(out, scale=scale, seed=seed, threads=threads, model=model, lora_r=lora_r)
     base_lr = lab.plan.sft_lr
     lrs = [base_lr, base_lr / 3, base_lr / 10]
     res, rows = {}, [["base (before SFT)", lab.evaluate(lab.base)["task"], None, None, None]]
@@ -48,7 +49,7 @@ def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1) -> boo
         verdict = "not reproduced: no lower SFT lr improves post-DPO preference accuracy"
     conclude(out, EXAMPLE, claim="Lower SFT learning rate → better post-DPO model (§4.2)",
              paper="SFT lr 2e-5 → 5e-6 / 1e-6: post-DPO AlpacaEval 2 win rate +5-6 points; SFT checkpoint slightly better",
-             measured=measured, verdict=verdict, details_md=md, seconds=time.perf_counter() - t0)
+             measured=measured, verdict=verdict, details_md=md, seconds=time.perf_counter() - t0, lab=lab)
     return True
 
 

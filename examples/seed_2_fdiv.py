@@ -21,9 +21,10 @@ EXAMPLE = "seed_2_fdiv"
 LOSSES = ("ce", "pearson", "hellinger")
 
 
-def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1) -> bool:
+def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1, model: str = "tiny",
+        lora_r: int = 0) -> bool:
     t0 = time.perf_counter()
-    lab = Lab(out, scale=scale, seed=seed, threads=threads)
+    lab = Lab(out, scale=scale, seed=seed, threads=threads, model=model, lora_r=lora_r)
     lr = lab.plan.sft_lr
     res, rows = {}, [["base (before SFT)", lab.evaluate(lab.base)["task"], None, None, None]]
     for loss in LOSSES:
@@ -52,7 +53,7 @@ def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1) -> boo
             verdicts.append(f"{loss}: not weaker after SFT" + (" and better after DPO" if any(better.values()) else ""))
     conclude(out, EXAMPLE, claim="Pearson χ² / squared-Hellinger SFT → weaker SFT checkpoint, better after DPO (§4.3)",
              paper="both weaker than ce after SFT and better after DPO, on Llama-3-8B and Mistral-7B",
-             measured="; ".join(parts), verdict="; ".join(verdicts), details_md=md, seconds=time.perf_counter() - t0)
+             measured="; ".join(parts), verdict="; ".join(verdicts), details_md=md, seconds=time.perf_counter() - t0, lab=lab)
     return True
 
 

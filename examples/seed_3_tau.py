@@ -10,6 +10,10 @@ Here: the pretrained base SFT'd on each quarter of the SFT demonstrations (4 mod
 "other data": the same base SFT'd on the clean chosen answers of the preference problems;
 "other prior": a differently initialised model, pretrained the same way, SFT'd on quarter 1.
 `irtrain score` on the held-out traces (V at s0 and after every step), `irtrain rank`.
+
+With the real model (``--model real``) the base is SmolLM2-135M-Instruct and "other prior"
+is its architecture and tokenizer at a random init (no pretraining at all: the one other
+prior a single real model offers), SFT'd on quarter 1 with the same settings.
 """
 from __future__ import annotations
 
@@ -22,10 +26,11 @@ from irtrain.tasks import sft_example
 EXAMPLE = "seed_3_tau"
 
 
-def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1) -> bool:
+def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1, model: str = "tiny",
+        lora_r: int = 0) -> bool:
     t0 = time.perf_counter()
-    lab = Lab(out, scale=scale, seed=seed, threads=threads)
-    other = Lab(out, scale=scale, seed=seed, threads=threads, init_seed=seed + 1)
+    lab = Lab(out, scale=scale, seed=seed, threads=threads, model=model, lora_r=lora_r)
+    other = Lab(out, scale=scale, seed=seed, threads=threads, model=model, lora_r=lora_r, init_seed=seed + 1)
     steps = max(4, lab.plan.sft_steps // 4)  # a quarter of the data for a quarter of the steps: same epochs
     rows = lab.q.task.sft_rows()
     quarters = [lab.prepare(f"sft-quarter-{k + 1}", rows[k::4], "chat") for k in range(4)]
@@ -53,7 +58,7 @@ def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1) -> boo
                f"partly: {len(pairs) - len(positive)} of {len(pairs)} pairs have τ <= 0")
     conclude(out, EXAMPLE, claim="Value rankings agree across checkpoints: Kendall τ > 0 (§4.4)",
              paper="τ > 0 for every pair; close to 1 between the 4 shard models; lower with another prior or data",
-             measured=measured, verdict=verdict, details_md=md, seconds=time.perf_counter() - t0)
+             measured=measured, verdict=verdict, details_md=md, seconds=time.perf_counter() - t0, lab=lab)
     return True
 
 

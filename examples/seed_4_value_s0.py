@@ -28,9 +28,10 @@ def spearman(x: list[float], y: list[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1) -> bool:
+def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1, model: str = "tiny",
+        lora_r: int = 0) -> bool:
     t0 = time.perf_counter()
-    lab = Lab(out, scale=scale, seed=seed, threads=threads)
+    lab = Lab(out, scale=scale, seed=seed, threads=threads, model=model, lora_r=lora_r)
     total = lab.plan.sft_steps
     marks = sorted({max(1, round(total * f)) for f in (0.05, 0.1, 0.25, 0.5)} - {total})
     s = lab.sft(f"sft-ce-lr{lab.plan.sft_lr:g}-early-exit", save_at=",".join(map(str, marks)))
@@ -72,7 +73,7 @@ def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1) -> boo
     conclude(out, EXAMPLE, claim="value/s0 rises fast and plateaus; DPO from early-exit checkpoints tracks it (§4.5)",
              paper="V(s0) converges by ~150 SFT steps; post-DPO scores of early-exit checkpoints follow V(s0)",
              measured=measured, verdict=verdict, details_md=md + f"\n\n![value/s0 and DPO from early exits]({png.name})",
-             seconds=time.perf_counter() - t0)
+             seconds=time.perf_counter() - t0, lab=lab)
     return True
 
 

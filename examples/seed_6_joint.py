@@ -25,9 +25,10 @@ from irtrain.shards import ShardSet
 EXAMPLE = "seed_6_joint"
 
 
-def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1) -> bool:
+def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1, model: str = "tiny",
+        lora_r: int = 0) -> bool:
     t0 = time.perf_counter()
-    lab = Lab(out, scale=scale, seed=seed, threads=threads)
+    lab = Lab(out, scale=scale, seed=seed, threads=threads, model=model, lora_r=lora_r)
     pl = lab.plan
     sft_shards, pref_shards = str(lab.shards["sft"]), str(lab.shards["pref"])
     batch = pl.dpo_batch
@@ -74,7 +75,7 @@ def run(out: str, *, scale: float = 1.0, seed: int = 0, threads: int = 1) -> boo
                else f"partly: joint {words(hurt['joint'])}; alternating {words(hurt['alternating'])}")
     conclude(out, EXAMPLE, claim="Joint SFT+DPO (adaptive λ) and alternating SFT/DPO hurt (App. D)",
              paper="both worse than sequential SFT → DPO; in the alternating schedule each SFT stage after a DPO stage lowers the score",
-             measured=measured, verdict=verdict, details_md=md, seconds=time.perf_counter() - t0)
+             measured=measured, verdict=verdict, details_md=md, seconds=time.perf_counter() - t0, lab=lab)
     return True
 
 
