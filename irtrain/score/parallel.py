@@ -19,6 +19,7 @@ errors there reach every rank (`Ranks.on_main`).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,7 +74,9 @@ class Ranks:
 
     def __enter__(self) -> Ranks:
         if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")
+            # ranks wait for each other at every model (or round of models): far longer than
+            # gloo's default 30 minutes when a large model scores a large set
+            torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
             self._owned = True
         return self
 
