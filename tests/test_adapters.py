@@ -270,9 +270,9 @@ def test_score_adapter_checkpoints_equal_their_merged_model(tiny_model_dir, lora
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, ["score", str(heldout_dir), "--model", str(lora_sft / "merged"), "--out", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
-    adapter = pl.read_parquet(tmp_path / "a" / "checkpoint-0000004.parquet")
+    adapter = pl.read_parquet(tmp_path / "a" / "run-checkpoint-0000004.parquet")
     merged = pl.read_parquet(tmp_path / "m" / "merged.parquet")
-    assert {"checkpoint-0000002.parquet", "checkpoint-0000004.parquet"} <= {p.name for p in (tmp_path / "a").iterdir()}
+    assert {"run-checkpoint-0000002.parquet", "run-checkpoint-0000004.parquet"} <= {p.name for p in (tmp_path / "a").iterdir()}
     np = pytest.importorskip("numpy")
     np.testing.assert_allclose(adapter["logp"].to_numpy(), merged["logp"].to_numpy(), rtol=1e-5, atol=1e-5)
 

@@ -160,4 +160,4 @@ def test_lora_sft_and_dpo_on_the_real_model(real_model, shards, tmp_path):
     assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     r = runner.invoke(app, ["score", str(shards["pairs"]), "--checkpoints", str(tmp_path / "dpo"), "--out", str(tmp_path / "scores")])
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "scores" / "checkpoint-0000002.parquet").is_file()
+    assert (tmp_path / "scores" / "dpo-checkpoint-0000002.parquet").is_file()

@@ -18,8 +18,10 @@ every other file, checked before a checkpoint is resumed (`verify_checkpoint`). 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
+import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -187,30 +189,102 @@ def prune_checkpoints(out: Path, limit: int, protected: set[int]) -> None:
 
 
 class StopSignal:
-    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the current step and
-    exits. A second signal of the same kind is handled normally (default action)."""
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the end of the current step (on all
+    ranks: the flag is all-reduced) and exits. Further signals are ignored until then: under a
+    launcher every worker gets the signal twice (the process group's, then the launcher's
+    forwarded one), and SLURM signals every process; a second signal must not kill a worker in
+    the middle of the checkpoint. A worker started by a launcher (torchrun, deepspeed) also
+    asks for SIGTERM when its launcher dies (Linux PR_SET_PDEATHSIG), so killing the launcher
+    alone checkpoints too instead of leaving the workers training detached."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
+        self._depth = 0  # entered again (the loop inside the run): one set of handlers
+        self._watch: _LauncherWatch | None = None
 
     def __enter__(self) -> StopSignal:
-        if threading.current_thread() is threading.main_thread():
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
             for s in (signal.SIGTERM, signal.SIGINT):
                 self._old[s] = signal.signal(s, self._handle)
+            if "LOCAL_RANK" in os.environ:
+                _parent_death_signal(signal.SIGTERM)
+                self._watch = _LauncherWatch()
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
-            signal.raise_signal(signum)
-            return
-        self.signum = signum
+        if self.signum is None:
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: a checkpoint is written at the end of this step, then the run stops "
+                  "(further signals are ignored until then)", file=sys.stderr, flush=True)
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
     def __exit__(self, *exc: Any) -> None:
+        self._depth -= 1
+        if self._depth:
+            return
         for s, h in self._old.items():
             signal.signal(s, h)
+        if self._old and "LOCAL_RANK" in os.environ:
+            _parent_death_signal(0)
+        if self._watch is not None:
+            self._watch.stop()
+
+
+class _LauncherWatch:
+    """A worker's watch on its launchers: the parent (torchrun's agent, deepspeed's launch.py)
+    and, under the `deepspeed` command, the runner above it, which does not pass a SIGTERM
+    on. When one of them is gone, the worker sends itself SIGTERM (an orderly checkpoint)."""
+
+    def __init__(self, every: float = 1.0):
+        self._done = threading.Event()
+        self.pids = [os.getppid()]
+        try:
+            import psutil
+
+            grand = psutil.Process(self.pids[0]).parent()
+            if grand is not None and "deepspeed" in " ".join(grand.cmdline()):
+                self.pids.append(grand.pid)
+        except Exception:  # psutil missing, or no permission: the parent alone is watched
+            pass
+        self._thread = threading.Thread(target=self._run, args=(every,), daemon=True, name="irtrain-launcher-watch")
+        self._thread.start()
+
+    def _gone(self) -> bool:
+        if os.getppid() != self.pids[0]:
+            return True  # re-parented: the parent died
+        for pid in self.pids[1:]:
+            try:
+                import psutil
+
+                proc = psutil.Process(pid)
+                if proc.status() == psutil.STATUS_ZOMBIE:  # dead, not yet reaped by its own parent
+                    return True
+            except psutil.NoSuchProcess:
+                return True
+            except Exception:
+                pass
+        return False
+
+    def _run(self, every: float) -> None:
+        while not self._done.wait(every):
+            if self._gone():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+def _parent_death_signal(signum: int) -> None:
+    """prctl(PR_SET_PDEATHSIG, signum) where the platform has it (0 clears it)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signum), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass

@@ -74,13 +74,12 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
 
     # ---------------------------------------------------------------- 2. build, holding --out
     lock = OutLock(out, objective.name).acquire() if strategy.is_main else None
+    stop = StopSignal().__enter__()  # from here: a signal while loading stops the run after its first step, checkpointed
     try:
         write_config(cfg, out, strategy)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, strategy, run)
-        state = load_checkpoint(run.resume_from, strategy=strategy) if run.resume_from else TrainState()
-        if run.resume_from:
-            objective.load_state_dict(state.extra.get("objective", {}))
+        state = restore(run.resume_from, strategy, objective)
         refs = References(cfg, strategy, model, run.model_path, run.tok_hash, fresh=run.resume_from is None)
         ctx = TrainContext(cfg=cfg, strategy=strategy, data=data, model_path=run.model_path, out=out, tokenizer=run.tokenizer,
                            reference_logps_for=refs.logps, reference_model=refs.model)
@@ -90,8 +89,7 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
         model.train()
         log = MetricsLog(out, enabled=strategy.is_main, resume_step=state.step if run.resume_from else None, tensorboard=cfg.tensorboard)
         progress = Progress(total, state.step, enabled=strategy.is_main, description=objective.name)
-        last_ckpt: Path | None = run.resume_from
-        metrics: dict[str, Any] = {}
+        last_ckpt, metrics = run.resume_from, {}
 
         def evaluate() -> dict[str, float]:
             return evaluate_held_out(model, objective, ctx, run.eval_set, eval_ref)
@@ -111,7 +109,7 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
             log.log(0, evaluate())
         t_start = time.perf_counter() - state.elapsed
         try:
-            with StopSignal() as stop:
+            with stop:
                 for step in range(state.step, total):
                     t0 = time.perf_counter()
                     lr = lr_at(step, total_steps=total, peak=cfg.lr, warmup=run.warmup, schedule=cfg.lr_schedule)
@@ -160,6 +158,7 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
             log.close()
         finish(cfg, strategy, run, last_ckpt)
     finally:
+        stop.__exit__()
         if lock is not None:
             lock.release()
     return TrainResult(out=out, steps=state.step, last_checkpoint=last_ckpt, metrics=metrics)
@@ -283,7 +282,7 @@ def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> Run
     data = PackedData(sets)
     plan = plan_run(cfg, data.lengths)
     save_at = parse_save_at(cfg.save_at, len(plan))
-    resume_from = find_resume(out, cfg) if cfg.resume else None
+    resume_from = find_resume(out, cfg, strategy.world_size) if cfg.resume else None
     if not cfg.resume and list_checkpoints(out):
         raise ConfigError(f"--out {out} already holds checkpoints of a run: pass --resume to continue it, or pick another --out")
     base_identity = {"base_model": lora.base_name, "model_hash": model_hash(model_path)} if lora and strategy.is_main else None
@@ -329,6 +328,15 @@ def build_model(cfg: TrainConfig, strategy: Strategy, run: RunPlan) -> Any:
     return model
 
 
+def restore(resume_from: Path | None, strategy: Strategy, objective: Objective) -> TrainState:
+    """The state to start from: a fresh one, or the checkpoint's (optimizer, RNG, objective) on --resume."""
+    if resume_from is None:
+        return TrainState()
+    state = load_checkpoint(resume_from, strategy=strategy)
+    objective.load_state_dict(state.extra.get("objective", {}))
+    return state
+
+
 def finish(cfg: TrainConfig, strategy: Strategy, run: RunPlan, last_ckpt: Path | None) -> None:
     """After the last step: with --merge-at-end, base + adapter written to OUT/merged/ (main rank)."""
     if cfg.merge_at_end and last_ckpt is not None and strategy.is_main:
@@ -351,7 +359,7 @@ def parse_save_at(spec: str, total: int) -> list[int]:
     return sorted(set(steps))
 
 
-def find_resume(out: Path, cfg: TrainConfig) -> Path | None:
+def find_resume(out: Path, cfg: TrainConfig, world_size: int = 1) -> Path | None:
     """The newest checkpoint that is complete and verifies (a damaged newer one is skipped, with
     a note saying why), after checking the run it belongs to is this one."""
     ckpt, skipped = latest_verified_checkpoint(out)
@@ -367,6 +375,10 @@ def find_resume(out: Path, cfg: TrainConfig) -> Path | None:
     changed = [k for k in _RESUME_FIXED if k in saved and saved[k] != now[k]]
     if changed:
         raise ConfigError(f"--resume: {ckpt} was made with a different {', '.join(changed)}; these must match to resume exactly")
-    if payload.get("world_size") not in (None, 1) and cfg.deepspeed is None:
-        raise ConfigError(f"--resume: {ckpt} was written by a {payload.get('world_size')}-process DeepSpeed run; resume it with --deepspeed")
+    saved_world, saved_ds = payload.get("world_size") or 1, (payload.get("config") or {}).get("deepspeed")
+    if (saved_world, bool(saved_ds)) != (world_size, bool(cfg.deepspeed)):
+        was = f"{saved_world} DeepSpeed process(es)" if saved_ds else "a single process without DeepSpeed"
+        this = f"{world_size} DeepSpeed process(es)" if cfg.deepspeed else "a single process without DeepSpeed"
+        raise ConfigError(f"--resume: {ckpt} was written by {was}, this run is {this}: its optimizer state is partitioned that way. "
+                          f"Resume it as it was written, or start a new run from its weights (--model {ckpt}, fresh optimizer)")
     return ckpt

@@ -17,6 +17,7 @@ strategy multiplies by the world size to undo DeepSpeed's averaging over ranks.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -243,6 +244,10 @@ class DeepSpeedStrategy(Strategy):
             self.device = torch.device("cpu")
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False)
+            # destroyed once, at the end of the process (the alternating schedule runs several
+            # trainings in one): a process group left to the interpreter's teardown can abort
+            # the exit ("terminate called without an active exception")
+            atexit.register(_destroy_process_group)
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         self.bf16 = (self.on_gpu and cfg.dtype == "auto") or cfg.dtype == "bfloat16"
@@ -342,6 +347,14 @@ class DeepSpeedStrategy(Strategy):
     def teardown(self) -> None:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        try:
+            torch.distributed.barrier()
+        finally:
+            torch.distributed.destroy_process_group()
 
 
 def make_strategy(cfg: TrainConfig) -> Strategy:
