@@ -10,15 +10,15 @@ import torch
 from irtrain.losses import ResponseStates, response_token_stats, state_token_stats
 from irtrain.shards import ShardSet
 from irtrain.train.batching import collate
-from irtrain.train.head import chunk_rows_for, lm_head_stats
+from irtrain.train.head import CHUNK_BYTES, CUDA_CHUNK_BYTES, chunk_rows_for, lm_head_stats
 from irtrain.train.packed import packed_forward, packed_token_stats
 
 from test_train_common import prepare_task  # noqa: F401
 
 
 def _full(h, w, b, t, tau):
-    """The reference: full logits through `state_token_stats`."""
-    z = h @ w.T + (0 if b is None else b)
+    """The reference: full logits (as `nn.Linear` computes them) through `state_token_stats`."""
+    z = torch.nn.functional.linear(h, w, b)
     states = ResponseStates(index=torch.arange(len(t)), targets=t, is_last=torch.zeros(len(t), dtype=torch.bool))
     return state_token_stats(z, states, tau=tau, extras=True)
 
@@ -96,6 +96,120 @@ def test_no_states_and_bad_shapes():
     with pytest.raises(ValueError, match="tau"):
         lm_head_stats(torch.zeros(2, 3), w, None, torch.zeros(2, dtype=torch.long), tau=0.0)
     assert chunk_rows_for(128_256) == 130 and chunk_rows_for(10) >= 1
+
+
+def _weighted_run(path, h0, w0, b0, t, tau, dtype, autocast):
+    """(stats, grads) of logps * u + values * v, on the head or on the full logits."""
+    g = torch.Generator().manual_seed(7)
+    up_lp, up_v = torch.randn(len(t), generator=g), torch.randn(len(t), generator=g)
+    h, w, b = (x.to(dtype).clone().requires_grad_() for x in (h0, w0, b0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if path == "full":
+            st = _full(h, w, b, t, tau)
+            out = (st.logps, st.values, st.correct, st.entropies)
+        else:
+            out = lm_head_stats(h, w, b, t, tau=tau, extras=True, chunk_rows=7)
+        (out[0] * up_lp + out[1] * up_v).sum().backward()
+    return out, (h.grad, w.grad, b.grad)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+@pytest.mark.parametrize("weights", ["bf16", "fp32-autocast-bf16"])
+def test_bf16_equals_full_logits(weights, tau):
+    """bf16 on CPU, as on a GPU: bf16 weights (gradients come back in bf16), or float32
+    weights under bf16 autocast (gradients in float32). The stats equal those of the full
+    bf16 logits (both round the same logits to bf16, then compute in float32); the
+    gradients differ only by where the bf16 roundings fall (per chunk vs once), within
+    two bf16 ulps of the largest entry, and are no further from the exact float64
+    gradient than twice the full path's own error."""
+    g = torch.Generator().manual_seed(1)
+    h0, w0 = torch.randn(40, 16, generator=g), torch.randn(300, 16, generator=g) * 0.3
+    b0, t = torch.randn(300, generator=g) * 0.1, torch.randint(0, 300, (40,), generator=g)
+    dtype, autocast = (torch.bfloat16, False) if weights == "bf16" else (torch.float32, True)
+    exact, g_exact = _weighted_run("full", h0, w0, b0, t, tau, torch.float64, False)
+    full, g_full = _weighted_run("full", h0, w0, b0, t, tau, dtype, autocast)
+    head, g_head = _weighted_run("head", h0, w0, b0, t, tau, dtype, autocast)
+    for x, y in zip(head, full):
+        if x.dtype == torch.bool:
+            assert torch.equal(x, y)
+        else:
+            assert x.dtype == torch.float32
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    for gh, gf, ge in zip(g_head, g_full, g_exact):
+        assert gh.dtype == gf.dtype == dtype
+        scale = float(ge.abs().max())
+        assert float((gh.double() - gf.double()).abs().max()) <= 2 ** -6 * scale
+        assert float((gh.double() - ge).abs().max()) <= 2 * float((gf.double() - ge).abs().max()) + 2 ** -8 * scale
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts ops that return a fresh tensor (no view, no in-place or out= write) of one of `shapes`."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.ops = shapes, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        schema = func._schema
+        aliased = any(a.alias_info is not None for a in schema.arguments) or any(r.alias_info is not None for r in schema.returns)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        if not aliased and any(isinstance(o, torch.Tensor) and tuple(o.shape) in self.shapes for o in outs):
+            self.ops.append(schema.name)
+        return out
+
+
+@pytest.mark.parametrize("weights", ["fp32", "bf16", "fp32-autocast-bf16"])
+def test_no_per_chunk_buffers(weights):
+    """Forward and backward allocate their [C, V] and [V, H] buffers once: as many
+    allocations of those shapes with 8 chunks as with one (the weight cast, the gradient
+    accumulator and its scratch, the logits buffers; none inside the chunk loop)."""
+    n, hid, vocab, chunk = 24, 8, 50, 3
+    dtype, autocast = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False),
+                       "fp32-autocast-bf16": (torch.float32, True)}[weights]
+    counts = []
+    for rows in (chunk, n):
+        g = torch.Generator().manual_seed(0)
+        h = torch.randn(n, hid, generator=g).to(dtype).requires_grad_()
+        w = (torch.randn(vocab, hid, generator=g) * 0.3).to(dtype).requires_grad_()
+        t = torch.randint(0, vocab, (n,), generator=g)
+        mode = _Allocations({(vocab, hid), (hid, vocab), (rows, vocab), (vocab, rows)})
+        with mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            lp, v = lm_head_stats(h, w, None, t, tau=0.7, chunk_rows=rows)
+            (lp.sum() + v.sum()).backward()
+        assert w.grad.dtype == dtype
+        counts.append(mode.ops)
+    assert len(counts[0]) == len(counts[1]) <= 10, counts
+
+
+def test_chunk_rows_on_cuda_follow_free_memory(monkeypatch):
+    """On CUDA the rows per chunk come from the free memory (mem_get_info plus the caching
+    allocator's unused reserve, less the [V, H] buffers), a quarter of it, clamped to
+    [CHUNK_BYTES, CUDA_CHUNK_BYTES], over the bytes of one row (float32 logits, their bf16
+    copy, the hidden row and its gradient), rounded down to a power of two. No GPU needed:
+    the CUDA queries are faked."""
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 << 30)
+    cuda = torch.device("cuda", 0)
+    vocab, hid = 128_256, 4096
+    row = vocab * (4 + 2) + 2 * hid * 2
+    fixed = vocab * hid * (2 * 2 + 4)
+
+    def rows(budget: int) -> int:
+        return 1 << ((budget // row).bit_length() - 1)
+
+    free["bytes"] = 60 << 30  # plenty: the cap, 1366 rows -> 1024
+    assert chunk_rows_for(vocab, hid, device=cuda, compute_bytes=2) == rows(CUDA_CHUNK_BYTES) == 1024
+    free["bytes"] = fixed  # only the allocator's 2 GiB unused reserve past the buffers: a quarter of it
+    assert chunk_rows_for(vocab, hid, device=cuda, compute_bytes=2) == rows(1 << 29) == 512
+    free["bytes"] = 0  # nearly full: never below the CPU budget
+    assert chunk_rows_for(vocab, hid, device=cuda, compute_bytes=2) == rows(CHUNK_BYTES) == 64
+    free["bytes"] = 60 << 30
+    assert chunk_rows_for(32_000, 2048, device=cuda, compute_bytes=2) == 4096  # a small vocabulary: more rows (5152 -> 4096)
+    # the CPU ignores all of this: float32 logits plus the hidden rows
+    assert chunk_rows_for(vocab, hid) == CHUNK_BYTES // (4 * vocab + 8 * hid)
 
 
 @pytest.fixture(scope="module")
