@@ -2,23 +2,32 @@
 
 A `Batch` is one [1, N] sequence of several documents; no attention may cross a document
 boundary. Three exact ways, picked by `--attn-implementation` (default: the first that
-applies):
+applies, `default_attn_implementation`):
 
 - `flash_attention_2` (GPU, flash-attn installed): the varlen kernel, given the boundaries
   explicitly (`cu_seq_lens_q/k`, `max_length_q/k`);
-- `irtrain_varlen` (the CPU default): causal SDPA run per document, registered with
-  transformers' `AttentionInterface`; costs sum(L_i^2), not N^2, and builds no mask;
-- `sdpa` / `eager`: transformers (>= 4.53, 5.x) reads `position_ids` that restart at 0 as
-  document boundaries when no attention mask is given and builds the block-diagonal causal
-  mask (N^2 memory; what GPUs without flash-attn use).
+- `irtrain_varlen` (every other device), registered once with transformers'
+  `AttentionInterface`: on a GPU, PyTorch's own variable-length flash kernel
+  (`torch.nn.attention.varlen.varlen_attn`, one call over all documents) where it applies
+  (`varlen_kernel_for`: bf16/fp16, no dropout, ...); otherwise, and always on CPU, causal
+  SDPA run per document. Both cost sum(L_i^2), not N^2, and build no mask;
+- `sdpa` / `eager`, only when asked for: transformers (>= 4.53, 5.x) reads `position_ids`
+  that restart at 0 as document boundaries when no attention mask is given and builds the
+  block-diagonal causal mask (N^2 memory).
 
-Training reads the model through `packed_token_stats`: the LM head runs at the response
-states only (`irtrain.train.head`), never over the whole [N, V] row.
+Training, the reference pass and score read the model through `packed_token_stats` /
+`packed_scores`: the LM head runs at the response states only (`irtrain.train.head`),
+never over the whole [N, V] row.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,15 +39,123 @@ from irtrain.train.batching import Batch
 from irtrain.train.head import lm_head_stats
 
 VARLEN = "irtrain_varlen"
+TORCH_VARLEN, PER_DOCUMENT = "varlen_attn", "sdpa_per_document"
+#: How many heads and attention calls ran which way in this process (tests and diagnostics read it).
+PATHS: Counter[str] = Counter()
+
+
+@dataclass(frozen=True)
+class VarlenKernel:
+    """What the installed `varlen_attn` accepts: how to ask for causal attention (torch 2.9:
+    `is_causal=True`; 2.10 on: `window_size=(-1, 0)`), and whether it takes `scale` (2.10
+    on) and `enable_gqa` (2.12 on; without it the kv heads are repeated)."""
+
+    fn: Callable[..., Any]
+    causal: dict[str, Any] = field(default_factory=dict)
+    scale: bool = False
+    gqa: bool = False
+
+
+def describe_varlen(fn: Callable[..., Any]) -> VarlenKernel | None:
+    """The `VarlenKernel` of a `varlen_attn`-like function, from its signature; None if it
+    has no way to ask for causal attention."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+    if "window_size" in params:
+        causal: dict[str, Any] = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return VarlenKernel(fn, causal, scale="scale" in params, gqa="enable_gqa" in params)
+
+
+@functools.lru_cache(maxsize=1)
+def torch_varlen() -> VarlenKernel | None:
+    """PyTorch's variable-length flash kernel, if this torch has it (2.9 on) and it runs on
+    this GPU (CUDA, not ROCm; flash needs compute capability >= 8.0)."""
+    if not torch.cuda.is_available() or torch.version.hip is not None or torch.cuda.get_device_capability() < (8, 0):
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return describe_varlen(varlen_attn)
+
+
+def varlen_kernel_for(device_type: str, dtype: torch.dtype, head_dims: tuple[int, int], heads: tuple[int, int],
+                      dropout: float, scaling: float | None, kernel: VarlenKernel | None) -> str:
+    """Which kernel one `irtrain_varlen` call runs: TORCH_VARLEN when `varlen_attn` applies,
+    else PER_DOCUMENT (exact too, a Python loop of SDPA calls).
+
+    `varlen_attn` needs a CUDA tensor in float16/bfloat16 (bf16 autocast gives that;
+    float32 weights without autocast do not), no dropout (it has none: its dropout is fixed
+    at 0, so a training run with attention dropout stays per document; eval has p = 0),
+    query and value head dims equal, a multiple of 8 and at most 256 (flash), query heads a
+    multiple of the kv heads, and a scale it can take (the default 1/sqrt(D) when it has no
+    `scale` argument). `head_dims` = (query, value), `heads` = (query, kv).
+    """
+    if kernel is None or device_type != "cuda" or dtype not in (torch.float16, torch.bfloat16) or dropout > 0:
+        return PER_DOCUMENT
+    (d, dv), (hq, hkv) = head_dims, heads
+    if d != dv or d % 8 or d > 256 or hkv < 1 or hq % hkv:
+        return PER_DOCUMENT
+    if scaling is not None and not kernel.scale and not math.isclose(scaling, d ** -0.5, rel_tol=1e-6):
+        return PER_DOCUMENT
+    return TORCH_VARLEN
+
+
+def _repeat_kv(x: Tensor, n_rep: int, dim: int) -> Tensor:
+    """Each kv head repeated n_rep times along `dim` (query head i reads kv head i // n_rep)."""
+    if n_rep == 1:
+        return x
+    shape = list(x.shape)
+    shape.insert(dim + 1, n_rep)
+    return x.unsqueeze(dim + 1).expand(shape).flatten(dim, dim + 1)
+
+
+def torch_varlen_attention(kernel: VarlenKernel, query: Tensor, key: Tensor, value: Tensor, cu: Tensor, max_len: int,
+                           scaling: float | None) -> Tensor:
+    """Causal attention of a packed sequence in one `varlen_attn` call: query [1, H, N, D],
+    key/value [1, H_kv, N, D], cu [S+1] int32 -> [1, N, H, D]. The same `cu` tensor serves
+    queries and keys (cuDNN's causal varlen path requires it)."""
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # [N, H, D]
+    extra = dict(kernel.causal)
+    if scaling is not None and kernel.scale:
+        extra["scale"] = scaling
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1 and kernel.gqa:
+        extra["enable_gqa"] = True
+    elif n_rep > 1:
+        k, v = _repeat_kv(k, n_rep, 1), _repeat_kv(v, n_rep, 1)
+    return kernel.fn(q, k, v, cu, cu, max_len, max_len, **extra).unsqueeze(0)
+
+
+def per_document_sdpa(query: Tensor, key: Tensor, value: Tensor, bounds: list[int], dropout: float,
+                      scaling: float | None) -> Tensor:
+    """Causal SDPA one document at a time: query [1, H, N, D], key/value [1, H_kv, N, D] ->
+    [1, N, H, D]."""
+    n_rep = query.shape[1] // key.shape[1]
+    # grouped-query attention: SDPA's enable_gqa is slower on CPU than repeating
+    key, value = _repeat_kv(key, n_rep, 1), _repeat_kv(value, n_rep, 1)
+    outs = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, is_causal=True,
+                                           scale=scaling)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return out.transpose(1, 2).contiguous()
 
 
 def varlen_sdpa_attention(module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                           dropout: float = 0.0, scaling: float | None = None, **kwargs: Any) -> tuple[Tensor, None]:
-    """Exact attention of a packed sequence, one causal SDPA call per document.
+    """Exact attention of a packed sequence (`irtrain_varlen`), no attention across documents.
 
     query [1, H, N, D], key/value [1, H_kv, N, D]; `cu_seq_lens_q` [S+1] the document
-    boundaries. Returns [1, N, H, D] (transformers' attention-function contract). Without
-    boundaries (e.g. in `generate`) it is plain causal SDPA.
+    boundaries. Returns [1, N, H, D] (transformers' attention-function contract). On a GPU
+    one `varlen_attn` call where `varlen_kernel_for` says it applies, else (and on CPU) one
+    causal SDPA call per document. Without boundaries (e.g. in `generate`) it is plain
+    causal SDPA.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -47,17 +164,17 @@ def varlen_sdpa_attention(module: Any, query: Tensor, key: Tensor, value: Tensor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"{VARLEN} expects one packed sequence (batch 1), got batch {query.shape[0]}")
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:  # grouped-query attention: SDPA's enable_gqa is slower on CPU than repeating
-        key = key[:, :, None].expand(-1, -1, n_rep, -1, -1).flatten(1, 2)
-        value = value[:, :, None].expand(-1, -1, n_rep, -1, -1).flatten(1, 2)
     p = dropout if module.training else 0.0
-    bounds = cu.tolist()
-    outs = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, is_causal=True,
-                                           scale=scaling)
-            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    return out.transpose(1, 2).contiguous(), None
+    if query.device.type == "cuda":
+        kernel = torch_varlen()
+        choice = varlen_kernel_for("cuda", query.dtype, (query.shape[-1], value.shape[-1]), (query.shape[1], key.shape[1]), p,
+                                   scaling, kernel)
+        if kernel is not None and choice == TORCH_VARLEN:
+            PATHS["attention/" + TORCH_VARLEN] += 1
+            max_len = kwargs.get("max_length_q") or int((cu[1:] - cu[:-1]).max())
+            return torch_varlen_attention(kernel, query, key, value, cu, int(max_len), scaling), None
+    PATHS["attention/" + PER_DOCUMENT] += 1
+    return per_document_sdpa(query, key, value, cu.tolist(), p, scaling), None
 
 
 def _register() -> None:
@@ -70,9 +187,10 @@ _register()
 
 
 def default_attn_implementation(device: torch.device) -> str:
-    """flash_attention_2 on a GPU with flash-attn, sdpa on other GPUs, irtrain_varlen on CPU."""
-    if device.type == "cuda":
-        return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "sdpa"
+    """flash_attention_2 on a GPU with flash-attn, irtrain_varlen everywhere else (never
+    transformers' N^2 block-diagonal mask unless `--attn-implementation sdpa`)."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
     return VARLEN
 
 
