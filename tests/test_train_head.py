@@ -11,7 +11,7 @@ from irtrain.losses import ResponseStates, response_token_stats, state_token_sta
 from irtrain.shards import ShardSet
 from irtrain.train.batching import collate
 from irtrain.train.head import CHUNK_BYTES, CUDA_CHUNK_BYTES, chunk_rows_for, lm_head_stats
-from irtrain.train.packed import packed_forward, packed_token_stats
+from irtrain.train.packed import PATHS, packed_forward, packed_token_stats
 
 from test_train_common import prepare_task  # noqa: F401
 
@@ -306,3 +306,27 @@ def test_every_fused_model_type_equals_its_full_forward(model_type, packed_batch
     assert ga.keys() == gb.keys()
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fused_head_runs_as_the_head_modules_own_call(tiny_model_dir, packed_batch, capsys):
+    """The fused head runs inside the model's call of its head module: the module's hooks see
+    it (ZeRO-3 gathers a partitioned weight in them), once per forward, on the response
+    states only, and the module is itself again afterwards. A weight marked as ZeRO-3
+    partitioned (`ds_id`) takes the same path, with a one-line note, instead of the full logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    seen = []
+    model.lm_head.register_forward_pre_hook(lambda _m, args: seen.append(tuple(args[0].shape)))
+    before = PATHS.copy()
+    st = packed_token_stats(model, packed_batch)
+    n = st.logps.numel()
+    assert seen == [(1, n, model.config.hidden_size)]
+    assert "forward" not in model.lm_head.__dict__ and model.lm_head(torch.zeros(1, model.config.hidden_size)).shape[-1] == model.config.vocab_size
+    model.lm_head.weight.ds_id = 0
+    again = packed_token_stats(model, packed_batch)
+    torch.testing.assert_close(again.logps, st.logps, rtol=0, atol=0)
+    assert PATHS["head/fused"] - before["head/fused"] == 2 and PATHS["head/zero3"] - before["head/zero3"] == 1
+    assert PATHS["head/logits_to_keep"] == before["head/logits_to_keep"] and PATHS["head/full_logits"] == before["head/full_logits"]
+    if before["head/zero3"] == 0:
+        assert "ZeRO-3" in capsys.readouterr().err

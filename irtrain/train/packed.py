@@ -17,16 +17,18 @@ applies, `default_attn_implementation`):
 
 Training, the reference pass and score read the model through `packed_token_stats` /
 `packed_scores`: the LM head runs at the response states only (`irtrain.train.head`),
-never over the whole [N, V] row.
+inside the head module's own call (`_stats_head`), never over the whole [N, V] row.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
 import math
+import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,35 +216,31 @@ def packed_forward(model: Any, batch: Batch) -> Tensor:
 
 
 #: Model types whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)`
-#: (no logit soft-capping or scaling after the head), so the head can run outside it.
+#: (no logit soft-capping or scaling after the head), so the head's output can be replaced.
 FUSED_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2"})
 
 
-def _fusable_head(inner: Any) -> tuple[Any, Any] | None:
-    """(decoder, lm_head) when the head can be computed at the states by `lm_head_stats`."""
+def _fusable_head(inner: Any) -> Any | None:
+    """The LM head module (an `nn.Linear`) when it can be computed at the states by
+    `lm_head_stats`; a ZeRO-3 partitioned one too (`_stats_head` runs inside its own call)."""
     config = getattr(inner, "config", None)
     if getattr(config, "model_type", None) not in FUSED_HEAD_MODEL_TYPES:
         return None
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None
-    get_decoder, get_head = getattr(inner, "get_decoder", None), getattr(inner, "get_output_embeddings", None)
-    if get_decoder is None or get_head is None:
-        return None
-    decoder, head = get_decoder(), _active_head(get_head())
-    if not isinstance(head, torch.nn.Linear) or decoder is None or decoder is inner:
-        return None
-    if hasattr(head.weight, "ds_id"):  # a ZeRO-3 partitioned weight: only the module's own forward gathers it
-        return None
-    return decoder, head
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = None if get_head is None else _active_head(get_head())
+    return head if isinstance(head, torch.nn.Linear) else None
 
 
 def _active_head(head: Any) -> Any:
     """The LM head that runs: under peft's `--lora-modules-to-save lm_head` the head is a wrapper
     holding the original and a trained copy; the copy, unless adapters are disabled."""
     if hasattr(head, "original_module") and hasattr(head, "modules_to_save"):
-        if head.disable_adapters or not all(a in head.modules_to_save for a in head.active_adapters):
+        active = list(head.active_adapters)
+        if head.disable_adapters or not active or not all(a in head.modules_to_save for a in active):
             return head.original_module
-        return head.modules_to_save[head.active_adapters[0]]
+        return head.modules_to_save[active[0]]
     return head
 
 
@@ -254,21 +252,89 @@ def _accepts(inner: Any, name: str) -> bool:
         return False
 
 
+def _note_zero3_head(head: torch.nn.Linear) -> None:
+    """Once per process (rank 0): the head's weight is ZeRO-3 partitioned and the chunked head runs anyway."""
+    if not hasattr(head.weight, "ds_id"):
+        return
+    PATHS["head/zero3"] += 1
+    if PATHS["head/zero3"] == 1 and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        print("note: ZeRO-3: the LM head's partitioned weight is gathered by its own forward; the chunked head runs "
+              "at the response states", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _stats_head(head: torch.nn.Linear, targets: Tensor, *, tau: float, extras: bool) -> Iterator[list[int]]:
+    """While active, the head module computes `lm_head_stats` instead of logits: x [..., H]
+    (the model passes its hidden states at `logits_to_keep`) -> [..., k] float32, the columns
+    log p, V(s) and, with `extras`, entropy and correct (1.0/0.0). Yields a list that counts
+    the calls (exactly one is expected).
+
+    It runs as the module's own forward so that every hook of the module fires around it:
+    under DeepSpeed ZeRO-3 the partitioned weight is gathered before it and released after,
+    the module's output is hooked to gather it again before the backward, and its gradient
+    reaches the partitioned parameter as that of any `nn.Linear`. The stats are stacked into
+    one tensor because ZeRO-3 hooks the tensors of a module's output.
+    """
+    calls: list[int] = []
+
+    def forward(x: Tensor) -> Tensor:
+        calls.append(x.shape[-2] if x.dim() > 1 else 0)
+        out = lm_head_stats(x.reshape(-1, x.shape[-1]), head.weight, head.bias, targets, tau=tau, extras=extras)
+        cols = [out[0], out[1]] + ([out[3], out[2].to(out[0].dtype)] if extras else [])
+        return torch.stack(cols, dim=-1).reshape(*x.shape[:-1], len(cols))
+
+    saved = head.__dict__.get("forward")  # an instance forward already there (e.g. accelerate's hooks) comes back after
+    head.__dict__["forward"] = forward
+    try:
+        yield calls
+    finally:
+        if saved is None:
+            del head.__dict__["forward"]
+        else:
+            head.__dict__["forward"] = saved
+
+
+def _head_stats(model: Any, batch: Batch, positions: Tensor, targets: Tensor, *, tau: float, extras: bool,
+                keep_logits: bool) -> tuple[Tensor, ...] | Tensor:
+    """One forward of a packed batch, for the head at `positions` [P] only: the stats there
+    (logps, values[, correct, entropies]) from the fused head (`FUSED_HEAD_MODEL_TYPES`,
+    unless `keep_logits`), else the logits there [P, V]."""
+    if batch.input_ids.shape[0] != 1:
+        raise ValueError(f"a packed batch is one row, got {tuple(batch.input_ids.shape)}")
+    inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    head = None if keep_logits else _fusable_head(inner)
+    if head is None:
+        if _accepts(inner, "logits_to_keep"):
+            PATHS["head/logits_to_keep"] += 1
+            return _forward(model, batch, logits_to_keep=positions).logits[0]
+        PATHS["head/full_logits"] += 1
+        return _forward(model, batch).logits[0][positions]
+    _note_zero3_head(head)
+    with _stats_head(head, targets, tau=tau, extras=extras) as calls:
+        out = _forward(model, batch, logits_to_keep=positions).logits
+    cols = out.reshape(-1, out.shape[-1])  # [P, k]
+    if len(calls) != 1 or cols.shape[0] != positions.numel():
+        raise RuntimeError(f"the fused LM head ran {len(calls)} times on {calls} rows, expected once on {positions.numel()}")
+    PATHS["head/fused"] += 1
+    logps, values = cols[:, 0], cols[:, 1]
+    if not extras:
+        return logps, values
+    return logps, values, cols[:, 3] > 0.5, cols[:, 2].detach()
+
+
 def packed_token_stats(model: Any, batch: Batch, *, tau: float = 1.0, keep_logits: bool = False,
                        extras: bool = False) -> TokenStats:
     """`TokenStats` of a packed batch, with the LM head computed at the response states only.
 
-    For the model types in `FUSED_HEAD_MODEL_TYPES` (and unless `keep_logits`), the
-    decoder's last hidden states at the states go through `lm_head_stats` (chunked rows,
+    For the model types in `FUSED_HEAD_MODEL_TYPES` (and unless `keep_logits`), the head
+    module computes `lm_head_stats` at the states inside the model's forward (chunked rows,
     no [N, V] logits kept for the backward); otherwise transformers computes the logits at
     those positions only (`logits_to_keep`), or, for a model whose forward lacks it, everywhere.
     """
     states = response_states(batch.labels)
-    head_in = _head_inputs(model, batch, states.index, keep_logits=keep_logits)
-    if isinstance(head_in, Tensor):
-        return state_token_stats(head_in, states, tau=tau, keep_logits=keep_logits, extras=extras)
-    h, head = head_in
-    out = lm_head_stats(h, head.weight, head.bias, states.targets, tau=tau, extras=extras)
+    out = _head_stats(model, batch, states.index, states.targets, tau=tau, extras=extras, keep_logits=keep_logits)
+    if isinstance(out, Tensor):
+        return state_token_stats(out, states, tau=tau, keep_logits=keep_logits, extras=extras)
     return TokenStats(logps=out[0], values=out[1], is_last=states.is_last, index=states.index, targets=states.targets,
                       correct=out[2] if extras else None, entropies=out[3] if extras else None)
 
@@ -283,37 +349,13 @@ def packed_scores(model: Any, batch: Batch, value_positions: Tensor, *, tau: flo
     n = states.index.numel()
     value_positions = value_positions.to(device=states.index.device, dtype=torch.long)
     positions = torch.cat([states.index, value_positions])
-    head_in = _head_inputs(model, batch, positions, keep_logits=False)
-    if isinstance(head_in, Tensor):
-        stats = state_token_stats(head_in[:n], states)
-        z = head_in[n:].float()
+    targets = torch.cat([states.targets, torch.zeros_like(value_positions)])  # a value needs no target
+    out = _head_stats(model, batch, positions, targets, tau=tau, extras=False, keep_logits=False)
+    if isinstance(out, Tensor):
+        stats = state_token_stats(out[:n], states)
+        z = out[n:].float()
         values = torch.logsumexp(z, dim=-1) if tau == 1.0 else tau * torch.logsumexp(z / tau, dim=-1)
         return stats, values
-    h, head = head_in
-    targets = torch.cat([states.targets, torch.zeros_like(value_positions)])  # a value needs no target
-    logps, values = lm_head_stats(h, head.weight, head.bias, targets, tau=tau)
+    logps, values = out
     return TokenStats(logps=logps[:n], values=values[:n], is_last=states.is_last, index=states.index,
                       targets=states.targets), values[n:]
-
-
-def _head_inputs(model: Any, batch: Batch, positions: Tensor, *, keep_logits: bool) -> Tensor | tuple[Tensor, Any]:
-    """One forward of a packed batch, for the head at `positions` [P] only: the decoder's
-    last hidden states there [P, H] and the head module (`FUSED_HEAD_MODEL_TYPES`, unless
-    `keep_logits`), else the logits there [P, V]."""
-    if batch.input_ids.shape[0] != 1:
-        raise ValueError(f"a packed batch is one row, got {tuple(batch.input_ids.shape)}")
-    inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    fused = None if keep_logits else _fusable_head(inner)
-    if fused is None:
-        if _accepts(inner, "logits_to_keep"):
-            return _forward(model, batch, logits_to_keep=positions).logits[0]
-        return _forward(model, batch).logits[0][positions]
-    decoder, head = fused
-    captured: list[Tensor] = []
-    hook = decoder.register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
-    try:
-        # the model's own head runs on no position (logits_to_keep: an empty index)
-        _forward(model, batch, logits_to_keep=positions[:0])
-    finally:
-        hook.remove()
-    return captured[-1][0].index_select(0, positions), head
