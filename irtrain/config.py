@@ -110,7 +110,8 @@ class TrainConfig(_Validated):
     dtype: str = opt("auto", "Parameter dtype (auto: fp32 weights + bf16 autocast on GPU, bf16 under DeepSpeed on GPU, fp32 on CPU).",
                      choices=("auto", *DTYPES))
     attn_implementation: str | None = opt(
-        None, "Attention for packed batches (default: flash_attention_2 on GPU if installed, else sdpa; irtrain_varlen on CPU).")
+        None, "Attention for packed batches (default: flash_attention_2 on GPU if installed, else irtrain_varlen; "
+        "sdpa = transformers' N x N block-diagonal mask).")
     trust_remote_code: bool = opt(False, "Allow the model's custom code from the hub.")
     lr: float = opt(5e-6, "Peak learning rate.", check="positive")
     lr_schedule: str = opt("cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant"))
