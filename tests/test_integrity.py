@@ -277,3 +277,24 @@ def test_two_prepares_on_one_out(tiny_model_dir, tmp_path):
     a, b = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("shards", "solo"))
     assert a["content_hash"] == b["content_hash"]
     assert not list(tmp_path.glob(".shards.*"))
+
+
+def test_a_damaged_kto_cache_is_recomputed_with_a_warning(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from irtrain.cli.main import app
+
+    from test_dpo import write_unpaired
+
+    data = write_unpaired(AutoTokenizer.from_pretrained(str(tiny_model_dir)), tmp_path / "unpaired", n=16)
+    args = ["dpo", "--model", str(tiny_model_dir), "--loss", "kto", "--lr", "1e-3", "--global-batch", "4", "--micro-batch", "2",
+            "--max-steps", "2", "--no-tensorboard", str(data)]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    (cache,) = (data / "reference").glob("kto-mismatched-*.safetensors")
+    flip_byte(cache, at=cache.stat().st_size - 2)
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    assert "warning:" in r.output and cache.name in r.output
+    assert [m["loss"] for m in read_metrics(tmp_path / "a")] == [m["loss"] for m in read_metrics(tmp_path / "b")]
