@@ -65,6 +65,7 @@ from typing import Any
 import torch
 
 from irtrain.config import ScoreConfig, config_to_dict
+from irtrain.durable import sweep_temps
 from irtrain.errors import ConfigError, DataError
 from irtrain.models import check_tokenizer, load_tokenizer, resolve_device, resolve_dtype, resolve_model
 from irtrain.paths import OutLock
@@ -123,6 +124,7 @@ def run(cfg: ScoreConfig, *, console: Any = None) -> dict[str, Any]:
             out = out_dir(cfg.out)
             # score processes sharing an --out would overwrite each other's summary: one run at a time
             held.enter_context(OutLock(out, "score"))
+            sweep_temps(out, r"[^/]+\.parquet|summary\.json", regex=True)  # tables a killed score left half-written
             return str(out)
 
         out = Path(ranks.on_main(take_out))
