@@ -395,6 +395,8 @@ class Lab:
         acc = None
         try:
             if generate:
+                m.config.use_cache = True  # a training checkpoint saves use_cache=False: generation without
+                m.generation_config.use_cache = True  # the KV cache recomputes every prefix (2x-5x slower)
                 problems = self.q.task.heldout
                 texts = generate_responses(m, AutoTokenizer.from_pretrained(str(self.q.p["tokenizer"])), problems,
                                            max_new_tokens=self.plan.max_new_tokens,
