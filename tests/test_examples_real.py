@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,16 @@ def real_model() -> Path:
     return path
 
 
-def test_run_all_real_model_smoke(real_model, tmp_path):
-    out = tmp_path / "examples-out"
+@pytest.fixture
+def out(tmp_path):
+    """The examples' working directory, removed afterwards: the smoke run writes ~35
+    checkpoints of the 135M model (about 18 GB), too much to leave in pytest's kept tmp dirs."""
+    path = tmp_path / "examples-out"
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_run_all_real_model_smoke(real_model, out, tmp_path):
     cmd = [sys.executable, str(ROOT / "examples" / "run_all.py"), "--model", "real", "--smoke", "--out", str(out)]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=3 * 3600,
                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
