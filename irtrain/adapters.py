@@ -125,8 +125,6 @@ def lora_spec(cfg: Any, model_path: Path) -> LoraSpec | None:
             if given:
                 raise ConfigError(f"{flag} needs LoRA: give --lora-r > 0 (0 is a full fine-tune)")
         return None
-    if cfg.lora_r < 0:
-        raise ConfigError(f"--lora-r must be >= 0, got {cfg.lora_r}")
     _need_peft("--lora-r")
     quantization = check_quantization(cfg)
     if cfg.deepspeed and is_adapter_dir(model_path) and "3" in str(cfg.deepspeed):
@@ -139,8 +137,7 @@ def lora_spec(cfg: Any, model_path: Path) -> LoraSpec | None:
             raise ConfigError(f"--lora-target {t!r} names no module of {cfg.model}; its linear layers are: {', '.join(linear)}")
     for t in to_save:
         if not _matches(module_names, t):
-            tops = sorted({n.rsplit(".", 1)[-1] for n, m in meta.named_modules() if n and not list(m.children())} |
-                          {n.rsplit(".", 1)[-1] for n, _ in meta.named_children()})
+            tops = sorted({n.rsplit(".", 1)[-1] for n in module_names if n})
             raise ConfigError(f"--lora-modules-to-save {t!r} names no module of {cfg.model}; its modules include: {', '.join(tops)}")
     base_name = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else str(cfg.model)
     return LoraSpec(r=cfg.lora_r, alpha=float(cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r),

@@ -11,7 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_common import base_args, data_dir, heldout_dir, load_model, pref_dir, sft, task_shards  # noqa: F401 (fixtures)
+from test_train_common import (  # noqa: F401 (fixtures)
+    base_args,
+    cpu_dist_env,
+    data_dir,
+    heldout_dir,
+    load_model,
+    pref_dir,
+    sft,
+    task_shards,
+    torchrun_irtrain,
+)
 
 pytest.importorskip("peft")
 
@@ -323,19 +333,15 @@ def test_deepspeed_lora_matches_single_process(stage, tiny_model_dir, data_dir, 
     """2 CPU processes (gloo) under ZeRO-2/3 with LoRA: the loss trace and the adapter equal the
     single-process run; the DeepSpeed state holds no frozen base weights; a ZeRO run killed
     after step 2 resumes to the same adapter."""
-    import os
     import shutil
     import subprocess
-    import sys
 
     common = ["--model", str(tiny_model_dir), "--lr", "1e-3", "--global-batch", "8", "--micro-batch", "2", "--max-steps", "3",
               "--save-steps", "2", "--warmup-ratio", "0", "--no-tensorboard", "--no-kl-metrics", *LORA, str(data_dir)]
-    torchrun = shutil.which("torchrun")
-    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = cpu_dist_env()
 
     def launch(*extra):
-        proc = subprocess.run([*launcher, "--standalone", "--nproc_per_node", "2", "-m", "irtrain.cli.main", "sft",
+        proc = subprocess.run([*torchrun_irtrain(), "sft",
                                "--deepspeed", stage, "--out", str(tmp_path / "ds"), *common, *extra],
                               env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]

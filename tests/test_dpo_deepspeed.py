@@ -8,10 +8,7 @@ of gradients over ranks differs).
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +18,7 @@ from irtrain.cli.main import app
 from irtrain.train.metrics import read_metrics
 
 from test_dpo import write_pairs, write_unpaired
+from test_train_common import cpu_dist_env, torchrun_irtrain
 
 pytest.importorskip("deepspeed")
 
@@ -33,10 +31,8 @@ def tok(tiny_model_dir):
 
 
 def launch(args, out, tmp_path):
-    torchrun = shutil.which("torchrun")
-    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([*launcher, "--standalone", "--nproc_per_node", "2", "-m", "irtrain.cli.main", "dpo", *map(str, args),
+    env = cpu_dist_env()
+    proc = subprocess.run([*torchrun_irtrain(), "dpo", *map(str, args),
                            "--out", str(out), "--deepspeed", "zero2"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

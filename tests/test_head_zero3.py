@@ -10,10 +10,7 @@ note `_note_zero3_head` prints once) instead of falling back to full logits.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +21,7 @@ from typer.testing import CliRunner
 from irtrain.cli.main import app
 from irtrain.train.metrics import read_metrics
 
-from test_train_common import make_sft_shards, one_torch_thread  # noqa: F401
+from test_train_common import cpu_dist_env, make_sft_shards, one_torch_thread, torchrun_irtrain  # noqa: F401
 
 pytest.importorskip("deepspeed")
 
@@ -39,10 +36,8 @@ def test_zero3_fused_head_matches_single_process(tiny_model_dir, tmp_path):
     # and their gradients are on the loss, and the reference pass runs the head under ZeRO-3 too
     common = ["--model", str(tiny_model_dir), "--lr", "1e-3", "--global-batch", "8", "--micro-batch", "2", "--max-steps", "4",
               "--warmup-ratio", "0.25", "--loss", "js", "--value-grad", "--value-temperature", "0.7", "--no-tensorboard", str(data)]
-    torchrun = shutil.which("torchrun")
-    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([*launcher, "--standalone", "--nproc_per_node", "2", "-m", "irtrain.cli.main", "sft",
+    env = cpu_dist_env()
+    proc = subprocess.run([*torchrun_irtrain(), "sft",
                            "--deepspeed", "zero3", "--out", str(tmp_path / "ds"), *common],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -160,3 +160,22 @@ def heldout_dir(task_shards):
 @pytest.fixture(scope="module")
 def pref_dir(task_shards):
     return task_shards["heldout_pref"]
+
+
+# --------------------------------------------------------------------------- 2 CPU processes
+def torchrun_irtrain(nproc: int = 2) -> list[str]:
+    """`torchrun --standalone --nproc_per_node N -m irtrain.cli.main` (torch.distributed.run where
+    torchrun is not on PATH): the prefix of every multi-process test's command."""
+    import shutil
+    import sys
+
+    torchrun = shutil.which("torchrun")
+    return [*([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]), "--standalone", "--nproc_per_node",
+            str(nproc), "-m", "irtrain.cli.main"]
+
+
+def cpu_dist_env() -> dict[str, str]:
+    """The environment of a DeepSpeed run on CPU processes: gloo, one torch thread each."""
+    import os
+
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")

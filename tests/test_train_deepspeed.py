@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from typer.testing import CliRunner
 from irtrain.cli.main import app
 from irtrain.train.metrics import read_metrics
 
-from test_train_common import make_sft_shards, one_torch_thread  # noqa: F401
+from test_train_common import cpu_dist_env, make_sft_shards, one_torch_thread, torchrun_irtrain  # noqa: F401
 
 pytest.importorskip("deepspeed")
 
@@ -37,10 +36,8 @@ def test_zero2_two_cpu_processes_match_single_process(tiny_model_dir, tmp_path):
     data = make_sft_shards(AutoTokenizer.from_pretrained(str(tiny_model_dir)), tmp_path / "data", n=64, max_len=128)
     common = ["--model", str(tiny_model_dir), "--lr", "1e-3", "--global-batch", "8", "--micro-batch", "2", "--max-steps", "4",
               "--warmup-ratio", "0.25", "--no-tensorboard", str(data)]
-    torchrun = shutil.which("torchrun")
-    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([*launcher, "--standalone", "--nproc_per_node", "2", "-m", "irtrain.cli.main", "sft",
+    env = cpu_dist_env()
+    proc = subprocess.run([*torchrun_irtrain(), "sft",
                            "--deepspeed", "zero2", "--out", str(tmp_path / "ds"), *common],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -73,10 +70,8 @@ def test_weight_decay_is_applied_under_every_zero_stage(stage, tiny_model_dir, t
     # and the 1-D parameters (never decayed) come out exactly as without decay
     common = ["--model", str(tiny_model_dir), "--lr", "1e-2", "--weight-decay", "1.0", "--global-batch", "4", "--micro-batch", "2",
               "--max-steps", "1", "--warmup-ratio", "0", "--lr-schedule", "constant", "--no-kl-metrics", "--no-tensorboard", str(data)]
-    torchrun = shutil.which("torchrun")
-    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([*launcher, "--standalone", "--nproc_per_node", "2", "-m", "irtrain.cli.main", "sft",
+    env = cpu_dist_env()
+    proc = subprocess.run([*torchrun_irtrain(), "sft",
                            "--deepspeed", stage, "--out", str(tmp_path / "ds"), *common],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -100,14 +95,8 @@ def _launch(launcher: str, out, data, model, *extra, steps: int = 400) -> list[s
     common = ["sft", "--deepspeed", "zero2", "--out", str(out), "--model", str(model), "--lr", "1e-4", "--global-batch", "8",
               "--micro-batch", "2", "--max-steps", str(steps), "--no-tensorboard", "--no-kl-metrics", *extra, str(data)]
     if launcher == "torchrun":
-        torchrun = shutil.which("torchrun")
-        return [*([torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]), "--standalone", "--nproc_per_node", "2",
-                "-m", "irtrain.cli.main", *common]
+        return [*torchrun_irtrain(), *common]
     return [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--no_local_rank", "--module", "irtrain.cli.main", *common]
-
-
-def _env():
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
 @pytest.mark.slow
@@ -124,7 +113,7 @@ def test_a_signal_under_a_launcher_checkpoints_on_all_ranks(launcher, target, ti
 
     data = make_sft_shards(AutoTokenizer.from_pretrained(str(tiny_model_dir)), tmp_path / "data", n=64, max_len=128)
     out = tmp_path / "run"
-    proc = subprocess.Popen(_launch(launcher, out, data, tiny_model_dir), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(_launch(launcher, out, data, tiny_model_dir), env=cpu_dist_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     metrics = out / "metrics.jsonl"
     import time
@@ -164,7 +153,7 @@ def test_zero3_runs_exit_cleanly(tiny_model_dir, tmp_path):
     for i in range(4):
         cmd = _launch("torchrun", tmp_path / f"run{i}", data, tiny_model_dir, steps=1)
         cmd[cmd.index("zero2")] = "zero3"
-        proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(cmd, env=cpu_dist_env(), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "terminate called" not in proc.stderr
 
@@ -181,7 +170,7 @@ def test_resume_on_another_world_size_says_what_to_do(tiny_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     before = sorted(p.name for p in (tmp_path / "single").iterdir())
     cmd = _launch("torchrun", tmp_path / "single", data, tiny_model_dir, "--resume", steps=2)
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=cpu_dist_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "was written by a single process without DeepSpeed, this run is 2 DeepSpeed process(es)" in proc.stderr
     assert "--model" in proc.stderr

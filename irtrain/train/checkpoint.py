@@ -124,17 +124,18 @@ def write_checkpoint(out: Path, state: TrainState, *, model: Any, tokenizer: Any
 def save_checkpoint(out: Path, state: TrainState, **kwargs: Any) -> Path:
     """`write_checkpoint`, with a write that fails (a full disk, no permission) as a one-line
     error naming the checkpoint; its temporary directory is removed, earlier checkpoints stay."""
+    final = checkpoint_dir(out, state.step)
     try:
         return write_checkpoint(out, state, **kwargs)
     except OSError as e:
-        shutil.rmtree(out / f".{checkpoint_dir(out, state.step).name}.tmp", ignore_errors=True)
-        raise io_error(e, checkpoint_dir(out, state.step), "write checkpoint") from None
+        shutil.rmtree(out / f".{final.name}.tmp", ignore_errors=True)
+        raise io_error(e, final, "write checkpoint") from None
     except RuntimeError as e:  # torch.save reports a failed write as RuntimeError ("unexpected pos ...")
         if "writ" not in str(e) and "unexpected pos" not in str(e):
             raise
-        shutil.rmtree(out / f".{checkpoint_dir(out, state.step).name}.tmp", ignore_errors=True)
+        shutil.rmtree(out / f".{final.name}.tmp", ignore_errors=True)
         free = shutil.disk_usage(out).free if out.exists() else 0
-        raise IrtrainIOError(f"cannot write checkpoint {checkpoint_dir(out, state.step)}: the write failed "
+        raise IrtrainIOError(f"cannot write checkpoint {final}: the write failed "
                              f"({str(e).splitlines()[0][:120]}); {free / 2**20:.0f} MiB free on that disk") from None
 
 

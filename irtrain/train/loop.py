@@ -375,7 +375,7 @@ def find_resume(out: Path, cfg: TrainConfig, world_size: int = 1) -> Path | None
     changed = [k for k in _RESUME_FIXED if k in saved and saved[k] != now[k]]
     if changed:
         raise ConfigError(f"--resume: {ckpt} was made with a different {', '.join(changed)}; these must match to resume exactly")
-    saved_world, saved_ds = payload.get("world_size") or 1, (payload.get("config") or {}).get("deepspeed")
+    saved_world, saved_ds = payload.get("world_size") or 1, saved.get("deepspeed")
     if (saved_world, bool(saved_ds)) != (world_size, bool(cfg.deepspeed)):
         was = f"{saved_world} DeepSpeed process(es)" if saved_ds else "a single process without DeepSpeed"
         this = f"{world_size} DeepSpeed process(es)" if cfg.deepspeed else "a single process without DeepSpeed"
