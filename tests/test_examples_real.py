@@ -52,7 +52,11 @@ def test_run_all_real_model_smoke(real_model, out, tmp_path):
     head = summary.splitlines()[:3]
     assert head[0].startswith("Model: real = SmolLM2-135M-Instruct") and str(real_model) in head[0], head
     assert re.match(r"Scale 0\.005 \(8 held-out problems, 2 SFT steps, 2 DPO steps per run\)", head[2]), head
-    rows = [line.split(" | ") for line in summary.splitlines() if re.match(r"\| \d \| ", line)]
+    # the summary table: from its header to the first blank line (the details below have tables of their own)
+    lines = summary.splitlines()
+    start = lines.index("| # | claim | paper | measured | verdict |") + 2
+    table = lines[start:lines.index("", start)]
+    rows = [line.split(" | ") for line in table]
     assert [int(row[0].strip("| ")) for row in rows] == [1, 2, 3, 4, 5, 6]
     for row in rows:
         claim, paper, measured, verdict = row[1:5]
