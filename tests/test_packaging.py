@@ -84,3 +84,29 @@ def test_an_installed_package_is_not_checked(tmp_path):
     pkg = tmp_path / "irtrain"
     pkg.mkdir()
     assert _extension_problem(pkg) is None
+
+
+def _documented_outputs() -> set[str]:
+    """Relative output paths of the commands the README and examples/ run (`--out PATH`,
+    `out = "PATH"`), the quickstart's default and examples/run_all.py's."""
+    import re
+
+    from irtrain.config import QuickstartConfig
+
+    texts = [(ROOT / "README.md").read_text(encoding="utf-8")]
+    texts += [p.read_text(encoding="utf-8") for p in sorted((ROOT / "examples").glob("*.toml"))]
+    found = {m for t in texts for m in re.findall(r"--out[ =]([\w./-]+)", t) + re.findall(r'^out = "([^"]+)"', t, re.M)}
+    found |= {QuickstartConfig.out, "examples-out", "examples-out-real"}
+    return {p for p in found if not p.startswith(("/", "$", "~", "DIR", "OUT"))}
+
+
+def test_default_outputs_are_gitignored():
+    """Running the README's commands in the clone leaves `git status` clean."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    outputs = sorted(_documented_outputs())
+    assert {"irtrain-quickstart", "runs/sft", "tiny/sft", "shards/sft", "scores"} <= set(outputs)
+    for path in outputs:
+        probe = path.rstrip("/") + "/checkpoint-0000001/model.safetensors"
+        done = subprocess.run(["git", "check-ignore", "-q", probe], cwd=ROOT, capture_output=True)
+        assert done.returncode == 0, f"{path} is not in .gitignore"
