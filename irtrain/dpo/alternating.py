@@ -117,8 +117,8 @@ def check_alternating(cfg: DPOConfig) -> tuple[list[ShardSet], ShardSet]:
     if cfg.ref_model:
         raise ConfigError("--alternate-with: each stage's reference is its starting model; --ref-model does not apply")
     if cfg.weights:
-        raise ConfigError("--alternate-with splits its data into --rounds parts; --weights does not apply (mix the sources "
-                          "with `irtrain prepare` of several inputs instead)")
+        raise ConfigError("--alternate-with splits its data into --rounds parts of the concatenated directories; --weights "
+                          "does not apply")
     if cfg.rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {cfg.rounds}")
     if cfg.sft_lr is not None and not cfg.sft_lr > 0:
