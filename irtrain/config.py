@@ -75,8 +75,9 @@ class _Validated:
             check = f.metadata.get("check")
             if check and value is not None:
                 ok, says = CHECKS[check]
-                if not ok(value):
-                    raise ConfigError(f"--{f.name.replace('_', '-')} must be {says}, got {value!r}")
+                for v in value if isinstance(value, list) else [value]:  # a list: each item
+                    if not ok(v):
+                        raise ConfigError(f"--{f.name.replace('_', '-')} must be {says}, got {v!r}")
 
 
 # --------------------------------------------------------------------------- prepare
@@ -131,6 +132,11 @@ class TrainConfig(_Validated):
     max_steps: int = opt(0, "Optimizer steps to run (0 = from --epochs).", check="nonnegative")
     global_batch: int = opt(128, "Sequences (packed rows) per optimizer step, over all ranks and micro-batches.", check="at_least_1")
     global_batch_tokens: int = opt(0, "If > 0: tokens per optimizer step instead of --global-batch sequences.", check="nonnegative")
+    global_batch_docs: int = opt(0, "If > 0: documents (conversations, preference pairs) per optimizer step instead of --global-batch "
+                                 "sequences, whatever the packing.", check="nonnegative")
+    weights: list[float] = opt([], "Mixture weights, one per data directory (e.g. 0.7,0.3): every step draws packed rows from the "
+                               "sources in these proportions, each with its own epochs (default: the directories concatenated).",
+                               check="positive")
     micro_batch: int = opt(1, "Packed rows per micro-batch per rank (forward/backward at once, padding-free).", check="at_least_1",
                            aliases=("per_device_train_batch_size", "micro_batch_size"))
     micro_batch_tokens: int = opt(0, "If > 0: at most this many tokens per micro-batch per rank, instead of --micro-batch rows.", check="nonnegative")
@@ -267,7 +273,10 @@ def _coerce(name: str, tp: Any, value: Any, where: str) -> Any:
         if typing.get_origin(base) is list:
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v]
-            return [str(v) for v in value]
+            elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                value = [p for v in value for p in v.split(",") if p]  # --flag a,b --flag c
+            item = (typing.get_args(base) or (str,))[0]
+            return [float(v) if item is float else str(v) for v in value]
         if base is bool:
             if isinstance(value, str):
                 low = value.lower()

@@ -26,7 +26,7 @@ from irtrain.evaluation import held_out_metrics, segment_logps_of
 from irtrain.models import check_tokenizer, load_tokenizer, model_hash, resolve_model
 from irtrain.paths import OutLock, check_out_dir
 from irtrain.shards import IGNORE_INDEX, ShardSet, open_shards
-from irtrain.train.batching import Batch, PackedData, plan_run, split_micro
+from irtrain.train.batching import Batch, DataUse, PackedData, plan_run, split_micro
 from irtrain.train.checkpoint import (
     StopSignal,
     TrainState,
@@ -60,8 +60,8 @@ class TrainResult:
 
 # Fields that must not change when a run is resumed (they define the data order and the model).
 # (--max-steps / --epochs may change: the plan's prefix is the same, the lr schedule follows the new length.)
-_RESUME_FIXED = ("model", "data", "seed", "global_batch", "global_batch_tokens", "lora_r", "lora_target", "lora_modules_to_save",
-                 "use_dora")
+_RESUME_FIXED = ("model", "data", "weights", "seed", "global_batch", "global_batch_tokens", "global_batch_docs", "lora_r",
+                 "lora_target", "lora_modules_to_save", "use_dora")
 
 
 def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
@@ -89,6 +89,7 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
         model.train()
         log = MetricsLog(out, enabled=strategy.is_main, resume_step=state.step if run.resume_from else None, tensorboard=cfg.tensorboard)
         progress = Progress(total, state.step, enabled=strategy.is_main, description=objective.name)
+        used = DataUse(cfg, data, plan, state.step)
         last_ckpt, metrics = run.resume_from, {}
 
         def evaluate() -> dict[str, float]:
@@ -130,6 +131,7 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
 
                     # log; stop on too many non-finite steps in a row; evaluate
                     metrics = step_metrics(state, done, lr=lr, grad_norm=grad_norm, applied=applied, dt=dt, rows=len(data))
+                    metrics.update(used.step_metrics(step))
                     if state.bad_in_row >= cfg.max_bad_steps:
                         log.log(state.step, metrics)
                         kept = latest_checkpoint(out)
@@ -280,7 +282,7 @@ def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> Run
             raise ShardError(f"--eval-pairs {cfg.eval_pairs}: needs `preference` shards, got `{eval_set.format}`")
         check_tokenizer(model_path, tokenizer, [eval_set])
     data = PackedData(sets)
-    plan = plan_run(cfg, data.lengths)
+    plan = plan_run(cfg, data)
     save_at = parse_save_at(cfg.save_at, len(plan))
     resume_from = find_resume(out, cfg, strategy.world_size) if cfg.resume else None
     if not cfg.resume and list_checkpoints(out):
