@@ -120,7 +120,7 @@ def test_report_claims_only_what_its_numbers_support(quickstart):
     assert "NOT above" not in md
     assert re.search(r"\| untrained \| \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\] \|", md)
     if _scipy_verdict(*comparisons["After DPO the task accuracy of dpo"])[0] != "above":
-        assert "What DPO did instead:" in md  # the explanation, in the run's own numbers
+        assert "Why DPO " in md and "log π(chosen) went from" in md  # the explanation, in the run's own numbers
     # the step-0 tie is excluded from the curves and said so
     assert "Step 0 is left out" in md
     curve = re.search(r"During SFT \(`eval/pref_accuracy`.*?: (.*?)\.\n", md)

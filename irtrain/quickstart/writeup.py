@@ -125,19 +125,35 @@ def _compare(what: str, a_name: str, a: dict[str, Any], b_name: str, b: dict[str
 
 
 def _dpo_task_explanation(q: Quickstart, c: dict[str, Any]) -> str:
-    """Why the DPO stage did not raise task accuracy, in this run's own numbers."""
+    """Why the DPO stage did not raise task accuracy, in this run's own numbers (dpo/metrics.jsonl
+    and the evaluation)."""
     ev, pl = q.results["eval"], q.plan
     sft_task, vs = ev["sft"]["task"], ev["dpo"]["pref"]["vs_sft"]
-    wrong = len(sft_task["correct"]) - sum(sft_task["correct"])
-    x, y = R.series(R.read_metrics(q.p["dpo"]), "loss")
-    loss = f"its training loss went from {y[0]:.3f} to {y[-1]:.3f} over {len(y)} steps, and " if y else ""
-    return (f"What DPO did instead: it optimizes the implicit-reward margin on preference pairs whose rejected answer "
-            f"carries a planted error, not the greedy answer. In this run {loss}its implicit reward against the SFT model "
-            f"ranks {vs['accuracy']:.3f} of the held-out pairs correctly (0 at step 0, where it is the SFT model), while "
-            f"on the task the SFT model solved {len(sft_task['correct']) - wrong} of {len(sft_task['correct'])} "
-            f"problems: of its {wrong} failures DPO fixed {c['b_only']}, and it broke {c['a_only']} it had solved "
-            f"(β {pl.dpo_beta:g}, lr {pl.dpo_lr:g}, {pl.dpo_steps} steps). The preference DPO learns (measured below) and the "
-            "greedy task answer are different quantities; in this run the second did not move measurably.")
+    n, solved = len(sft_task["correct"]), sum(sft_task["correct"])
+    rows = R.read_metrics(q.p["dpo"])
+    _, loss = R.series(rows, "loss")
+    evals = [m for m in rows if "eval/logps/chosen" in m]
+    moved = {"below": "lowered it", "not distinguishable from": "did not move it measurably"}[c["verdict"]]
+    L = [f"Why DPO {moved}: DPO optimizes the implicit-reward margin β·(log π/π_ref(chosen) − log π/π_ref(rejected)) on "
+         "pairs whose rejected answer carries a planted error; greedy decoding is not in its objective."]
+    if loss:
+        L.append(f"Its training loss went from {loss[0]:.3f} to {loss[-1]:.3f} over {len(loss)} steps, and its implicit reward "
+                 f"against the SFT model ranks {vs['accuracy']:.3f} of the held-out pairs correctly.")
+    if len(evals) >= 2:
+        a, z = evals[0], evals[-1]
+        L.append(f"On the held-out pairs, from step {a['step']} to step {z['step']}, log π(chosen) went from "
+                 f"{a['eval/logps/chosen']:.3f} to {z['eval/logps/chosen']:.3f} and log π(rejected) from "
+                 f"{a['eval/logps/rejected']:.3f} to {z['eval/logps/rejected']:.3f} (`eval/logps/*` in dpo/metrics.jsonl): "
+                 + ("the margin grew by pushing the rejected answers down while the chosen ones also became less likely."
+                    if z["eval/logps/chosen"] < a["eval/logps/chosen"] else
+                    "the margin grew with the chosen answers more likely."))
+    last = rows[-1] if rows else {}
+    if "kl/k2" in last:
+        L.append(f"At the end the policy's KL from the SFT model on the training responses is {last['kl/k2']:.3f} per token "
+                 "(k2 estimate, FORMULAS.md).")
+    L.append(f"On the task the SFT model solved {solved} of {n} problems; of its {n - solved} failures DPO fixed {c['b_only']}, "
+             f"and it broke {c['a_only']} it had solved (β {pl.dpo_beta:g}, lr {pl.dpo_lr:g}, {pl.dpo_steps} steps).")
+    return " ".join(L)
 
 
 def _fmt(v: Any) -> str:
