@@ -44,6 +44,7 @@ from irtrain.train.objective import Objective, TrainContext
 from irtrain.train.reference import ReferenceLogps, References, eval_token_budget
 from irtrain.train.schedule import lr_at, warmup_steps
 from irtrain.train.strategy import Strategy, make_strategy
+from irtrain.train.trackers import RunInfo, Trackers, resolve_report_to
 
 
 class Interrupted(TrainingError):
@@ -87,7 +88,10 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
         eval_ref = refs.logps(run.eval_set) if run.eval_set is not None else None
         refs.release()
         model.train()
-        log = MetricsLog(out, enabled=strategy.is_main, resume_step=state.step if run.resume_from else None, tensorboard=cfg.tensorboard)
+        resume_step = state.step if run.resume_from else None
+        trackers = Trackers(run.trackers, RunInfo(out=out, project=cfg.project, name=cfg.run_name or out.resolve().name,
+                                                  config=config_to_dict(cfg), resume_step=resume_step)) if strategy.is_main else None
+        log = MetricsLog(out, enabled=strategy.is_main, resume_step=resume_step, trackers=trackers)
         progress = Progress(total, state.step, enabled=strategy.is_main, description=objective.name)
         last_ckpt, metrics = run.resume_from, {}
 
@@ -108,6 +112,7 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
         if state.step == 0 and run.eval_set is not None:
             log.log(0, evaluate())
         t_start = time.perf_counter() - state.elapsed
+        status = "FAILED"  # how the trackers close
         try:
             with stop:
                 for step in range(state.step, total):
@@ -151,11 +156,13 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
                     if stop_now and state.step < total:
                         if not saved:  # a save step's checkpoint is this step's: not written twice
                             last_ckpt = checkpoint(keep=True)
+                        status = "KILLED"
                         raise Interrupted(f"interrupted by signal at step {state.step}/{total}; checkpoint written to {last_ckpt}; "
                                           "rerun with --resume to continue")
+            status = "FINISHED"
         finally:
             progress.close()
-            log.close()
+            log.close(status)
         finish(cfg, strategy, run, last_ckpt)
     finally:
         stop.__exit__()
@@ -259,12 +266,14 @@ class RunPlan:
     eval_set: ShardSet | None
     lora: LoraSpec | None            # None: a full fine-tune
     base_identity: dict[str, str] | None  # LoRA: the base the adapter trains on (saved with it)
+    trackers: list[str]              # --report-to, resolved (installed: checked)
 
 
 def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> RunPlan:
     """Everything that can be checked before anything is written: --out, the model and its
     tokenizer, the data (the objective's checks too), the plan, --save-at, --resume."""
     out = check_out_dir(Path(cfg.out)) if strategy.is_main else Path(cfg.out)
+    trackers = resolve_report_to(cfg, note=strategy.is_main)
     model_path = resolve_model(cfg.model)
     lora = lora_spec(cfg, model_path)
     tokenizer = load_tokenizer(model_path)
@@ -288,7 +297,7 @@ def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> Run
     base_identity = {"base_model": lora.base_name, "model_hash": model_hash(model_path)} if lora and strategy.is_main else None
     return RunPlan(out=out, model_path=model_path, tokenizer=tokenizer, tok_hash=tok_hash, data=data, plan=plan,
                    save_at=save_at, resume_from=resume_from, warmup=warmup_steps(len(plan), cfg.warmup_ratio), eval_set=eval_set,
-                   lora=lora, base_identity=base_identity)
+                   lora=lora, base_identity=base_identity, trackers=trackers)
 
 
 def write_config(cfg: TrainConfig, out: Path, strategy: Strategy) -> None:
