@@ -160,6 +160,27 @@ def test_trackio(run):
     assert stored["config"]["lr"] == 1e-3
 
 
+def test_dpo_rewards_names(tiny_model_dir, pref_dir, tmp_path):
+    """A dpo run's rewards/* reach TensorBoard as TRL's train/rewards/* (same values)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from typer.testing import CliRunner
+
+    from irtrain.cli.main import app
+
+    out = tmp_path / "dpo"
+    r = CliRunner().invoke(app, ["dpo", "--model", str(tiny_model_dir), "--out", str(out), "--global-batch", "8", "--micro-batch", "4",
+                                 "--max-steps", "2", "--no-kl-metrics", "--report-to", "tensorboard", "--reference-dir",
+                                 str(tmp_path / "refs"), str(pref_dir)])
+    assert r.exit_code == 0, r.output
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    rows = read_metrics(out)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "loss"):
+        want = series(rows, key)
+        assert len(want) == 2, key
+        assert [(e.step, e.value) for e in acc.Scalars("train/" + key)] == [(s, pytest.approx(v, rel=1e-6)) for s, v in want]
+
+
 # --------------------------------------------------------------------------- names
 def test_names_are_trls():
     """Each renamed metric is a key TRL 1.16's SFTTrainer / DPOTrainer logs, and the tracker
@@ -169,7 +190,7 @@ def test_names_are_trls():
     from transformers.integrations.integration_utils import rewrite_logs
 
     trl_source = Path(sft.__file__).read_text() + Path(dpo.__file__).read_text()
-    for ours, theirs in TRACKER_NAMES.items():
+    for theirs in TRACKER_NAMES.values():
         prefix, key = theirs.split("/", 1)
         if prefix == "eval":
             assert rewrite_logs({"eval_" + key: 0}) == {theirs: 0}
@@ -182,7 +203,7 @@ def test_names_are_trls():
 
 
 def test_readme_table_is_the_code():
-    """README "Metric names" lists TRACKER_NAMES, one row each, in the code's order."""
+    """The README table under "Trackers: `--report-to`" lists TRACKER_NAMES, one row each, in the code's order."""
     text = README.read_text(encoding="utf-8")
     section = text[text.index("metrics.jsonl | trackers (TRL)"):]
     rows = re.findall(r"^\| `([^`]+)` \| `([^`]+)` \|", section.split("\n\n", 1)[0], flags=re.M)
