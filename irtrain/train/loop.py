@@ -88,10 +88,7 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
         eval_ref = refs.logps(run.eval_set) if run.eval_set is not None else None
         refs.release()
         model.train()
-        resume_step = state.step if run.resume_from else None
-        trackers = Trackers(run.trackers, RunInfo(out=out, project=cfg.project, name=cfg.run_name or out.resolve().name,
-                                                  config=config_to_dict(cfg), resume_step=resume_step)) if strategy.is_main else None
-        log = MetricsLog(out, enabled=strategy.is_main, resume_step=resume_step, trackers=trackers)
+        log = open_log(cfg, strategy, run, state)
         progress = Progress(total, state.step, enabled=strategy.is_main, description=objective.name)
         last_ckpt, metrics = run.resume_from, {}
 
@@ -112,7 +109,6 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
         if state.step == 0 and run.eval_set is not None:
             log.log(0, evaluate())
         t_start = time.perf_counter() - state.elapsed
-        status = "FAILED"  # how the trackers close
         try:
             with stop:
                 for step in range(state.step, total):
@@ -156,13 +152,12 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
                     if stop_now and state.step < total:
                         if not saved:  # a save step's checkpoint is this step's: not written twice
                             last_ckpt = checkpoint(keep=True)
-                        status = "KILLED"
                         raise Interrupted(f"interrupted by signal at step {state.step}/{total}; checkpoint written to {last_ckpt}; "
                                           "rerun with --resume to continue")
-            status = "FINISHED"
         finally:
             progress.close()
-            log.close(status)
+            # how the run ended, for the trackers (in a finally block, exc_info is the exception on its way out)
+            log.close("FINISHED" if sys.exc_info()[0] is None else "KILLED" if stop.requested else "FAILED")
         finish(cfg, strategy, run, last_ckpt)
     finally:
         stop.__exit__()
@@ -335,6 +330,14 @@ def build_model(cfg: TrainConfig, strategy: Strategy, run: RunPlan) -> Any:
     if strategy.is_main:
         print(strategy_estimate(model, strategy, run.lora.describe() if run.lora else "full fine-tune").line(), file=sys.stderr)
     return model
+
+
+def open_log(cfg: TrainConfig, strategy: Strategy, run: RunPlan, state: TrainState) -> MetricsLog:
+    """metrics.jsonl and the --report-to trackers (main rank; on --resume, from the checkpoint's step)."""
+    resume_step = state.step if run.resume_from else None
+    trackers = Trackers(run.trackers, RunInfo(out=run.out, project=cfg.project, name=cfg.run_name or run.out.resolve().name,
+                                              config=config_to_dict(cfg), resume_step=resume_step)) if strategy.is_main else None
+    return MetricsLog(run.out, enabled=strategy.is_main, resume_step=resume_step, trackers=trackers)
 
 
 def restore(resume_from: Path | None, strategy: Strategy, objective: Objective) -> TrainState:
