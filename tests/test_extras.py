@@ -52,3 +52,11 @@ def test_tracker_missing(without, tiny_model_dir, data_dir, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == ["error: --report-to mlflow needs mlflow, which is not installed: pip install mlflow"]
     assert not out.exists()
+
+
+def test_peft_missing(without, tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    r = irtrain("sft", "--model", tiny_model_dir, "--out", out, "--lora-r", "8", "--max-steps", "1", data_dir, env=without("peft"))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == ["error: --lora-r needs peft, which is not installed: pip install peft"]
+    assert not out.exists()

@@ -181,6 +181,25 @@ def test_dpo_rewards_names(tiny_model_dir, pref_dir, tmp_path):
         assert [(e.step, e.value) for e in acc.Scalars("train/" + key)] == [(s, pytest.approx(v, rel=1e-6)) for s, v in want]
 
 
+def test_tensorboard_resume_purges_the_steps_after_the_checkpoint(tmp_path):
+    """A resumed run rewrites steps 3.. in TensorBoard; the reader shows one curve, not two."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from irtrain.train.trackers import RunInfo, Trackers
+
+    def run(resume_step, steps, loss):
+        t = Trackers(["tensorboard"], RunInfo(out=tmp_path, project="p", name="n", config={"lr": 1.0}, resume_step=resume_step))
+        for s in steps:
+            t.log(s, {"loss": loss + s})
+        t.close()
+
+    run(None, [1, 2, 3, 4], 0.0)
+    run(2, [3, 4, 5], 10.0)  # resumed from the checkpoint of step 2
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0), (5, 15.0)]
+
+
 # --------------------------------------------------------------------------- names
 def test_names_are_trls():
     """Each renamed metric is a key TRL 1.16's SFTTrainer / DPOTrainer logs, and the tracker
