@@ -93,8 +93,10 @@ def command_from_config(cls: type, run: Callable[[Any], Any]) -> Callable[..., N
 def fail(message: str) -> None:
     """Print a one-line error (no traceback) and exit non-zero."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
+    # escaped: a message may hold brackets (pip install 'irtrain[deepspeed]') that Rich would read as markup
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", markup=True)
     raise typer.Exit(1)
 
 

@@ -27,6 +27,7 @@ from irtrain.errors import ConfigError
 from irtrain.losses import KL_ESTIMATORS, PREFERENCE_LOSSES, SFT_LOSSES
 from irtrain.models import DTYPES
 from irtrain.shards import FORMATS
+from irtrain.train.trackers import REPORT_TO
 
 #: the range checks a field may declare (`opt(..., check=NAME)`): test, and what it says
 CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
@@ -68,10 +69,12 @@ class _Validated:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise ConfigError(
-                    f"{f.name} = {value!r} is not one of: {', '.join(choices)}"
-                )
+            items = [p.strip() for v in value for p in str(v).split(",") if p.strip()] if isinstance(value, list) else [value]
+            for item in items:  # a list field: each of its (comma-separated) items
+                if choices and item is not None and item not in choices:
+                    raise ConfigError(
+                        f"{f.name} = {item!r} is not one of: {', '.join(choices)}"
+                    )
             check = f.metadata.get("check")
             if check and value is not None:
                 ok, says = CHECKS[check]
@@ -168,7 +171,11 @@ class TrainConfig(_Validated):
     merge_at_end: bool = opt(False, "With LoRA: also write the merged full model to OUT/merged/ at the end.")
     deepspeed: str | None = opt(None, "Run under DeepSpeed: zero1 | zero2 | zero3 | path to a DeepSpeed JSON config.")
     device: str = opt("auto", "Device for single-process runs (auto, cpu, cuda).")
-    tensorboard: bool = opt(True, "Also log to TensorBoard when it is installed.")
+    tensorboard: bool = opt(True, "With --report-to left unset: log to TensorBoard when it is installed (--no-tensorboard: no tracker).")
+    report_to: list[str] = opt([], "Trackers, comma-separated or repeated, with TRL's metric names (default: tensorboard when installed).",
+                               choices=REPORT_TO)
+    project: str = opt("irtrain", "Project on the trackers: the Trackio project, W&B project, MLflow experiment.")
+    run_name: str | None = opt(None, "Run name on the trackers (default: the --out directory's name).")
 
 
 @dataclass

@@ -44,6 +44,7 @@ from irtrain.train.objective import Objective, TrainContext
 from irtrain.train.reference import ReferenceLogps, References, eval_token_budget
 from irtrain.train.schedule import lr_at, warmup_steps
 from irtrain.train.strategy import Strategy, make_strategy
+from irtrain.train.trackers import RunInfo, Trackers, resolve_report_to
 
 
 class Interrupted(TrainingError):
@@ -87,7 +88,7 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
         eval_ref = refs.logps(run.eval_set) if run.eval_set is not None else None
         refs.release()
         model.train()
-        log = MetricsLog(out, enabled=strategy.is_main, resume_step=state.step if run.resume_from else None, tensorboard=cfg.tensorboard)
+        log = open_log(cfg, strategy, run, state)
         progress = Progress(total, state.step, enabled=strategy.is_main, description=objective.name)
         used = DataUse(cfg, data, plan, state.step)
         last_ckpt, metrics = run.resume_from, {}
@@ -157,7 +158,8 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
                                           "rerun with --resume to continue")
         finally:
             progress.close()
-            log.close()
+            # how the run ended, for the trackers (in a finally block, exc_info is the exception on its way out)
+            log.close("FINISHED" if sys.exc_info()[0] is None else "KILLED" if stop.requested else "FAILED")
         finish(cfg, strategy, run, last_ckpt)
     finally:
         stop.__exit__()
@@ -261,12 +263,14 @@ class RunPlan:
     eval_set: ShardSet | None
     lora: LoraSpec | None            # None: a full fine-tune
     base_identity: dict[str, str] | None  # LoRA: the base the adapter trains on (saved with it)
+    trackers: list[str]              # --report-to, resolved (installed: checked)
 
 
 def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> RunPlan:
     """Everything that can be checked before anything is written: --out, the model and its
     tokenizer, the data (the objective's checks too), the plan, --save-at, --resume."""
     out = check_out_dir(Path(cfg.out)) if strategy.is_main else Path(cfg.out)
+    trackers = resolve_report_to(cfg, note=strategy.is_main)
     model_path = resolve_model(cfg.model)
     lora = lora_spec(cfg, model_path)
     tokenizer = load_tokenizer(model_path)
@@ -290,7 +294,7 @@ def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> Run
     base_identity = {"base_model": lora.base_name, "model_hash": model_hash(model_path)} if lora and strategy.is_main else None
     return RunPlan(out=out, model_path=model_path, tokenizer=tokenizer, tok_hash=tok_hash, data=data, plan=plan,
                    save_at=save_at, resume_from=resume_from, warmup=warmup_steps(len(plan), cfg.warmup_ratio), eval_set=eval_set,
-                   lora=lora, base_identity=base_identity)
+                   lora=lora, base_identity=base_identity, trackers=trackers)
 
 
 def write_config(cfg: TrainConfig, out: Path, strategy: Strategy) -> None:
@@ -328,6 +332,14 @@ def build_model(cfg: TrainConfig, strategy: Strategy, run: RunPlan) -> Any:
     if strategy.is_main:
         print(strategy_estimate(model, strategy, run.lora.describe() if run.lora else "full fine-tune").line(), file=sys.stderr)
     return model
+
+
+def open_log(cfg: TrainConfig, strategy: Strategy, run: RunPlan, state: TrainState) -> MetricsLog:
+    """metrics.jsonl and the --report-to trackers (main rank; on --resume, from the checkpoint's step)."""
+    resume_step = state.step if run.resume_from else None
+    trackers = Trackers(run.trackers, RunInfo(out=run.out, project=cfg.project, name=cfg.run_name or run.out.resolve().name,
+                                              config=config_to_dict(cfg), resume_step=resume_step)) if strategy.is_main else None
+    return MetricsLog(run.out, enabled=strategy.is_main, resume_step=resume_step, trackers=trackers)
 
 
 def restore(resume_from: Path | None, strategy: Strategy, objective: Objective) -> TrainState:
