@@ -292,7 +292,7 @@ impl Encoder {
                 Ok(enc) => {
                     for ex in &mut enc.examples {
                         for s in &mut ex.segments {
-                            s.example += next;
+                            s.example = next;
                         }
                         next += 1;
                     }
