@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from irtrain.config import PrepareConfig, config_to_dict
-from irtrain.data import (TokenizerFiles, detect_format, first_row, load_tokenizer_files, local_clock, preparer, resolve_inputs,
-                          row_error)
+from irtrain.data import TokenizerFiles, detect_format, first_row, load_tokenizer_files, local_clock, preparer, resolve_inputs, row_error
 from irtrain.durable import io_error, publish, sweep_temps, temp_name
 from irtrain.errors import ConfigError, DataError, IrtrainIOError, ShardError, TemplateError
 from irtrain.paths import OutLock

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from irtrain.cli.main import app
 from irtrain.shards import iter_documents
+
 from test_prepare import assert_one_line_error, cli, prep, write_jsonl
 
 runner = CliRunner()

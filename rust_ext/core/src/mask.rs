@@ -213,11 +213,7 @@ fn per_turn(
 }
 
 fn common_prefix(a: &str, b: &str) -> usize {
-    let n = a
-        .bytes()
-        .zip(b.bytes())
-        .take_while(|(x, y)| x == y)
-        .count();
+    let n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
     // a char boundary of both
     (0..=n).rev().find(|&k| a.is_char_boundary(k)).unwrap_or(0)
 }
@@ -353,7 +349,11 @@ mod tests {
         assert!(rm(&t, &c, MaskKind::Last).is_ok());
         // --mask assistant on a format of one segment per row: one example per turn
         let m = render_and_mask(&t, &c, MaskKind::Assistant, &Vars::new(), true).unwrap();
-        assert!(m.split.as_deref().unwrap().contains("differ at byte"), "{:?}", m.split);
+        assert!(
+            m.split.as_deref().unwrap().contains("differ at byte"),
+            "{:?}",
+            m.split
+        );
         let texts: Vec<(&str, &str)> = m
             .renders
             .iter()
@@ -364,7 +364,10 @@ mod tests {
         let src = "{% for m in messages %}{{ m.content }}|{% endfor %}{% if add_generation_prompt %}<think>{% endif %}";
         let t = ChatTemplate::new(src, &[]).unwrap();
         let err = render_and_mask(&t, &c, MaskKind::Assistant, &Vars::new(), true).unwrap_err();
-        assert!(matches!(&err, CoreError::Template(msg) if msg.contains("not even for assistant turn 2")), "{err}");
+        assert!(
+            matches!(&err, CoreError::Template(msg) if msg.contains("not even for assistant turn 2")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -382,7 +385,13 @@ mod tests {
         let trained: Vec<&str> = r.spans.iter().map(|&(s, e)| &r.text[s..e]).collect();
         assert_eq!(trained, vec!["[old]</A>", "b</A>"]);
         let r = rm(&t, &c, MaskKind::Last).unwrap();
-        assert_eq!(r.spans.iter().map(|&(s, e)| &r.text[s..e]).collect::<Vec<_>>(), vec!["b</A>"]);
+        assert_eq!(
+            r.spans
+                .iter()
+                .map(|&(s, e)| &r.text[s..e])
+                .collect::<Vec<_>>(),
+            vec!["b</A>"]
+        );
         // the prompt's blocks are not trained
         let r = rm(&t, &conv(r#"[{"role":"user","content":"u"},{"role":"assistant","content":"a"},{"role":"user","content":"v"},{"role":"assistant","content":"b"}]"#, 3, 3), MaskKind::Assistant).unwrap();
         assert_eq!(r.spans.len(), 1);

@@ -10,11 +10,11 @@ use rayon::prelude::*;
 
 use crate::error::{CoreError, Result};
 use crate::mask::{labels_from_offsets, render_and_mask, MaskKind, IGNORE_INDEX};
-use crate::template::Vars;
 use crate::pack::best_fit_decreasing;
 use crate::rows::{parse_object, parse_row, Format};
 use crate::shard::{Segment, ShardMeta, ShardWriter};
 use crate::template::ChatTemplate;
+use crate::template::Vars;
 use crate::tokenize::Tok;
 
 /// What to do with an example longer than `max_len` (`--truncation`).
@@ -109,6 +109,9 @@ pub struct Encoded {
 /// transformers' `apply_chat_template(tools=..., documents=...)`).
 pub const TEMPLATE_VARS: [&str; 2] = ["tools", "documents"];
 
+/// Each row's (1-based row number, examples or error), as `Encoder::encode_lines` returns them.
+pub type RowResults = Vec<(u64, std::result::Result<Encoded, RowError>)>;
+
 /// Tokenizer + chat template + format + mask: turns rows into examples.
 pub struct Encoder {
     tok: Tok,
@@ -156,15 +159,23 @@ impl Encoder {
                     if TEMPLATE_VARS.contains(&name.as_str()) && !v.is_array() {
                         return Err(CoreError::Input(format!(
                             "'{name}' must be a list (of {}), not {}",
-                            if name == "tools" { "tool definitions" } else { "documents" },
+                            if name == "tools" {
+                                "tool definitions"
+                            } else {
+                                "documents"
+                            },
                             match v {
-                                serde_json::Value::String(_) => "a string (a JSON text? give the list itself)",
+                                serde_json::Value::String(_) =>
+                                    "a string (a JSON text? give the list itself)",
                                 serde_json::Value::Object(_) => "an object",
                                 _ => "a scalar",
                             }
                         )));
                     }
-                    vars.insert(name.clone(), minijinja::Value::from(minijinja::value::Serde(v.clone())));
+                    vars.insert(
+                        name.clone(),
+                        minijinja::Value::from(minijinja::value::Serde(v.clone())),
+                    );
                 }
             }
         }
@@ -218,34 +229,35 @@ impl Encoder {
         let mut segments = Vec::with_capacity(specs.len());
         let mut split = None;
         for spec in specs {
-            let masked = render_and_mask(&self.tpl, &spec.conversation, self.mask, &vars, split_turns)?;
+            let masked =
+                render_and_mask(&self.tpl, &spec.conversation, self.mask, &vars, split_turns)?;
             split = masked.split;
             for r in masked.renders {
-            let enc = self.tok.encode(&r.text)?;
-            if enc.ids.is_empty() {
-                return Err(CoreError::Input(
-                    "the conversation renders to no tokens".into(),
-                ));
-            }
-            let labels = labels_from_offsets(&enc.ids, &enc.offsets, &r.spans);
-            if labels.iter().all(|&l| l == IGNORE_INDEX) {
-                return Err(CoreError::Input(format!(
-                    "nothing to train: mask '{}' selects no token of {}",
-                    self.mask.name(),
-                    if spec.part == 0 {
-                        "the example".to_string()
-                    } else {
-                        format!("segment {}", spec.part)
-                    }
-                )));
-            }
-            segments.push(Segment {
-                input_ids: enc.ids,
-                labels,
-                example,
-                part: spec.part,
-                score: spec.score,
-            });
+                let enc = self.tok.encode(&r.text)?;
+                if enc.ids.is_empty() {
+                    return Err(CoreError::Input(
+                        "the conversation renders to no tokens".into(),
+                    ));
+                }
+                let labels = labels_from_offsets(&enc.ids, &enc.offsets, &r.spans);
+                if labels.iter().all(|&l| l == IGNORE_INDEX) {
+                    return Err(CoreError::Input(format!(
+                        "nothing to train: mask '{}' selects no token of {}",
+                        self.mask.name(),
+                        if spec.part == 0 {
+                            "the example".to_string()
+                        } else {
+                            format!("segment {}", spec.part)
+                        }
+                    )));
+                }
+                segments.push(Segment {
+                    input_ids: enc.ids,
+                    labels,
+                    example,
+                    part: spec.part,
+                    score: spec.score,
+                });
             }
         }
         if split.is_some() {
@@ -275,9 +287,9 @@ impl Encoder {
         buf: &[u8],
         first_row: u64,
         first_example: i64,
-    ) -> (Vec<(u64, std::result::Result<Encoded, RowError>)>, i64) {
+    ) -> (RowResults, i64) {
         let lines = split_lines(buf, first_row);
-        let mut results: Vec<(u64, std::result::Result<Encoded, RowError>)> = lines
+        let mut results: RowResults = lines
             .par_iter()
             .map(|&(row, line)| {
                 (

@@ -80,8 +80,9 @@ impl ChatTemplate {
     /// seconds since 1970-01-01 00:00 in the local zone (UTC seconds + the UTC
     /// offset). Without it, `strftime_now` reads the clock at each call, in UTC.
     pub fn set_clock(&mut self, local_secs: i64) {
-        self.env
-            .add_function("strftime_now", move |fmt: String| strftime(local_secs, &fmt));
+        self.env.add_function("strftime_now", move |fmt: String| {
+            strftime(local_secs, &fmt)
+        });
     }
 
     /// Whether the template has `{% generation %}` blocks.
@@ -704,7 +705,9 @@ mod tests {
     fn generation_tags_keep_whitespace_control() {
         // trim_blocks drops the newline after each tag, lstrip_blocks the indentation before it
         let src = "{% for m in messages %}\n  {% generation %}\n[{{ m.content }}]\n  {% endgeneration %}\n{% endfor %}";
-        let plain = src.replace("{% generation %}", "{% if true %}").replace("{% endgeneration %}", "{% endif %}");
+        let plain = src
+            .replace("{% generation %}", "{% if true %}")
+            .replace("{% endgeneration %}", "{% endif %}");
         let t = ChatTemplate::new(src, &[]).unwrap();
         let p = ChatTemplate::new(&plain, &[]).unwrap();
         let m = msgs(r#"[{"role":"assistant","content":"x"},{"role":"assistant","content":"y"}]"#);
@@ -725,7 +728,10 @@ mod tests {
         let m = msgs(r#"[{"role":"user","content":"a"}]"#);
         assert_eq!(t.render(&m, false).unwrap(), "26 Jul 2024|null|False|<s>");
         let mut vars = Vars::new();
-        vars.insert("tools".into(), Value::from(Serde(serde_json::json!([{"name": "f"}]))));
+        vars.insert(
+            "tools".into(),
+            Value::from(Serde(serde_json::json!([{"name": "f"}]))),
+        );
         vars.insert("enable_thinking".into(), Value::from(false));
         assert_eq!(
             t.render_with(&m, false, &vars).unwrap(),

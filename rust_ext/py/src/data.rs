@@ -27,6 +27,7 @@ fn row_errors(errors: Vec<RowError>) -> RowErrors {
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_encoder(
     tokenizer_file: &str,
     chat_template: &str,
@@ -42,13 +43,10 @@ fn build_encoder(
     if let Some(secs) = clock {
         tpl.set_clock(secs);
     }
-    Ok(Encoder::new(
-        tok,
-        tpl,
-        Format::parse(format)?,
-        MaskKind::parse(mask)?,
+    Ok(
+        Encoder::new(tok, tpl, Format::parse(format)?, MaskKind::parse(mask)?)
+            .with_template_vars(template_vars),
     )
-    .with_template_vars(template_vars))
 }
 
 /// Renders, tokenizes and masks rows without packing or writing.
