@@ -113,10 +113,15 @@ def _check(cfg: PrepareConfig) -> None:
         raise ConfigError(f"shard_rows = {cfg.shard_rows} must be at least 1")
     if cfg.preview < 0 or cfg.threads < 0:
         raise ConfigError("preview and threads must not be negative")
-    for v in cfg.template_vars:
+    for v in template_vars(cfg):
         if v in _RESERVED_VARS or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
             raise ConfigError(f"--template-vars {v!r}: not a name a row field can give the template "
                               f"(an identifier other than {', '.join(_RESERVED_VARS)})")
+
+
+def template_vars(cfg: PrepareConfig) -> list[str]:
+    """The row fields `--template-vars` names (repeated or comma-separated)."""
+    return [n.strip() for v in cfg.template_vars for n in v.split(",") if n.strip()]
 
 
 def _detect(source: Any) -> str:
@@ -184,7 +189,7 @@ def _build(cfg: PrepareConfig, fmt: str, tok: TokenizerFiles, sources: list[Any]
 
     prep = preparer(tok, fmt, cfg.mask, str(tmp), max_len=cfg.max_len, truncation=cfg.truncation, pack=cfg.pack,
                     shard_rows=cfg.shard_rows, skip_invalid=cfg.skip_invalid, threads=cfg.threads,
-                    template_vars=cfg.template_vars, clock=clock[0])
+                    template_vars=template_vars(cfg), clock=clock[0])
     skipped: list[dict[str, Any]] = []
     n_skipped = 0
     with Progress(TextColumn("[bold]prepare[/] {task.description}"), BarColumn(), DownloadColumn(),
@@ -227,7 +232,7 @@ def _build(cfg: PrepareConfig, fmt: str, tok: TokenizerFiles, sources: list[Any]
         "sources": [{"path": s.name, "sha256": fp, "rows": s.rows} for s, fp in zip(sources, fingerprints)],
         "config": config_to_dict(cfg), "report": report, "shards": shards,
         "content_hash": content_hash(shards), "cache_key": key,
-        "template_clock": clock[1], "template_vars": ["tools", "documents", *cfg.template_vars],
+        "template_clock": clock[1], "template_vars": ["tools", "documents", *template_vars(cfg)],
     }
 
 

@@ -164,6 +164,30 @@ def test_tools_reach_the_template(tokenizer_dirs, tmp_path, name, tok_name):
     assert_one_line_error(r, "b.jsonl:2:", "'tools' must be a list", tmp_path=tmp_path, out="bad")
 
 
+def test_documents_reach_the_template(tokenizer_dirs, tmp_path):
+    """A RAG-style template (Command-R's way of listing `documents` before the turns)."""
+    from transformers import AutoTokenizer
+
+    src = ("{% if documents %}<docs>{% for d in documents %}[{{ loop.index0 }}] {{ d.title }}: {{ d.text }}\n"
+           "{% endfor %}</docs>{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dirs["chatml"]))
+    tok.chat_template = src
+    (tmp_path / "t.jinja").write_text(src, encoding="utf-8")
+    docs_field = [{"title": "Paris", "text": "Capital of France."}, {"title": "Lyon", "text": "Gastronomy ✓"}]
+    msgs = [{"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "Paris [0]."}]
+    write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs, "documents": docs_field}, {"messages": msgs}])
+    prep(tmp_path, tokenizer_dirs["chatml"], [tmp_path / "c.jsonl"], chat_template=str(tmp_path / "t.jinja"))
+    got = list(iter_documents(tmp_path / "out"))
+    for d, documents in zip(got, [docs_field, None]):
+        full = tok.apply_chat_template(msgs, documents=documents, tokenize=False)
+        prompt = tok.apply_chat_template(msgs[:1], documents=documents, tokenize=False, add_generation_prompt=True)
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        assert d["input_ids"] == enc["input_ids"]
+        assert d["labels"] == labels_from_char_spans(enc, [(len(prompt), len(full))])
+    assert len(got[0]["input_ids"]) > len(got[1]["input_ids"])
+
+
 def test_template_vars_flag(tokenizer_dirs, tmp_path):
     """--template-vars enable_thinking: a row's enable_thinking reaches Qwen3's template (an
     empty think block in the generation prompt, so the trained span starts after it)."""
@@ -173,10 +197,10 @@ def test_template_vars_flag(tokenizer_dirs, tmp_path):
     (tmp_path / "t.jinja").write_text(template("qwen3"), encoding="utf-8")
     src = write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs, "enable_thinking": False}])
     r = cli(tmp_path, tokenizer_dirs["chatml"], str(src), "--chat-template", str(tmp_path / "t.jinja"),
-            "--template-vars", "enable_thinking")
+            "--template-vars", "enable_thinking,reasoning_effort")
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert m["template_vars"] == ["tools", "documents", "enable_thinking"]
+    assert m["template_vars"] == ["tools", "documents", "enable_thinking", "reasoning_effort"]
     docs = list(iter_documents(tmp_path / "out"))
     assert len(docs) == 2
     for d, i in zip(docs, [1, 3]):
