@@ -259,3 +259,15 @@ def test_strftime_now_is_local_time_fixed_once(tokenizer_dirs, tmp_path):
         dates[tz] = date
     assert utc in dates.values() or len(set(dates.values())) == 2
     assert any(d != utc for d in dates.values())
+
+
+def test_the_clock_in_the_cache_key():
+    from irtrain.prepare import clock_in_key
+
+    iso = "2026-12-01T09:30:05+14:00"
+    assert clock_in_key(None, iso) is None
+    assert clock_in_key("{{ messages }}", iso) is None
+    assert clock_in_key(template("llama3_2"), iso) == "2026-12-01"  # strftime_now("%d %b %Y"): the date only
+    assert clock_in_key("{{ strftime_now('%Y-%m-%d') }} {{ strftime_now(\"%B %d, %Y\") }}", iso) == "2026-12-01"
+    assert clock_in_key("{{ strftime_now('%H:%M') }}", iso) == iso
+    assert clock_in_key("{% set f = '%d' %}{{ strftime_now(f) }}", iso) == iso  # a format it cannot read
