@@ -305,8 +305,7 @@ def prepare_wheels() -> None:
     """(CPU machine, registry access) .gpu-carry/ and .gpu-stage/ in this checkout's root."""
     carry, stage = ROOT / ".gpu-carry", ROOT / ".gpu-stage"
     for d in (carry, stage):
-        ignored = subprocess.run(["git", "check-ignore", "-q", d.name], cwd=ROOT).returncode == 0
-        if not ignored:
+        if subprocess.run(["git", "check-ignore", "-q", d.name + "/"], cwd=ROOT).returncode != 0:
             sys.exit(f"{d} is not ignored by git: add /{d.name}/ to .gitignore (it must not travel with every call)")
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir()
@@ -743,13 +742,18 @@ SmolLM2-135M-Instruct and a random-init ~1B Llama (Llama-3.2-1B's shape), bf16: 
 (`torch.cuda.max_memory_allocated`), and one correctness line (the tiny model's first 5 losses,
 GPU bf16 against CPU fp32)."""
 
+PENDING = """**No GPU figure exists yet.** No task of this project has been lent a GPU so far; every
+number above is from the 2-core CPU machine. The GPU code paths (torch's `varlen_attn` for
+packed attention, the head's chunk sizing from free device memory, bf16 gradient
+accumulators, QLoRA through bitsandbytes, NCCL) are written against the installed torch and
+unit-tested for their selection logic on CPU, but have not run on a GPU."""
+
 
 def render_section(payload: dict | None) -> str:
     """The BENCHMARKS.md section: pending (no GPU figure), or the figures of a run's JSON."""
     head = "## GPU (H200)\n\n"
     if payload is None:
-        return (head + "**No GPU figure exists yet.** No task of this project has been lent a GPU so far; every number\n"
-                "above is from the 2-core CPU machine. " + WHAT + "\n\n" + HOW_TO)
+        return head + PENDING + "\n\n" + WHAT + "\n\n" + HOW_TO
     dev = payload.get("device", {})
     lines = [head.rstrip(), ""]
     if payload.get("dry_run"):
