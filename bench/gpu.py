@@ -22,7 +22,9 @@ position ids, correct as bench/trl_padding_free_check.py shows) and, budget perm
 DPOTrainer with precomputed reference log-probs (no resident reference model, like irtrain);
 both with liger-kernel's layer kernels (`use_liger_kernel`: RMSNorm, RoPE, SwiGLU; TRL 1.16
 keeps its own fused LM head) where it imports, its default `sdpa` attention, no gradient
-checkpointing on either side. Both sides train on the same sequences (one epoch, checked: token
+checkpointing on either side. Each run records the attention and head paths irtrain took
+(`irtrain.train.packed.PATHS`; under `--dtype auto`'s autocast RoPE hands query and key over in
+fp32, so expect per-document SDPA, not `varlen_attn`, until that is cast). Both sides train on the same sequences (one epoch, checked: token
 ids and trained positions of every sequence against irtrain's shards). The final checkpoint of
 irtrain's run is not written (the worker patches `save_checkpoint` out; TRL: save_strategy
 "no"). One correctness line: the tiny test model's (irtrain.toy) first 5 sft losses on the GPU
