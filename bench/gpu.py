@@ -158,6 +158,8 @@ def main() -> None:
             if payload is not None and payload.get("dry_run"):
                 sys.exit(f"{args.render}: a dry run's figures are CPU figures; not written into {args.write_benchmarks}")
             path = Path(args.write_benchmarks)
+            if not path.is_file():
+                sys.exit(f"--write-benchmarks {path}: no such file")
             path.write_text(replace_section(path.read_text(encoding="utf-8"), section), encoding="utf-8")
             print(f"section {SECTION!r} written to {path}")
         else:
