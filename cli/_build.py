@@ -34,7 +34,7 @@ def _param(f: dataclasses.Field, tp: Any) -> inspect.Parameter:
         info = typer.Argument(None, help=help_text, show_default=False)
     elif base is bool:
         annotation = Optional[bool]
-        info = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
+        info = typer.Option(None, f.metadata.get("flag") or f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
     elif typing.get_origin(base) is list:
         annotation = Optional[list[str]]
         info = typer.Option(None, flag, help=help_text, show_default=False)

@@ -24,6 +24,10 @@ class Encoder:
         mask: str,
         threads: int = 0,
         fast_bpe: bool = True,
+        *,
+        columns: list[tuple[str, str]] = ...,
+        apply_chat_template: bool = True,
+        add_bos_eos: tuple[bool, bool] | None = None,
     ) -> Encoder: ...
     def encode_jsonl(
         self, buf: bytes, first_row: int = 1, first_example: int = 0
@@ -55,6 +59,9 @@ class Preparer:
         threads: int = 0,
         window_tokens: int = 0,
         fast_bpe: bool = True,
+        columns: list[tuple[str, str]] = ...,
+        apply_chat_template: bool = True,
+        add_bos_eos: tuple[bool, bool] | None = None,
     ) -> Preparer: ...
     def add_jsonl(self, buf: bytes, first_row: int) -> tuple[int, _RowErrors]: ...
     def progress(self) -> tuple[int, int, int]: ...
@@ -64,7 +71,7 @@ class Preparer:
     def fast_bpe(self) -> bool: ...
     def finish(self) -> str: ...
 
-def detect_format(line: str) -> str: ...
+def detect_format(line: str, columns: list[tuple[str, str]] = ...) -> str: ...
 def pack_bfd(lengths: npt.NDArray[np.int64], capacity: int) -> list[list[int]]: ...
 def write_shards(
     out_dir: str,

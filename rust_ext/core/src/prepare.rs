@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use crate::error::{CoreError, Result};
 use crate::mask::{labels_from_offsets, render_and_mask, MaskKind, IGNORE_INDEX};
 use crate::pack::best_fit_decreasing;
-use crate::rows::{parse_row, Format};
+use crate::rows::{parse_fields, parse_plain, read_row, Columns, Format};
 use crate::shard::{Segment, ShardMeta, ShardWriter};
 use crate::template::ChatTemplate;
 use crate::tokenize::Tok;
@@ -102,6 +102,9 @@ pub struct Encoder {
     tpl: ChatTemplate,
     pub format: Format,
     pub mask: MaskKind,
+    columns: Columns,
+    /// The eos token text when rows are plain text (no chat template), else None.
+    plain_eos: Option<String>,
 }
 
 impl Encoder {
@@ -111,7 +114,45 @@ impl Encoder {
             tpl,
             format,
             mask,
+            columns: Columns::default(),
+            plain_eos: None,
         }
+    }
+
+    /// How rows are read: `columns` renamed first; plain text (no chat template,
+    /// as TRL treats non-conversational data) for the `text` format, and for the
+    /// others when `chat_template` is false. Plain text needs the tokenizer's
+    /// `eos` token; `add_bos_eos` is tokenizer_config.json's explicit
+    /// (add_bos_token, add_eos_token), which replace the post-processor as in
+    /// transformers.
+    pub fn with_rows(
+        mut self,
+        columns: Columns,
+        chat_template: bool,
+        eos: Option<&str>,
+        bos: Option<&str>,
+        add_bos_eos: Option<(bool, bool)>,
+    ) -> Result<Self> {
+        self.columns = columns;
+        if self.format == Format::Chat && !chat_template {
+            return Err(CoreError::Input(
+                "--no-chat-template: chat rows are conversations and need a chat template \
+                 (it applies to string prompt/completion/chosen/rejected fields)"
+                    .into(),
+            ));
+        }
+        if self.format == Format::Text || !chat_template {
+            let Some(eos) = eos else {
+                return Err(CoreError::Tokenizer(format!(
+                    "the tokenizer names no eos_token (tokenizer_config.json), which the {} format appends \
+                     to every completion as TRL does",
+                    if self.format == Format::Text { "text" } else { "--no-chat-template" }
+                )));
+            };
+            self.tok.set_added_specials(add_bos_eos, bos, Some(eos))?;
+            self.plain_eos = Some(eos.to_string());
+        }
+        Ok(self)
     }
 
     /// Whether tokenization takes the fast byte-level BPE path (`Tok::is_fast`).
@@ -153,7 +194,11 @@ impl Encoder {
                 at + 1
             ))
         })?;
-        let specs = parse_row(text, self.format)?;
+        let row = read_row(text, &self.columns)?;
+        if let Some(eos) = &self.plain_eos {
+            return self.encode_plain(&row, eos, example);
+        }
+        let specs = parse_fields(&row, self.format)?;
         let mut segments = Vec::with_capacity(specs.len());
         for spec in specs {
             let r = render_and_mask(&self.tpl, &spec.conversation, self.mask)?;
@@ -182,6 +227,78 @@ impl Encoder {
                 part: spec.part,
                 score: spec.score,
             });
+        }
+        Ok(Example { segments })
+    }
+
+    /// A plain-text row as TRL's SFT/DPO/KTO trainers tokenize non-conversational
+    /// data: `tokenizer(prompt)` and `tokenizer(prompt + completion + eos)` (eos
+    /// appended unless the completion ends with it; the post-processor's special
+    /// tokens added), the completion trained from where the two first differ
+    /// (the smallest such point over the row's completions, as DPO does). `text`
+    /// rows and `--mask all` train every token.
+    fn encode_plain(
+        &self,
+        row: &serde_json::Map<String, serde_json::Value>,
+        eos: &str,
+        example: i64,
+    ) -> Result<Example> {
+        let p = parse_plain(row, self.format)?;
+        let prompt_ids = p
+            .prompt
+            .as_deref()
+            .map(|s| self.tok.encode_ids_special(s))
+            .transpose()?;
+        let mut segments = Vec::with_capacity(p.completions.len());
+        for (completion, part, score) in &p.completions {
+            let mut text = String::with_capacity(completion.len() + eos.len());
+            text.push_str(p.prompt.as_deref().unwrap_or(""));
+            text.push_str(completion);
+            if !completion.ends_with(eos) {
+                text.push_str(eos);
+            }
+            let input_ids = self.tok.encode_ids_special(&text)?;
+            let labels = input_ids.iter().map(|&t| t as i32).collect();
+            segments.push(Segment {
+                input_ids,
+                labels,
+                example,
+                part: *part,
+                score: *score,
+            });
+        }
+        let prompt_len = match (&prompt_ids, self.mask) {
+            (Some(ids), m) if m != MaskKind::All => segments
+                .iter()
+                .map(|s| {
+                    ids.iter()
+                        .zip(&s.input_ids)
+                        .take_while(|(a, b)| a == b)
+                        .count()
+                })
+                .min()
+                .unwrap_or(0),
+            _ => 0,
+        };
+        for s in &mut segments {
+            let cut = prompt_len.max(1).min(s.labels.len());
+            s.labels[..cut].fill(IGNORE_INDEX);
+            if s.labels.iter().all(|&l| l == IGNORE_INDEX) {
+                return Err(CoreError::Input(format!(
+                    "nothing to train: {} tokenizes to {} token(s), all of them {}",
+                    if p.prompt.is_some() {
+                        "the completion"
+                    } else {
+                        "the text"
+                    },
+                    s.input_ids.len(),
+                    if p.prompt.is_some() {
+                        "shared with the prompt"
+                    } else {
+                        "untrained (the first token is never trained)"
+                    }
+                )));
+            }
         }
         Ok(Example { segments })
     }

@@ -7,6 +7,7 @@
 //! | `preference` | `chosen`, `rejected`, optional `prompt` | chosen (0), rejected (1) |
 //! | `unpaired` | `prompt`, `completion`, `label` (bool) | prompt + completion (0), score 1.0/0.0 |
 //! | `ranked` | `prompt`, `completions` (K ≥ 2), `scores` (K numbers) | best first (k = rank), score |
+//! | `text` | `text` (a string) | the text, no chat template (0) |
 //!
 //! `prompt` is a string (one user turn) or a list of messages; a completion is
 //! a string (one assistant turn) or a list of messages. Preference `chosen` /
@@ -17,6 +18,17 @@
 //! Messages are normalised as transformers does before rendering: keys whose
 //! value is null are dropped, and reasoning given as `reasoning_content`,
 //! `thinking` or `reasoning` is visible under the first two names.
+//!
+//! ShareGPT rows (axolotl / LLaMA-Factory): `conversations` (or
+//! `conversation`) stands for `messages`, and a message `{"from", "value"}`
+//! for `{"role", "content"}` with the roles mapped as `SHAREGPT_ROLES` says
+//! (`function_call` becomes an assistant turn whose `tool_calls` is the JSON
+//! of its value); a row's string `system` field becomes a leading system turn.
+//!
+//! `Columns` renames a row's fields before anything reads them (`--columns`).
+//! `parse_plain` reads the string fields of the plain-text formats (`text`,
+//! and the others with `--no-chat-template`), which are tokenized without a
+//! chat template.
 use minijinja::value::Serde;
 use minijinja::Value;
 use serde_json::{Map, Value as Json};
@@ -40,6 +52,7 @@ pub enum Format {
     PromptCompletion,
     Unpaired,
     Ranked,
+    Text,
 }
 
 impl Format {
@@ -50,9 +63,10 @@ impl Format {
             "prompt-completion" => Self::PromptCompletion,
             "unpaired" => Self::Unpaired,
             "ranked" => Self::Ranked,
+            "text" => Self::Text,
             _ => {
                 return Err(CoreError::Input(format!(
-                    "unknown format {s:?} (chat, preference, prompt-completion, unpaired, ranked)"
+                    "unknown format {s:?} (chat, preference, prompt-completion, unpaired, ranked, text)"
                 )))
             }
         })
@@ -65,19 +79,21 @@ impl Format {
             Self::PromptCompletion => "prompt-completion",
             Self::Unpaired => "unpaired",
             Self::Ranked => "ranked",
+            Self::Text => "text",
         }
     }
 
     /// The fields a row of this format must have.
     pub fn fields(self) -> &'static str {
         match self {
-            Self::Chat => "'messages'",
+            Self::Chat => "'messages' (or ShareGPT 'conversations')",
             Self::Preference => {
                 "'chosen' and 'rejected' (and 'prompt' unless they are whole conversations)"
             }
             Self::PromptCompletion => "'prompt' and 'completion'",
             Self::Unpaired => "'prompt', 'completion' and 'label'",
             Self::Ranked => "'prompt', 'completions' and 'scores'",
+            Self::Text => "'text'",
         }
     }
 }
@@ -93,24 +109,88 @@ pub fn detect_format(row: &Map<String, Json>) -> Option<Format> {
         Some(Format::Unpaired)
     } else if has("prompt") && has("completion") {
         Some(Format::PromptCompletion)
-    } else if has("messages") {
+    } else if has("messages") || sharegpt_field(row).is_some() {
         Some(Format::Chat)
+    } else if has("text") {
+        Some(Format::Text)
     } else {
         None
     }
 }
 
+/// The ShareGPT field holding a row's conversation, if it has one.
+fn sharegpt_field(row: &Map<String, Json>) -> Option<&'static str> {
+    ["conversations", "conversation"]
+        .into_iter()
+        .find(|k| row.contains_key(*k))
+}
+
 /// Parse a JSON line and detect its format.
 pub fn detect_format_line(line: &str) -> Result<Format> {
-    let row = parse_object(line)?;
+    detect_format_renamed(line, &Columns::default())
+}
+
+/// Parse a JSON line, rename its fields as `columns` says and detect its format.
+pub fn detect_format_renamed(line: &str, columns: &Columns) -> Result<Format> {
+    let row = read_row(line, columns)?;
     detect_format(&row).ok_or_else(|| {
         let keys: Vec<&str> = row.keys().map(|k| k.as_str()).collect();
         CoreError::Input(format!(
-            "cannot tell the format from the fields {keys:?}: expected 'messages' (chat), 'chosen'+'rejected' \
-             (preference), 'prompt'+'completion' (prompt-completion), +'label' (unpaired) or \
-             'completions'+'scores' (ranked); or pass --format"
+            "cannot tell the format from the fields {keys:?}{}: expected 'messages' or 'conversations' (chat), \
+             'chosen'+'rejected' (preference), 'prompt'+'completion' (prompt-completion), +'label' (unpaired), \
+             'completions'+'scores' (ranked) or 'text' (text); or pass --format, or map columns with --columns",
+            columns.note()
         ))
     })
+}
+
+/// Input columns renamed to irtrain's field names (`--columns NAME=COLUMN,...`),
+/// all at once (so that two fields may swap names).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Columns {
+    /// (irtrain's name, the input's column)
+    pub pairs: Vec<(String, String)>,
+}
+
+impl Columns {
+    /// Rename the fields of `row`. A row that has both a mapped column and a
+    /// field of the name it is mapped to (not itself renamed) is an error.
+    pub fn apply(&self, row: &mut Map<String, Json>) -> Result<()> {
+        if self.pairs.is_empty() {
+            return Ok(());
+        }
+        let mut moved = Vec::with_capacity(self.pairs.len());
+        for (name, column) in &self.pairs {
+            if let Some(v) = row.remove(column) {
+                moved.push((name, column, v));
+            }
+        }
+        for (name, column, v) in moved {
+            if row.contains_key(name.as_str()) {
+                return Err(CoreError::Input(format!(
+                    "row has both '{column}' and '{name}' (--columns {name}={column} would overwrite '{name}')"
+                )));
+            }
+            row.insert(name.clone(), v);
+        }
+        Ok(())
+    }
+
+    /// " (after --columns a=b,...)" for error messages; empty without a mapping.
+    fn note(&self) -> String {
+        if self.pairs.is_empty() {
+            return String::new();
+        }
+        let m: Vec<String> = self.pairs.iter().map(|(n, c)| format!("{n}={c}")).collect();
+        format!(" (after --columns {})", m.join(","))
+    }
+}
+
+/// Parse a JSON line into an object and rename its fields.
+pub fn read_row(line: &str, columns: &Columns) -> Result<Map<String, Json>> {
+    let mut row = parse_object(line)?;
+    columns.apply(&mut row)?;
+    Ok(row)
 }
 
 /// One conversation to render and mask.
@@ -158,32 +238,44 @@ fn kind(v: &Json) -> &'static str {
 
 /// Parse one row (a JSON object) of `format` into its segments.
 pub fn parse_row(line: &str, format: Format) -> Result<Vec<SegmentSpec>> {
-    let row = parse_object(line)?;
-    let missing = |fields: &[&str]| -> Result<()> {
-        let absent: Vec<&str> = fields
+    parse_fields(&parse_object(line)?, format)
+}
+
+/// `fields` (each absent from `row`) as an error naming what the format needs.
+fn missing_fields(row: &Map<String, Json>, format: Format, fields: &[&str]) -> Result<()> {
+    let absent: Vec<&str> = fields
+        .iter()
+        .copied()
+        .filter(|f| !row.contains_key(*f))
+        .collect();
+    if absent.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = row.keys().map(|k| k.as_str()).collect();
+    Err(CoreError::Input(format!(
+        "row has no {} field (a {} row needs {}; it has {keys:?})",
+        absent
             .iter()
-            .copied()
-            .filter(|f| !row.contains_key(*f))
-            .collect();
-        if absent.is_empty() {
-            return Ok(());
-        }
-        let keys: Vec<&str> = row.keys().map(|k| k.as_str()).collect();
-        Err(CoreError::Input(format!(
-            "row has no {} field (a {} row needs {}; it has {keys:?})",
-            absent
-                .iter()
-                .map(|f| format!("'{f}'"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            format.name(),
-            format.fields()
-        )))
-    };
+            .map(|f| format!("'{f}'"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        format.name(),
+        format.fields()
+    )))
+}
+
+/// The segments of a row already read into an object (see `read_row`).
+pub fn parse_fields(row: &Map<String, Json>, format: Format) -> Result<Vec<SegmentSpec>> {
+    let missing = |fields: &[&str]| missing_fields(row, format, fields);
     match format {
         Format::Chat => {
-            missing(&["messages"])?;
-            let msgs = message_list(&row["messages"], "messages")?;
+            let msgs = match sharegpt_field(row).filter(|_| !row.contains_key("messages")) {
+                Some(field) => sharegpt_messages(row, field)?,
+                None => {
+                    missing(&["messages"])?;
+                    message_list(&row["messages"], "messages")?
+                }
+            };
             let completion_start = last_non_assistant(&msgs).map_or(0, |i| i + 1);
             Ok(vec![SegmentSpec {
                 conversation: conversation(msgs, 0, completion_start),
@@ -271,39 +363,254 @@ pub fn parse_row(line: &str, format: Format) -> Result<Vec<SegmentSpec>> {
         Format::Ranked => {
             missing(&["prompt", "completions", "scores"])?;
             let p = turns(&row["prompt"], "prompt", "user")?;
-            let (Json::Array(cs), Json::Array(ss)) = (&row["completions"], &row["scores"]) else {
-                return Err(CoreError::Input(
-                    "'completions' and 'scores' must be lists".into(),
-                ));
-            };
-            if cs.len() < 2 || cs.len() != ss.len() {
-                return Err(CoreError::Input(format!(
-                    "'completions' ({}) and 'scores' ({}) must be lists of the same length, at least 2",
-                    cs.len(),
-                    ss.len()
-                )));
-            }
-            let mut cands = Vec::with_capacity(cs.len());
-            for (k, (c, s)) in cs.iter().zip(ss).enumerate() {
-                let score = s.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
-                    CoreError::Input(format!("scores[{k}] is not a finite number"))
-                })?;
-                cands.push((score, turns(c, &format!("completions[{k}]"), "assistant")?));
-            }
-            // best first; equal scores keep their input order
-            let mut order: Vec<usize> = (0..cands.len()).collect();
-            order.sort_by(|&a, &b| cands[b].0.partial_cmp(&cands[a].0).unwrap().then(a.cmp(&b)));
-            Ok(order
+            let cands = ranked(row, |c, field| turns(c, field, "assistant"))?;
+            Ok(cands
                 .into_iter()
                 .enumerate()
-                .map(|(rank, k)| SegmentSpec {
-                    conversation: joined(p.clone(), cands[k].1.clone()),
+                .map(|(rank, (score, c))| SegmentSpec {
+                    conversation: joined(p.clone(), c),
                     part: rank as i32,
-                    score: cands[k].0 as f32,
+                    score: score as f32,
                 })
                 .collect())
         }
+        Format::Text => Err(CoreError::Input(
+            "a text row has no conversation (it is read by parse_plain)".into(),
+        )),
     }
+}
+
+/// A ranked row's candidates read by `read`, best first (equal scores keep their input order).
+fn ranked<T>(
+    row: &Map<String, Json>,
+    read: impl Fn(&Json, &str) -> Result<T>,
+) -> Result<Vec<(f64, T)>> {
+    let (Json::Array(cs), Json::Array(ss)) = (&row["completions"], &row["scores"]) else {
+        return Err(CoreError::Input(
+            "'completions' and 'scores' must be lists".into(),
+        ));
+    };
+    if cs.len() < 2 || cs.len() != ss.len() {
+        return Err(CoreError::Input(format!(
+            "'completions' ({}) and 'scores' ({}) must be lists of the same length, at least 2",
+            cs.len(),
+            ss.len()
+        )));
+    }
+    let mut cands = Vec::with_capacity(cs.len());
+    for (k, (c, s)) in cs.iter().zip(ss).enumerate() {
+        let score = s
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| CoreError::Input(format!("scores[{k}] is not a finite number")))?;
+        cands.push((score, read(c, &format!("completions[{k}]"))?));
+    }
+    let mut order: Vec<usize> = (0..cands.len()).collect();
+    order.sort_by(|&a, &b| cands[b].0.partial_cmp(&cands[a].0).unwrap().then(a.cmp(&b)));
+    let mut slots: Vec<Option<(f64, T)>> = cands.into_iter().map(Some).collect();
+    Ok(order
+        .into_iter()
+        .map(|k| slots[k].take().unwrap())
+        .collect())
+}
+
+// ------------------------------------------------------------------ plain text
+/// A row of a plain-text format: the prompt (none for `text`) and each
+/// completion with its part and score; nothing is rendered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlainRow {
+    pub prompt: Option<String>,
+    pub completions: Vec<(String, i32, f32)>,
+}
+
+/// A string field of a plain-text row.
+fn plain_string(v: &Json, field: &str, format: Format) -> Result<String> {
+    match v {
+        Json::String(s) => Ok(s.clone()),
+        Json::Array(_) if format != Format::Text => Err(CoreError::Input(format!(
+            "'{field}' is a list of messages, but --no-chat-template reads plain strings (drop the flag for conversations)"
+        ))),
+        other => Err(CoreError::Input(format!(
+            "'{field}' must be a string, not {}",
+            kind(other)
+        ))),
+    }
+}
+
+/// Read a plain-text row (`text`, or a prompt/completion format with
+/// `--no-chat-template`): strings only, no chat template.
+pub fn parse_plain(row: &Map<String, Json>, format: Format) -> Result<PlainRow> {
+    let missing = |fields: &[&str]| missing_fields(row, format, fields);
+    let s = |field: &str| plain_string(&row[field], field, format);
+    let nan = f32::NAN;
+    Ok(match format {
+        Format::Text => {
+            missing(&["text"])?;
+            PlainRow {
+                prompt: None,
+                completions: vec![(s("text")?, 0, nan)],
+            }
+        }
+        Format::PromptCompletion => {
+            missing(&["prompt", "completion"])?;
+            PlainRow {
+                prompt: Some(s("prompt")?),
+                completions: vec![(s("completion")?, 0, nan)],
+            }
+        }
+        Format::Unpaired => {
+            missing(&["prompt", "completion", "label"])?;
+            let Json::Bool(label) = row["label"] else {
+                return Err(CoreError::Input(format!(
+                    "'label' must be true or false, not {}",
+                    kind(&row["label"])
+                )));
+            };
+            let score = if label { 1.0 } else { 0.0 };
+            PlainRow {
+                prompt: Some(s("prompt")?),
+                completions: vec![(s("completion")?, 0, score)],
+            }
+        }
+        Format::Preference => {
+            missing(&["prompt", "chosen", "rejected"])?;
+            PlainRow {
+                prompt: Some(s("prompt")?),
+                completions: vec![(s("chosen")?, 0, nan), (s("rejected")?, 1, nan)],
+            }
+        }
+        Format::Ranked => {
+            missing(&["prompt", "completions", "scores"])?;
+            let cands = ranked(row, |c, field| plain_string(c, field, format))?;
+            PlainRow {
+                prompt: Some(s("prompt")?),
+                completions: cands
+                    .into_iter()
+                    .enumerate()
+                    .map(|(rank, (score, c))| (c, rank as i32, score as f32))
+                    .collect(),
+            }
+        }
+        Format::Chat => {
+            return Err(CoreError::Input(
+                "chat rows are conversations: they need a chat template (drop --no-chat-template)"
+                    .into(),
+            ))
+        }
+    })
+}
+
+// ------------------------------------------------------------------ ShareGPT
+/// ShareGPT speakers (`from`) and the role each becomes: axolotl's defaults
+/// (human/user, gpt/assistant, system, tool) and LLaMA-Factory's tags
+/// (observation: a tool result; function_call: an assistant tool call).
+pub const SHAREGPT_ROLES: [(&str, &str); 8] = [
+    ("human", "user"),
+    ("user", "user"),
+    ("gpt", "assistant"),
+    ("assistant", "assistant"),
+    ("system", "system"),
+    ("tool", "tool"),
+    ("observation", "tool"),
+    ("function_call", "assistant"),
+];
+
+/// A ShareGPT conversation as messages (a leading system turn from the row's
+/// string `system` field when the conversation has none).
+fn sharegpt_messages(row: &Map<String, Json>, field: &str) -> Result<Vec<Json>> {
+    let Json::Array(items) = &row[field] else {
+        return Err(CoreError::Input(format!(
+            "'{field}' must be a list of messages, not {}",
+            kind(&row[field])
+        )));
+    };
+    let mut msgs = Vec::with_capacity(items.len() + 1);
+    if let Some(Json::String(system)) = row.get("system") {
+        let has_system = items
+            .first()
+            .and_then(|m| m.get("from"))
+            .is_some_and(|f| f == "system");
+        if !has_system {
+            msgs.push(serde_json::json!({"role": "system", "content": system}));
+        }
+    }
+    for (i, m) in items.iter().enumerate() {
+        msgs.push(match m {
+            Json::Object(obj) if obj.contains_key("from") => sharegpt_message(obj, field, i)?,
+            other => other.clone(), // role/content messages under a ShareGPT name
+        });
+    }
+    message_list(&Json::Array(msgs), field)
+}
+
+/// One `{"from", "value"}` message as `{"role", "content"}` (other keys kept).
+fn sharegpt_message(obj: &Map<String, Json>, field: &str, i: usize) -> Result<Json> {
+    let from = match &obj["from"] {
+        Json::String(f) => f.as_str(),
+        other => {
+            return Err(CoreError::Input(format!(
+                "{field}[{i}].from is not a string but {}",
+                kind(other)
+            )))
+        }
+    };
+    let Some(&(_, role)) = SHAREGPT_ROLES.iter().find(|(f, _)| *f == from) else {
+        let known: Vec<&str> = SHAREGPT_ROLES.iter().map(|(f, _)| *f).collect();
+        return Err(CoreError::Input(format!(
+            "unknown ShareGPT speaker {from:?} in {field}[{i}].from (expected one of {})",
+            known.join(", ")
+        )));
+    };
+    let value = match obj.get("value") {
+        Some(Json::String(v)) => v.clone(),
+        Some(other) => {
+            return Err(CoreError::Input(format!(
+                "{field}[{i}].value must be a string, not {}",
+                kind(other)
+            )))
+        }
+        None => return Err(CoreError::Input(format!("{field}[{i}] has no 'value'"))),
+    };
+    let mut out: Map<String, Json> = obj
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "from" | "value" | "role" | "content"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    out.insert("role".into(), Json::from(role));
+    if from == "function_call" {
+        out.insert("tool_calls".into(), tool_calls(&value, field, i)?);
+    } else {
+        out.insert("content".into(), Json::from(value));
+    }
+    Ok(Json::Object(out))
+}
+
+/// LLaMA-Factory's `function_call` value (`{"name", "arguments"}` or a list of
+/// them, as JSON text) as transformers' `tool_calls`.
+fn tool_calls(value: &str, field: &str, i: usize) -> Result<Json> {
+    let bad = |why: &str| {
+        CoreError::Input(format!(
+            "{field}[{i}] (function_call): the value must be JSON {{\"name\": ..., \"arguments\": ...}} or a list of them; {why}"
+        ))
+    };
+    let parsed: Json = serde_json::from_str(value).map_err(|e| bad(&e.to_string()))?;
+    let calls = match parsed {
+        Json::Array(calls) => calls,
+        one => vec![one],
+    };
+    if calls.is_empty() {
+        return Err(bad("it is an empty list"));
+    }
+    calls
+        .into_iter()
+        .map(|c| match c {
+            Json::Object(f) if f.get("name").is_some_and(Json::is_string) => {
+                Ok(serde_json::json!({"type": "function", "function": Json::Object(f)}))
+            }
+            _ => Err(bad("a call has no string 'name'")),
+        })
+        .collect::<Result<Vec<Json>>>()
+        .map(Json::Array)
 }
 
 fn prompt_matches(p: &[Json], raw: &Json, derived: &[Json]) -> bool {
@@ -479,7 +786,24 @@ mod tests {
             detect_format_line(r#"{"prompt":"a","completions":[],"scores":[]}"#).unwrap(),
             Format::Ranked
         );
-        assert!(detect_format_line(r#"{"text":"a"}"#).is_err());
+        assert_eq!(detect_format_line(r#"{"text":"a"}"#).unwrap(), Format::Text);
+        assert_eq!(
+            detect_format_line(r#"{"conversations":[],"system":"s"}"#).unwrap(),
+            Format::Chat
+        );
+        assert!(detect_format_line(r#"{"body":"a"}"#).is_err());
+        let columns = Columns {
+            pairs: vec![("messages".into(), "dialog".into())],
+        };
+        assert_eq!(
+            detect_format_renamed(r#"{"dialog":[]}"#, &columns).unwrap(),
+            Format::Chat
+        );
+        let e = detect_format_renamed(r#"{"body":"a"}"#, &columns).unwrap_err();
+        assert!(
+            e.to_string().contains("after --columns messages=dialog"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -565,5 +889,120 @@ mod tests {
                 "reasoning_content"
             ]
         );
+    }
+
+    #[test]
+    fn columns_rename_at_once_and_refuse_overwrites() {
+        let swap = Columns {
+            pairs: vec![
+                ("chosen".into(), "rejected".into()),
+                ("rejected".into(), "chosen".into()),
+            ],
+        };
+        let row = read_row(r#"{"chosen":"a","rejected":"b"}"#, &swap).unwrap();
+        assert_eq!(
+            (row["chosen"].as_str(), row["rejected"].as_str()),
+            (Some("b"), Some("a"))
+        );
+        let both = Columns {
+            pairs: vec![("prompt".into(), "question".into())],
+        };
+        let e = read_row(r#"{"prompt":"p","question":"q"}"#, &both).unwrap_err();
+        assert!(
+            e.to_string().contains("both 'question' and 'prompt'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sharegpt_roles_system_field_and_function_calls() {
+        let line = r#"{"system":"be brief","conversations":[{"from":"human","value":"weather?"},{"from":"function_call","value":"{\"name\": \"get\", \"arguments\": {\"city\": \"Oslo\"}}"},{"from":"observation","value":"rain"},{"from":"gpt","value":"Rain.","weight":1}]}"#;
+        let s = parse_row(line, Format::Chat).unwrap();
+        let c = &s[0].conversation;
+        let roles: Vec<String> = c
+            .messages
+            .iter()
+            .map(|m| m.get_attr("role").unwrap().to_string())
+            .collect();
+        assert_eq!(roles, ["system", "user", "assistant", "tool", "assistant"]);
+        assert_eq!(c.is_assistant, vec![false, false, true, false, true]);
+        let call = c.messages[2].get_attr("tool_calls").unwrap();
+        assert_eq!(
+            call.get_item_by_index(0)
+                .unwrap()
+                .get_attr("function")
+                .unwrap()
+                .get_attr("name")
+                .unwrap()
+                .to_string(),
+            "get"
+        );
+        assert_eq!(c.messages[4].get_attr("weight").unwrap().to_string(), "1");
+        assert_eq!(c.completion_start, 4);
+        // a system turn in the conversation wins over the field
+        let own = r#"{"system":"x","conversation":[{"from":"system","value":"s"},{"from":"human","value":"u"},{"from":"gpt","value":"a"}]}"#;
+        assert_eq!(
+            parse_row(own, Format::Chat).unwrap()[0]
+                .conversation
+                .messages
+                .len(),
+            3
+        );
+        assert!(err(
+            r#"{"conversations":[{"from":"bard","value":"x"}]}"#,
+            Format::Chat
+        )
+        .contains("unknown ShareGPT speaker \"bard\" in conversations[0].from"));
+        assert!(err(r#"{"conversations":[{"from":"gpt"}]}"#, Format::Chat)
+            .contains("conversations[0] has no 'value'"));
+        assert!(err(r#"{"conversations":[{"from":"human","value":"u"},{"from":"function_call","value":"get(1)"}]}"#, Format::Chat)
+            .contains("conversations[1] (function_call): the value must be JSON"));
+    }
+
+    #[test]
+    fn plain_rows_are_strings() {
+        let row = |l: &str| parse_object(l).unwrap();
+        let p = parse_plain(&row(r#"{"text":"abc"}"#), Format::Text).unwrap();
+        assert_eq!(p.prompt, None);
+        assert_eq!(p.completions[0].0, "abc");
+        let p = parse_plain(
+            &row(r#"{"prompt":"q","chosen":"g","rejected":"b"}"#),
+            Format::Preference,
+        )
+        .unwrap();
+        let parts: Vec<(&str, i32)> = p
+            .completions
+            .iter()
+            .map(|(c, k, _)| (c.as_str(), *k))
+            .collect();
+        assert_eq!(
+            (p.prompt.as_deref(), parts),
+            (Some("q"), vec![("g", 0), ("b", 1)])
+        );
+        let p = parse_plain(
+            &row(r#"{"prompt":"q","completions":["a","b"],"scores":[0,1]}"#),
+            Format::Ranked,
+        )
+        .unwrap();
+        assert_eq!(p.completions[0], ("b".to_string(), 0, 1.0));
+        let e = parse_plain(
+            &row(r#"{"prompt":[{"role":"user","content":"q"}],"completion":"a"}"#),
+            Format::PromptCompletion,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("'prompt' is a list of messages, but --no-chat-template"),
+            "{e}"
+        );
+        let e = parse_plain(&row(r#"{"text":["a"]}"#), Format::Text).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("'text' must be a string, not a list"),
+            "{e}"
+        );
+        let e =
+            parse_plain(&row(r#"{"prompt":"q","chosen":"g"}"#), Format::Preference).unwrap_err();
+        assert!(e.to_string().contains("no 'rejected' field"), "{e}");
     }
 }

@@ -5,7 +5,7 @@
 use irtrain_core::mask::MaskKind;
 use irtrain_core::pack::best_fit_decreasing;
 use irtrain_core::prepare::{Counts, Encoder, Options, Preparer, RowError, Truncation};
-use irtrain_core::rows::{detect_format_line, Format};
+use irtrain_core::rows::{detect_format_renamed, Columns, Format};
 use irtrain_core::shard::{Segment, ShardMeta, ShardWriter};
 use irtrain_core::template::ChatTemplate;
 use irtrain_core::tokenize::Tok;
@@ -27,6 +27,15 @@ fn row_errors(errors: Vec<RowError>) -> RowErrors {
         .collect()
 }
 
+/// How rows are read (`Encoder::with_rows`): `--columns` pairs, whether the
+/// chat template applies, tokenizer_config.json's explicit (add_bos_token, add_eos_token).
+#[derive(Clone, Default)]
+struct RowSettings {
+    columns: Vec<(String, String)>,
+    apply_chat_template: bool,
+    add_bos_eos: Option<(bool, bool)>,
+}
+
 fn build_encoder(
     tokenizer_file: &str,
     chat_template: &str,
@@ -34,15 +43,25 @@ fn build_encoder(
     format: &str,
     mask: &str,
     fast_bpe: bool,
+    rows: RowSettings,
 ) -> Result<Encoder, CoreError> {
     let tok = Tok::from_file(tokenizer_file, fast_bpe)?;
     let tpl = ChatTemplate::new(chat_template, special_tokens)?;
-    Ok(Encoder::new(
-        tok,
-        tpl,
-        Format::parse(format)?,
-        MaskKind::parse(mask)?,
-    ))
+    let special = |name: &str| {
+        special_tokens
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    Encoder::new(tok, tpl, Format::parse(format)?, MaskKind::parse(mask)?).with_rows(
+        Columns {
+            pairs: rows.columns,
+        },
+        rows.apply_chat_template,
+        special("eos_token"),
+        special("bos_token"),
+        rows.add_bos_eos,
+    )
 }
 
 /// Renders, tokenizes and masks rows without packing or writing.
@@ -55,7 +74,8 @@ pub struct PyEncoder {
 #[pymethods]
 impl PyEncoder {
     #[new]
-    #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, threads = 0, fast_bpe = true))]
+    #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, threads = 0, fast_bpe = true,
+                        *, columns = vec![], apply_chat_template = true, add_bos_eos = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -66,7 +86,15 @@ impl PyEncoder {
         mask: &str,
         threads: usize,
         fast_bpe: bool,
+        columns: Vec<(String, String)>,
+        apply_chat_template: bool,
+        add_bos_eos: Option<(bool, bool)>,
     ) -> PyResult<Self> {
+        let rows = RowSettings {
+            columns,
+            apply_chat_template,
+            add_bos_eos,
+        };
         let inner = py
             .detach(|| {
                 build_encoder(
@@ -76,6 +104,7 @@ impl PyEncoder {
                     format,
                     mask,
                     fast_bpe,
+                    rows,
                 )
             })
             .map_err(to_pyerr)?;
@@ -200,7 +229,7 @@ impl PyPreparer {
     #[new]
     #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, out_dir, *, max_len,
                         truncation, pack, shard_rows, skip_invalid = false, threads = 0, window_tokens = 0,
-                        fast_bpe = true))]
+                        fast_bpe = true, columns = vec![], apply_chat_template = true, add_bos_eos = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -218,7 +247,15 @@ impl PyPreparer {
         threads: usize,
         window_tokens: usize,
         fast_bpe: bool,
+        columns: Vec<(String, String)>,
+        apply_chat_template: bool,
+        add_bos_eos: Option<(bool, bool)>,
     ) -> PyResult<Self> {
+        let rows = RowSettings {
+            columns,
+            apply_chat_template,
+            add_bos_eos,
+        };
         let inner = py
             .detach(|| {
                 let enc = build_encoder(
@@ -228,6 +265,7 @@ impl PyPreparer {
                     format,
                     mask,
                     fast_bpe,
+                    rows,
                 )?;
                 let opts = Options {
                     max_len,
@@ -310,10 +348,12 @@ fn counts_json(c: &Counts) -> serde_json::Value {
     })
 }
 
-/// The format a JSON row's fields indicate (chat, preference, prompt-completion, unpaired, ranked).
+/// The format a JSON row's fields indicate (chat, preference, prompt-completion, unpaired,
+/// ranked, text), after renaming its fields as `columns` ((name, column) pairs) says.
 #[pyfunction]
-fn detect_format(line: &str) -> PyResult<String> {
-    detect_format_line(line)
+#[pyo3(signature = (line, columns = vec![]))]
+fn detect_format(line: &str, columns: Vec<(String, String)>) -> PyResult<String> {
+    detect_format_renamed(line, &Columns { pairs: columns })
         .map(|f| f.name().to_string())
         .map_err(to_pyerr)
 }
