@@ -27,7 +27,6 @@ class Encoder:
         *,
         columns: list[tuple[str, str]] = ...,
         apply_chat_template: bool = True,
-        add_bos_eos: tuple[bool, bool] | None = None,
     ) -> Encoder: ...
     def encode_jsonl(
         self, buf: bytes, first_row: int = 1, first_example: int = 0
@@ -61,7 +60,6 @@ class Preparer:
         fast_bpe: bool = True,
         columns: list[tuple[str, str]] = ...,
         apply_chat_template: bool = True,
-        add_bos_eos: tuple[bool, bool] | None = None,
     ) -> Preparer: ...
     def add_jsonl(self, buf: bytes, first_row: int) -> tuple[int, _RowErrors]: ...
     def progress(self) -> tuple[int, int, int]: ...

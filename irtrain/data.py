@@ -63,9 +63,6 @@ class TokenizerFiles:
     chat_template_origin: str  # where the template came from, for error messages
     special_tokens: list[tuple[str, str]]  # (name, token), e.g. ("bos_token", "<s>")
     file_sha256: str  # sha256 of the tokenizer.json and tokenizer_config.json bytes (cache keys)
-    #: tokenizer_config.json's explicit (add_bos_token, add_eos_token): transformers then replaces
-    #: tokenizer.json's post-processor with bos/eos around the text (None: not given)
-    add_bos_eos: tuple[bool, bool] | None = None
 
     @property
     def chat_template_hash(self) -> str:
@@ -153,8 +150,6 @@ def load_tokenizer_files(name_or_dir: str, chat_template_file: str | None = None
     return TokenizerFiles(
         name=name_or_dir, tokenizer_file=str(tj), chat_template=template, chat_template_origin=origin,
         special_tokens=specials, file_sha256=h.hexdigest(),
-        add_bos_eos=((bool(config.get("add_bos_token", False)), bool(config.get("add_eos_token", False)))
-                     if "add_bos_token" in config or "add_eos_token" in config else None),
     )
 
 
@@ -375,8 +370,7 @@ def preparer(tok: TokenizerFiles, fmt: str, mask: str, out_dir: str, *, max_len:
         return _rust.Preparer(tok.tokenizer_file, template, tok.special_tokens, fmt, mask, out_dir,
                               max_len=max_len, truncation=truncation, pack=pack, shard_rows=shard_rows,
                               skip_invalid=skip_invalid, threads=threads, window_tokens=window_tokens,
-                              fast_bpe=fast_bpe, columns=columns or [], apply_chat_template=apply_chat_template,
-                              add_bos_eos=tok.add_bos_eos)
+                              fast_bpe=fast_bpe, columns=columns or [], apply_chat_template=apply_chat_template)
     except TemplateError as e:
         raise TemplateError(e.message, path=tok.chat_template_origin) from None
 
@@ -421,8 +415,7 @@ class Encoder:
         self.mask = mask
         try:
             self._enc = _rust.Encoder(tok.tokenizer_file, template, tok.special_tokens, fmt, mask, threads,
-                                      fast_bpe, columns=columns or [], apply_chat_template=apply_chat_template,
-                                      add_bos_eos=tok.add_bos_eos)
+                                      fast_bpe, columns=columns or [], apply_chat_template=apply_chat_template)
         except TemplateError as e:
             raise TemplateError(e.message, path=tok.chat_template_origin) from None
 

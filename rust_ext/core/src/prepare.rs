@@ -122,16 +122,12 @@ impl Encoder {
     /// How rows are read: `columns` renamed first; plain text (no chat template,
     /// as TRL treats non-conversational data) for the `text` format, and for the
     /// others when `chat_template` is false. Plain text needs the tokenizer's
-    /// `eos` token; `add_bos_eos` is tokenizer_config.json's explicit
-    /// (add_bos_token, add_eos_token), which replace the post-processor as in
-    /// transformers.
+    /// `eos` token.
     pub fn with_rows(
         mut self,
         columns: Columns,
         chat_template: bool,
         eos: Option<&str>,
-        bos: Option<&str>,
-        add_bos_eos: Option<(bool, bool)>,
     ) -> Result<Self> {
         self.columns = columns;
         if self.format == Format::Chat && !chat_template {
@@ -149,7 +145,7 @@ impl Encoder {
                     if self.format == Format::Text { "text" } else { "--no-chat-template" }
                 )));
             };
-            self.tok.set_added_specials(add_bos_eos, bos, Some(eos))?;
+            self.tok.set_added_specials()?;
             self.plain_eos = Some(eos.to_string());
         }
         Ok(self)

@@ -129,31 +129,12 @@ impl Tok {
         })
     }
 
-    /// Fix the special tokens `encode_ids_special` adds, as transformers'
-    /// `tokenizer(text)` does: with `add_bos_eos` (tokenizer_config.json's
-    /// explicit add_bos_token / add_eos_token, which make transformers replace
-    /// the post-processor) the `bos`/`eos` tokens they name; otherwise those of
-    /// tokenizer.json's post-processor, read off a probe and checked on a second.
-    pub fn set_added_specials(
-        &mut self,
-        add_bos_eos: Option<(bool, bool)>,
-        bos: Option<&str>,
-        eos: Option<&str>,
-    ) -> Result<()> {
-        if let Some((add_bos, add_eos)) = add_bos_eos {
-            let id = |t: Option<&str>, on: bool| -> Result<Vec<u32>> {
-                match t.filter(|_| on) {
-                    None => Ok(Vec::new()),
-                    Some(t) => self.inner.token_to_id(t).map(|i| vec![i]).ok_or_else(|| {
-                        CoreError::Tokenizer(format!(
-                            "special token {t:?} is not in the vocabulary"
-                        ))
-                    }),
-                }
-            };
-            self.added = (id(bos, add_bos)?, id(eos, add_eos)?);
-            return Ok(());
-        }
+    /// Fix the special tokens `encode_ids_special` adds as transformers'
+    /// `tokenizer(text)` does: those of tokenizer.json's post-processor (which
+    /// transformers 5 keeps, dropping tokenizer_config.json's add_bos_token /
+    /// add_eos_token when a tokenizer.json exists), read off a probe and checked
+    /// on a second text.
+    pub fn set_added_specials(&mut self) -> Result<()> {
         let with = |text: &str, specials: bool| -> Result<Vec<u32>> {
             self.inner
                 .encode_fast(text, specials)

@@ -27,13 +27,11 @@ fn row_errors(errors: Vec<RowError>) -> RowErrors {
         .collect()
 }
 
-/// How rows are read (`Encoder::with_rows`): `--columns` pairs, whether the
-/// chat template applies, tokenizer_config.json's explicit (add_bos_token, add_eos_token).
+/// How rows are read (`Encoder::with_rows`): `--columns` pairs, whether the chat template applies.
 #[derive(Clone, Default)]
 struct RowSettings {
     columns: Vec<(String, String)>,
     apply_chat_template: bool,
-    add_bos_eos: Option<(bool, bool)>,
 }
 
 fn build_encoder(
@@ -59,8 +57,6 @@ fn build_encoder(
         },
         rows.apply_chat_template,
         special("eos_token"),
-        special("bos_token"),
-        rows.add_bos_eos,
     )
 }
 
@@ -75,7 +71,7 @@ pub struct PyEncoder {
 impl PyEncoder {
     #[new]
     #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, threads = 0, fast_bpe = true,
-                        *, columns = vec![], apply_chat_template = true, add_bos_eos = None))]
+                        *, columns = vec![], apply_chat_template = true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -88,12 +84,10 @@ impl PyEncoder {
         fast_bpe: bool,
         columns: Vec<(String, String)>,
         apply_chat_template: bool,
-        add_bos_eos: Option<(bool, bool)>,
     ) -> PyResult<Self> {
         let rows = RowSettings {
             columns,
             apply_chat_template,
-            add_bos_eos,
         };
         let inner = py
             .detach(|| {
@@ -229,7 +223,7 @@ impl PyPreparer {
     #[new]
     #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, out_dir, *, max_len,
                         truncation, pack, shard_rows, skip_invalid = false, threads = 0, window_tokens = 0,
-                        fast_bpe = true, columns = vec![], apply_chat_template = true, add_bos_eos = None))]
+                        fast_bpe = true, columns = vec![], apply_chat_template = true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -249,12 +243,10 @@ impl PyPreparer {
         fast_bpe: bool,
         columns: Vec<(String, String)>,
         apply_chat_template: bool,
-        add_bos_eos: Option<(bool, bool)>,
     ) -> PyResult<Self> {
         let rows = RowSettings {
             columns,
             apply_chat_template,
-            add_bos_eos,
         };
         let inner = py
             .detach(|| {
