@@ -114,9 +114,10 @@ def _tiny_model(tok, path: Path) -> str:
 
 
 def trl_dataset(kind: str, tok_dir: Path, rows: list[dict], work: Path) -> list[dict]:
-    """What TRL's SFTTrainer (`kind` sft) or DPOTrainer (dpo) makes of `rows` before training."""
+    """What TRL's SFTTrainer (`kind` sft), DPOTrainer (dpo) or KTOTrainer (kto) makes of `rows`
+    before training."""
     from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
     tok = _tok(tok_dir)
     model = _tiny_model(tok, work / f"tiny-{tok_dir.name}")
@@ -125,8 +126,9 @@ def trl_dataset(kind: str, tok_dir: Path, rows: list[dict], work: Path) -> list[
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=Dataset.from_list(rows),
                              processing_class=tok)
     else:
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=Dataset.from_list(rows),
-                             processing_class=tok)
+        trainer_cls, config_cls = {"dpo": (DPOTrainer, DPOConfig), "kto": (KTOTrainer, KTOConfig)}[kind]
+        trainer = trainer_cls(model=model, args=config_cls(**common), train_dataset=Dataset.from_list(rows),
+                              processing_class=tok)
     return list(trainer.train_dataset)
 
 
@@ -210,15 +212,24 @@ def test_plain_preference_equals_trl_dpo_trainer(tokenizers, tmp_path, name):
             assert d[side]["labels"] == [-100] * n + t[f"{side}_ids"]
 
 
-def test_plain_unpaired_and_ranked_and_mask_all(tokenizers, tmp_path):
-    tok = _tok(tokenizers["chatml"])
-    d = tokenizers["chatml"]
-    kto = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "Q: ", "completion": "yes", "label": True},
-                                              {"prompt": "Q: ", "completion": "no", "label": False}])
-    run(PrepareConfig(inputs=[str(kto)], out=str(tmp_path / "k"), tokenizer=str(d), apply_chat_template=False))
+@pytest.mark.parametrize("name", ["chatml", "metaspace"])
+def test_plain_unpaired_equals_trl_kto_trainer(tokenizers, tmp_path, name):
+    rows = [{"prompt": "Q: is it? ", "completion": "yes", "label": True},
+            {"prompt": "abc", "completion": "def", "label": False}]
+    ref = trl_dataset("kto", tokenizers[name], rows, tmp_path)
+    kto = write_jsonl(tmp_path / "k.jsonl", rows)
+    run(PrepareConfig(inputs=[str(kto)], out=str(tmp_path / "k"), tokenizer=str(tokenizers[name]),
+                      apply_chat_template=False))
     docs = list(iter_documents(tmp_path / "k"))
     assert [x["label"] for x in docs] == [True, False]
-    assert docs[0]["input_ids"] == tok("Q: yes" + tok.eos_token)["input_ids"]
+    for d, t in zip(docs, ref, strict=True):
+        assert d["input_ids"] == t["prompt_ids"] + t["completion_ids"]
+        assert d["labels"] == [-100] * len(t["prompt_ids"]) + t["completion_ids"]
+
+
+def test_plain_ranked_and_mask_all(tokenizers, tmp_path):
+    tok = _tok(tokenizers["chatml"])
+    d = tokenizers["chatml"]
     rk = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Q: ", "completions": ["a", "bb", "c"], "scores": [1, 3, 2]}])
     run(PrepareConfig(inputs=[str(rk)], out=str(tmp_path / "r"), tokenizer=str(d), apply_chat_template=False))
     (doc,) = iter_documents(tmp_path / "r")
