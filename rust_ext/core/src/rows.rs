@@ -19,16 +19,10 @@
 //! value is null are dropped, and reasoning given as `reasoning_content`,
 //! `thinking` or `reasoning` is visible under the first two names.
 //!
-//! ShareGPT rows (axolotl / LLaMA-Factory): `conversations` (or
-//! `conversation`) stands for `messages`, and a message `{"from", "value"}`
-//! for `{"role", "content"}` with the roles mapped as `SHAREGPT_ROLES` says
-//! (`function_call` becomes an assistant turn whose `tool_calls` is the JSON
-//! of its value); a row's string `system` field becomes a leading system turn.
-//!
-//! `Columns` renames a row's fields before anything reads them (`--columns`).
-//! `parse_plain` reads the string fields of the plain-text formats (`text`,
-//! and the others with `--no-chat-template`), which are tokenized without a
-//! chat template.
+//! ShareGPT rows (`conversations` with `from`/`value`) are chat rows, read by
+//! `crate::sharegpt`. `Columns` renames a row's fields before anything reads
+//! them (`--columns`). The plain-text formats (`text`, and the others with
+//! `--no-chat-template`) are read by `crate::plain`, not rendered.
 use minijinja::value::Serde;
 use minijinja::Value;
 use serde_json::{Map, Value as Json};
@@ -119,7 +113,7 @@ pub fn detect_format(row: &Map<String, Json>) -> Option<Format> {
 }
 
 /// The ShareGPT field holding a row's conversation, if it has one.
-fn sharegpt_field(row: &Map<String, Json>) -> Option<&'static str> {
+pub(crate) fn sharegpt_field(row: &Map<String, Json>) -> Option<&'static str> {
     ["conversations", "conversation"]
         .into_iter()
         .find(|k| row.contains_key(*k))
@@ -214,7 +208,7 @@ pub struct SegmentSpec {
     pub score: f32,
 }
 
-fn parse_object(line: &str) -> Result<Map<String, Json>> {
+pub(crate) fn parse_object(line: &str) -> Result<Map<String, Json>> {
     match serde_json::from_str::<Json>(line) {
         Ok(Json::Object(m)) => Ok(m),
         Ok(other) => Err(CoreError::Input(format!(
@@ -225,7 +219,7 @@ fn parse_object(line: &str) -> Result<Map<String, Json>> {
     }
 }
 
-fn kind(v: &Json) -> &'static str {
+pub(crate) fn kind(v: &Json) -> &'static str {
     match v {
         Json::Null => "null",
         Json::Bool(_) => "a boolean",
@@ -242,7 +236,11 @@ pub fn parse_row(line: &str, format: Format) -> Result<Vec<SegmentSpec>> {
 }
 
 /// `fields` (each absent from `row`) as an error naming what the format needs.
-fn missing_fields(row: &Map<String, Json>, format: Format, fields: &[&str]) -> Result<()> {
+pub(crate) fn missing_fields(
+    row: &Map<String, Json>,
+    format: Format,
+    fields: &[&str],
+) -> Result<()> {
     let absent: Vec<&str> = fields
         .iter()
         .copied()
@@ -270,7 +268,7 @@ pub fn parse_fields(row: &Map<String, Json>, format: Format) -> Result<Vec<Segme
     match format {
         Format::Chat => {
             let msgs = match sharegpt_field(row).filter(|_| !row.contains_key("messages")) {
-                Some(field) => sharegpt_messages(row, field)?,
+                Some(field) => crate::sharegpt::messages(row, field)?,
                 None => {
                     missing(&["messages"])?;
                     message_list(&row["messages"], "messages")?
@@ -375,13 +373,13 @@ pub fn parse_fields(row: &Map<String, Json>, format: Format) -> Result<Vec<Segme
                 .collect())
         }
         Format::Text => Err(CoreError::Input(
-            "a text row has no conversation (it is read by parse_plain)".into(),
+            "a text row has no conversation (it is read by plain::parse_plain)".into(),
         )),
     }
 }
 
 /// A ranked row's candidates read by `read`, best first (equal scores keep their input order).
-fn ranked<T>(
+pub(crate) fn ranked<T>(
     row: &Map<String, Json>,
     read: impl Fn(&Json, &str) -> Result<T>,
 ) -> Result<Vec<(f64, T)>> {
@@ -412,205 +410,6 @@ fn ranked<T>(
         .into_iter()
         .map(|k| slots[k].take().unwrap())
         .collect())
-}
-
-// ------------------------------------------------------------------ plain text
-/// A row of a plain-text format: the prompt (none for `text`) and each
-/// completion with its part and score; nothing is rendered.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PlainRow {
-    pub prompt: Option<String>,
-    pub completions: Vec<(String, i32, f32)>,
-}
-
-/// A string field of a plain-text row.
-fn plain_string(v: &Json, field: &str, format: Format) -> Result<String> {
-    match v {
-        Json::String(s) => Ok(s.clone()),
-        Json::Array(_) if format != Format::Text => Err(CoreError::Input(format!(
-            "'{field}' is a list of messages, but --no-chat-template reads plain strings (drop the flag for conversations)"
-        ))),
-        other => Err(CoreError::Input(format!(
-            "'{field}' must be a string, not {}",
-            kind(other)
-        ))),
-    }
-}
-
-/// Read a plain-text row (`text`, or a prompt/completion format with
-/// `--no-chat-template`): strings only, no chat template.
-pub fn parse_plain(row: &Map<String, Json>, format: Format) -> Result<PlainRow> {
-    let missing = |fields: &[&str]| missing_fields(row, format, fields);
-    let s = |field: &str| plain_string(&row[field], field, format);
-    let nan = f32::NAN;
-    Ok(match format {
-        Format::Text => {
-            missing(&["text"])?;
-            PlainRow {
-                prompt: None,
-                completions: vec![(s("text")?, 0, nan)],
-            }
-        }
-        Format::PromptCompletion => {
-            missing(&["prompt", "completion"])?;
-            PlainRow {
-                prompt: Some(s("prompt")?),
-                completions: vec![(s("completion")?, 0, nan)],
-            }
-        }
-        Format::Unpaired => {
-            missing(&["prompt", "completion", "label"])?;
-            let Json::Bool(label) = row["label"] else {
-                return Err(CoreError::Input(format!(
-                    "'label' must be true or false, not {}",
-                    kind(&row["label"])
-                )));
-            };
-            let score = if label { 1.0 } else { 0.0 };
-            PlainRow {
-                prompt: Some(s("prompt")?),
-                completions: vec![(s("completion")?, 0, score)],
-            }
-        }
-        Format::Preference => {
-            missing(&["prompt", "chosen", "rejected"])?;
-            PlainRow {
-                prompt: Some(s("prompt")?),
-                completions: vec![(s("chosen")?, 0, nan), (s("rejected")?, 1, nan)],
-            }
-        }
-        Format::Ranked => {
-            missing(&["prompt", "completions", "scores"])?;
-            let cands = ranked(row, |c, field| plain_string(c, field, format))?;
-            PlainRow {
-                prompt: Some(s("prompt")?),
-                completions: cands
-                    .into_iter()
-                    .enumerate()
-                    .map(|(rank, (score, c))| (c, rank as i32, score as f32))
-                    .collect(),
-            }
-        }
-        Format::Chat => {
-            return Err(CoreError::Input(
-                "chat rows are conversations: they need a chat template (drop --no-chat-template)"
-                    .into(),
-            ))
-        }
-    })
-}
-
-// ------------------------------------------------------------------ ShareGPT
-/// ShareGPT speakers (`from`) and the role each becomes: axolotl's defaults
-/// (human/user, gpt/assistant, system, tool) and LLaMA-Factory's tags
-/// (observation: a tool result; function_call: an assistant tool call).
-pub const SHAREGPT_ROLES: [(&str, &str); 8] = [
-    ("human", "user"),
-    ("user", "user"),
-    ("gpt", "assistant"),
-    ("assistant", "assistant"),
-    ("system", "system"),
-    ("tool", "tool"),
-    ("observation", "tool"),
-    ("function_call", "assistant"),
-];
-
-/// A ShareGPT conversation as messages (a leading system turn from the row's
-/// string `system` field when the conversation has none).
-fn sharegpt_messages(row: &Map<String, Json>, field: &str) -> Result<Vec<Json>> {
-    let Json::Array(items) = &row[field] else {
-        return Err(CoreError::Input(format!(
-            "'{field}' must be a list of messages, not {}",
-            kind(&row[field])
-        )));
-    };
-    let mut msgs = Vec::with_capacity(items.len() + 1);
-    if let Some(Json::String(system)) = row.get("system") {
-        let has_system = items
-            .first()
-            .and_then(|m| m.get("from"))
-            .is_some_and(|f| f == "system");
-        if !has_system {
-            msgs.push(serde_json::json!({"role": "system", "content": system}));
-        }
-    }
-    for (i, m) in items.iter().enumerate() {
-        msgs.push(match m {
-            Json::Object(obj) if obj.contains_key("from") => sharegpt_message(obj, field, i)?,
-            other => other.clone(), // role/content messages under a ShareGPT name
-        });
-    }
-    message_list(&Json::Array(msgs), field)
-}
-
-/// One `{"from", "value"}` message as `{"role", "content"}` (other keys kept).
-fn sharegpt_message(obj: &Map<String, Json>, field: &str, i: usize) -> Result<Json> {
-    let from = match &obj["from"] {
-        Json::String(f) => f.as_str(),
-        other => {
-            return Err(CoreError::Input(format!(
-                "{field}[{i}].from is not a string but {}",
-                kind(other)
-            )))
-        }
-    };
-    let Some(&(_, role)) = SHAREGPT_ROLES.iter().find(|(f, _)| *f == from) else {
-        let known: Vec<&str> = SHAREGPT_ROLES.iter().map(|(f, _)| *f).collect();
-        return Err(CoreError::Input(format!(
-            "unknown ShareGPT speaker {from:?} in {field}[{i}].from (expected one of {})",
-            known.join(", ")
-        )));
-    };
-    let value = match obj.get("value") {
-        Some(Json::String(v)) => v.clone(),
-        Some(other) => {
-            return Err(CoreError::Input(format!(
-                "{field}[{i}].value must be a string, not {}",
-                kind(other)
-            )))
-        }
-        None => return Err(CoreError::Input(format!("{field}[{i}] has no 'value'"))),
-    };
-    let mut out: Map<String, Json> = obj
-        .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "from" | "value" | "role" | "content"))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    out.insert("role".into(), Json::from(role));
-    if from == "function_call" {
-        out.insert("tool_calls".into(), tool_calls(&value, field, i)?);
-    } else {
-        out.insert("content".into(), Json::from(value));
-    }
-    Ok(Json::Object(out))
-}
-
-/// LLaMA-Factory's `function_call` value (`{"name", "arguments"}` or a list of
-/// them, as JSON text) as transformers' `tool_calls`.
-fn tool_calls(value: &str, field: &str, i: usize) -> Result<Json> {
-    let bad = |why: &str| {
-        CoreError::Input(format!(
-            "{field}[{i}] (function_call): the value must be JSON {{\"name\": ..., \"arguments\": ...}} or a list of them; {why}"
-        ))
-    };
-    let parsed: Json = serde_json::from_str(value).map_err(|e| bad(&e.to_string()))?;
-    let calls = match parsed {
-        Json::Array(calls) => calls,
-        one => vec![one],
-    };
-    if calls.is_empty() {
-        return Err(bad("it is an empty list"));
-    }
-    calls
-        .into_iter()
-        .map(|c| match c {
-            Json::Object(f) if f.get("name").is_some_and(Json::is_string) => {
-                Ok(serde_json::json!({"type": "function", "function": Json::Object(f)}))
-            }
-            _ => Err(bad("a call has no string 'name'")),
-        })
-        .collect::<Result<Vec<Json>>>()
-        .map(Json::Array)
 }
 
 fn prompt_matches(p: &[Json], raw: &Json, derived: &[Json]) -> bool {
@@ -912,97 +711,5 @@ mod tests {
             e.to_string().contains("both 'question' and 'prompt'"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn sharegpt_roles_system_field_and_function_calls() {
-        let line = r#"{"system":"be brief","conversations":[{"from":"human","value":"weather?"},{"from":"function_call","value":"{\"name\": \"get\", \"arguments\": {\"city\": \"Oslo\"}}"},{"from":"observation","value":"rain"},{"from":"gpt","value":"Rain.","weight":1}]}"#;
-        let s = parse_row(line, Format::Chat).unwrap();
-        let c = &s[0].conversation;
-        let roles: Vec<String> = c
-            .messages
-            .iter()
-            .map(|m| m.get_attr("role").unwrap().to_string())
-            .collect();
-        assert_eq!(roles, ["system", "user", "assistant", "tool", "assistant"]);
-        assert_eq!(c.is_assistant, vec![false, false, true, false, true]);
-        let call = c.messages[2].get_attr("tool_calls").unwrap();
-        assert_eq!(
-            call.get_item_by_index(0)
-                .unwrap()
-                .get_attr("function")
-                .unwrap()
-                .get_attr("name")
-                .unwrap()
-                .to_string(),
-            "get"
-        );
-        assert_eq!(c.messages[4].get_attr("weight").unwrap().to_string(), "1");
-        assert_eq!(c.completion_start, 4);
-        // a system turn in the conversation wins over the field
-        let own = r#"{"system":"x","conversation":[{"from":"system","value":"s"},{"from":"human","value":"u"},{"from":"gpt","value":"a"}]}"#;
-        assert_eq!(
-            parse_row(own, Format::Chat).unwrap()[0]
-                .conversation
-                .messages
-                .len(),
-            3
-        );
-        assert!(err(
-            r#"{"conversations":[{"from":"bard","value":"x"}]}"#,
-            Format::Chat
-        )
-        .contains("unknown ShareGPT speaker \"bard\" in conversations[0].from"));
-        assert!(err(r#"{"conversations":[{"from":"gpt"}]}"#, Format::Chat)
-            .contains("conversations[0] has no 'value'"));
-        assert!(err(r#"{"conversations":[{"from":"human","value":"u"},{"from":"function_call","value":"get(1)"}]}"#, Format::Chat)
-            .contains("conversations[1] (function_call): the value must be JSON"));
-    }
-
-    #[test]
-    fn plain_rows_are_strings() {
-        let row = |l: &str| parse_object(l).unwrap();
-        let p = parse_plain(&row(r#"{"text":"abc"}"#), Format::Text).unwrap();
-        assert_eq!(p.prompt, None);
-        assert_eq!(p.completions[0].0, "abc");
-        let p = parse_plain(
-            &row(r#"{"prompt":"q","chosen":"g","rejected":"b"}"#),
-            Format::Preference,
-        )
-        .unwrap();
-        let parts: Vec<(&str, i32)> = p
-            .completions
-            .iter()
-            .map(|(c, k, _)| (c.as_str(), *k))
-            .collect();
-        assert_eq!(
-            (p.prompt.as_deref(), parts),
-            (Some("q"), vec![("g", 0), ("b", 1)])
-        );
-        let p = parse_plain(
-            &row(r#"{"prompt":"q","completions":["a","b"],"scores":[0,1]}"#),
-            Format::Ranked,
-        )
-        .unwrap();
-        assert_eq!(p.completions[0], ("b".to_string(), 0, 1.0));
-        let e = parse_plain(
-            &row(r#"{"prompt":[{"role":"user","content":"q"}],"completion":"a"}"#),
-            Format::PromptCompletion,
-        )
-        .unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("'prompt' is a list of messages, but --no-chat-template"),
-            "{e}"
-        );
-        let e = parse_plain(&row(r#"{"text":["a"]}"#), Format::Text).unwrap_err();
-        assert!(
-            e.to_string()
-                .contains("'text' must be a string, not a list"),
-            "{e}"
-        );
-        let e =
-            parse_plain(&row(r#"{"prompt":"q","chosen":"g"}"#), Format::Preference).unwrap_err();
-        assert!(e.to_string().contains("no 'rejected' field"), "{e}");
     }
 }
