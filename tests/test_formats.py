@@ -368,3 +368,13 @@ def test_bad_rows_are_one_line_errors_naming_file_and_row(tokenizers, tmp_path, 
     src = tmp_path / "t.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert_one_line_error(cli(tmp_path, tokenizers["chatml"], str(src), *extra), *needles, tmp_path=tmp_path)
+
+
+def test_plain_text_needs_an_eos_token(tokenizers, tmp_path):
+    d = tmp_path / "no-eos"
+    shutil.copytree(tokenizers["chatml"], d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("eos_token")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    src = write_jsonl(tmp_path / "t.jsonl", [GOOD_TEXT])
+    assert_one_line_error(cli(tmp_path, d, str(src)), "names no eos_token", "text format", tmp_path=tmp_path)
