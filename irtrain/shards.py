@@ -28,7 +28,7 @@ Rules every writer keeps and every reader may rely on:
 
 MANIFEST (``manifest.json``)::
 
-    {"irtrain_shards": 1, "format": "chat"|"preference"|"prompt-completion"|"unpaired"|"ranked",
+    {"irtrain_shards": 1, "format": "chat"|"preference"|"prompt-completion"|"unpaired"|"ranked"|"text",
      "packed": bool, "max_len": int,
      "tokenizer_hash": str, "chat_template_hash": str,
      "sources": [{"path": str, "sha256": str, "rows": int}], "config": {...},
