@@ -36,7 +36,7 @@ pub fn messages(row: &Map<String, Json>, field: &str) -> Result<Vec<Json>> {
     if let Some(Json::String(system)) = row.get("system") {
         let has_system = items
             .first()
-            .and_then(|m| m.get("from"))
+            .and_then(|m| m.get("from").or_else(|| m.get("role")))
             .is_some_and(|f| f == "system");
         if !has_system {
             msgs.push(serde_json::json!({"role": "system", "content": system}));
@@ -164,7 +164,15 @@ mod tests {
         );
         assert_eq!(c.messages[4].get_attr("weight").unwrap().to_string(), "1");
         assert_eq!(c.completion_start, 4);
-        // a system turn in the conversation wins over the field
+        // a system turn in the conversation (either spelling) wins over the field
+        let role = r#"{"system":"x","conversations":[{"role":"system","content":"s"},{"from":"human","value":"u"}]}"#;
+        assert_eq!(
+            parse_row(role, Format::Chat).unwrap()[0]
+                .conversation
+                .messages
+                .len(),
+            2
+        );
         let own = r#"{"system":"x","conversation":[{"from":"system","value":"s"},{"from":"human","value":"u"},{"from":"gpt","value":"a"}]}"#;
         assert_eq!(
             parse_row(own, Format::Chat).unwrap()[0]
