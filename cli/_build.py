@@ -20,11 +20,13 @@ from irtrain.config import _unwrap_optional, config_to_toml, load_config
 from irtrain.errors import IrtrainError
 
 
-def _option(name: str, base: Any, help_text: str, *, hidden: bool = False) -> tuple[Any, Any]:
-    """(annotation, typer.Option) of the flag `--NAME` for a field of type `base`."""
+def _option(name: str, base: Any, help_text: str, *, hidden: bool = False, flags: str | None = None) -> tuple[Any, Any]:
+    """(annotation, typer.Option) of the flag `--NAME` (or the field's own `flags`, e.g.
+    `--apply-chat-template/--no-chat-template`) for a field of type `base`."""
     flag = "--" + name.replace("_", "-")
     if base is bool:
-        return Optional[bool], typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False, hidden=hidden)
+        return Optional[bool], typer.Option(None, flags or f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False,
+                                            hidden=hidden)
     if typing.get_origin(base) is list:
         return Optional[list[str]], typer.Option(None, flag, help=help_text, show_default=False, hidden=hidden)
     return Optional[base if base in (int, float) else str], typer.Option(None, flag, help=help_text, show_default=False, hidden=hidden)
@@ -50,7 +52,7 @@ def _params(f: dataclasses.Field, tp: Any) -> list[inspect.Parameter]:
         annotation = Optional[list[str]] if typing.get_origin(base) is list else Optional[str]
         return [inspect.Parameter(f.name, kind, annotation=annotation,
                                   default=typer.Argument(None, help=help_text, show_default=False))]
-    annotation, info = _option(f.name, base, help_text)
+    annotation, info = _option(f.name, base, help_text, flags=f.metadata.get("flag"))
     params = [inspect.Parameter(f.name, kind, default=info, annotation=annotation)]
     for alias in names:
         annotation, info = _option(alias, base, f"Alias of --{f.name.replace('_', '-')}.", hidden=True)

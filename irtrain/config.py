@@ -42,14 +42,15 @@ CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, positional: bool = False,
-        check: str | None = None, aliases: tuple[str, ...] = ()) -> Any:
+        check: str | None = None, aliases: tuple[str, ...] = (), flag: str | None = None) -> Any:
     """Declare a config field: its default, one line of help, optional choices, optional range
     check (a key of `CHECKS`; None values pass, for optional fields), optional aliases (other
     names of the same setting, e.g. TRL's `learning_rate` for `lr`: a flag `--learning-rate`
-    and a TOML key)."""
+    and a TOML key), optional CLI flag names (`--on/--off` for a bool) when the field's name
+    does not make a good flag."""
     assert check is None or check in CHECKS, check
     assert not (positional and aliases), "a positional argument has no flag to alias"
-    meta = {"help": help, "choices": choices, "positional": positional, "check": check, "aliases": aliases}
+    meta = {"help": help, "choices": choices, "positional": positional, "check": check, "aliases": aliases, "flag": flag}
     if isinstance(default, list):
         items: list[Any] = list(default)
         return field(default_factory=lambda: list(items), metadata=meta)
@@ -91,7 +92,14 @@ class PrepareConfig(_Validated):
     inputs: list[str] = opt([], "Input files or directories (JSONL/JSON/Parquet) or Hugging Face datasets (owner/name, or hf:NAME_OR_DIR).", positional=True)
     out: str = opt("", "Output shard directory.")
     tokenizer: str = opt("", "Tokenizer: a local directory (tokenizer.json + tokenizer_config.json) or hub name.")
-    format: str = opt("auto", "Input format.", choices=("auto", *FORMATS))
+    format: str = opt("auto", "Input format (auto: from the first row's fields; text = plain language modelling).",
+                      choices=("auto", *FORMATS))
+    columns: str = opt("", "Rename input columns to irtrain's fields before reading rows: NAME=COLUMN,... "
+                       "(e.g. messages=conversations,chosen=preferred).")
+    apply_chat_template: bool = opt(
+        True, "Render string prompt/completion/chosen/rejected fields with the chat template; --no-chat-template: "
+        "plain text as TRL does for non-conversational data (prompt + completion + eos, loss on the completion).",
+        flag="--apply-chat-template/--no-chat-template")
     split: str = opt("train", "Dataset split, for Hugging Face dataset names.")
     subset: str | None = opt(None, "Dataset configuration (subset) name, for Hugging Face dataset names.")
     chat_template: str | None = opt(None, "A Jinja file overriding the tokenizer's chat template.")

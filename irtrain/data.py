@@ -32,15 +32,21 @@ from typing import Any
 import numpy as np
 
 from irtrain import _rust
-from irtrain.errors import DataError, IrtrainIOError, TemplateError, TokenizerError
+from irtrain.errors import ConfigError, DataError, IrtrainIOError, TemplateError, TokenizerError
 from irtrain.shards import FORMATS, ShardSet, iter_documents
 
 __all__ = [
     "iter_documents", "ShardSet", "TokenizerFiles", "load_tokenizer_files", "tokenizer_files_of", "Source", "Chunk", "resolve_inputs",
     "Encoder", "encode_rows", "detect_format", "pack_bfd", "write_shards", "preparer", "row_error", "FORMATS", "MASKS",
+    "ROW_FIELDS", "parse_columns", "needs_chat_template",
 ]
 
 MASKS = ("assistant", "last", "completion", "all")
+#: the row fields the formats read, which `--columns` may map input columns to
+ROW_FIELDS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected", "label", "completions",
+              "scores", "text", "system", "tools", "documents")
+#: formats tokenized as plain text, without a chat template (TRL's non-conversational data)
+PLAIN_FORMATS = ("text",)
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
 #: named special tokens a chat template sees (transformers' SPECIAL_TOKENS_ATTRIBUTES)
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -363,22 +369,55 @@ def local_clock(now: float | None = None) -> tuple[int, str]:
     return int(now) + int(time.localtime(int(now)).tm_gmtoff), local.isoformat()
 
 
+def parse_columns(spec: str) -> list[tuple[str, str]]:
+    """`--columns NAME=COLUMN,...` as (irtrain's field, the input's column) pairs; ConfigError
+    naming the flag when it is malformed, names an unknown field or maps one twice."""
+    pairs: list[tuple[str, str]] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, eq, column = (x.strip() for x in item.partition("="))
+        if not eq or not name or not column:
+            raise ConfigError(f"--columns: {item!r} is not NAME=COLUMN (e.g. --columns messages=conversations)")
+        if name not in ROW_FIELDS:
+            raise ConfigError(f"--columns: {name!r} is not a field irtrain reads (one of {', '.join(ROW_FIELDS)})")
+        if any(name == n for n, _ in pairs) or any(column == c for _, c in pairs):
+            raise ConfigError(f"--columns: {item!r} maps a field or column a second time")
+        pairs.append((name, column))
+    return pairs
+
+
+def needs_chat_template(fmt: str, apply_chat_template: bool = True) -> bool:
+    """Whether rows of `fmt` are rendered with the chat template (plain text otherwise)."""
+    return fmt not in PLAIN_FORMATS and apply_chat_template
+
+
 def preparer(tok: TokenizerFiles, fmt: str, mask: str, out_dir: str, *, max_len: int, truncation: str, pack: bool,
              shard_rows: int, skip_invalid: bool = False, threads: int = 0, window_tokens: int = 0,
-             fast_bpe: bool = True, template_vars: Iterable[str] = (), clock: int | None = None) -> Any:
+             fast_bpe: bool = True, template_vars: Iterable[str] = (), clock: int | None = None,
+             columns: list[tuple[str, str]] | None = None, apply_chat_template: bool = True) -> Any:
     """The Rust pipeline behind `irtrain prepare` (`irtrain._rust.Preparer`), writing shard
     folders into `out_dir`: feed it `Chunk`s with `add_jsonl(data, first_row)`, then `finish()`.
     `clock` fixes `strftime_now` (`local_clock()[0]`; default: now)."""
-    if tok.chat_template is None:
-        raise TemplateError(f"{tok.name}: the tokenizer has no chat template; pass --chat-template FILE")
+    template = _template_for(tok, fmt, apply_chat_template)
     try:
-        return _rust.Preparer(tok.tokenizer_file, tok.chat_template, tok.special_tokens, fmt, mask, out_dir,
+        return _rust.Preparer(tok.tokenizer_file, template, tok.special_tokens, fmt, mask, out_dir,
                               max_len=max_len, truncation=truncation, pack=pack, shard_rows=shard_rows,
                               skip_invalid=skip_invalid, threads=threads, window_tokens=window_tokens,
                               fast_bpe=fast_bpe, template_vars=list(template_vars),
-                              clock=local_clock()[0] if clock is None else clock)
+                              clock=local_clock()[0] if clock is None else clock,
+                              columns=columns or [], apply_chat_template=apply_chat_template)
     except TemplateError as e:
         raise TemplateError(e.message, path=tok.chat_template_origin) from None
+
+
+def _template_for(tok: TokenizerFiles, fmt: str, apply_chat_template: bool) -> str:
+    """The template text Rust compiles ("" for plain text, which renders nothing)."""
+    if not needs_chat_template(fmt, apply_chat_template):
+        return ""
+    if tok.chat_template is None:
+        raise TemplateError(f"{tok.name}: the tokenizer has no chat template; pass --chat-template FILE")
+    return tok.chat_template
 
 
 def row_error(path: str, row: int, kind: str, message: str) -> Exception:
@@ -402,27 +441,31 @@ class Encoder:
 
     def __init__(self, tokenizer: str | os.PathLike[str] | TokenizerFiles | Any, *, fmt: str = "chat", mask: str = "assistant",
                  chat_template: str | None = None, threads: int = 0, fast_bpe: bool = True,
-                 template_vars: Iterable[str] = (), clock: int | None = None):
+                 template_vars: Iterable[str] = (), clock: int | None = None,
+                 columns: list[tuple[str, str]] | None = None, apply_chat_template: bool = True):
+        def init(tok: TokenizerFiles) -> None:
+            self._init(tok, fmt, mask, threads, fast_bpe, template_vars=template_vars, clock=clock, columns=columns,
+                       apply_chat_template=apply_chat_template)
+
         if isinstance(tokenizer, (TokenizerFiles, str, os.PathLike)):
-            self._init(tokenizer if isinstance(tokenizer, TokenizerFiles) else load_tokenizer_files(os.fspath(tokenizer), chat_template),
-                       fmt, mask, threads, fast_bpe, template_vars, clock)
+            init(tokenizer if isinstance(tokenizer, TokenizerFiles) else load_tokenizer_files(os.fspath(tokenizer), chat_template))
         else:  # a tokenizer object: its files exist while the Rust encoder reads them
             with tempfile.TemporaryDirectory(prefix="irtrain-tokenizer-") as tmp:
-                self._init(tokenizer_files_of(tokenizer, chat_template, tmp), fmt, mask, threads, fast_bpe, template_vars, clock)
+                init(tokenizer_files_of(tokenizer, chat_template, tmp))
 
-    def _init(self, tok: TokenizerFiles, fmt: str, mask: str, threads: int, fast_bpe: bool, template_vars: Iterable[str],
-              clock: int | None) -> None:
-        if tok.chat_template is None:
-            raise TemplateError(f"{tok.name}: the tokenizer has no chat template; pass --chat-template FILE")
+    def _init(self, tok: TokenizerFiles, fmt: str, mask: str, threads: int, fast_bpe: bool, *, template_vars: Iterable[str],
+              clock: int | None, columns: list[tuple[str, str]] | None, apply_chat_template: bool) -> None:
         if fmt not in FORMATS:
             raise DataError(f"unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+        template = _template_for(tok, fmt, apply_chat_template)
         self.tokenizer = tok
         self.format = fmt
         self.mask = mask
         try:
-            self._enc = _rust.Encoder(tok.tokenizer_file, tok.chat_template, tok.special_tokens, fmt, mask, threads,
+            self._enc = _rust.Encoder(tok.tokenizer_file, template, tok.special_tokens, fmt, mask, threads,
                                       fast_bpe, template_vars=list(template_vars),
-                                      clock=local_clock()[0] if clock is None else clock)
+                                      clock=local_clock()[0] if clock is None else clock,
+                                      columns=columns or [], apply_chat_template=apply_chat_template)
         except TemplateError as e:
             raise TemplateError(e.message, path=tok.chat_template_origin) from None
 
@@ -479,11 +522,13 @@ def documents_from_arrays(a: dict[str, np.ndarray], fmt: str) -> Iterator[dict[s
 
 
 def encode_rows(rows: Iterable[dict[str, Any]], tokenizer: str | os.PathLike[str] | TokenizerFiles | Any, *, fmt: str = "chat",
-                mask: str = "assistant", chat_template: str | None = None) -> list[dict[str, Any]]:
+                mask: str = "assistant", chat_template: str | None = None, columns: list[tuple[str, str]] | None = None,
+                apply_chat_template: bool = True) -> list[dict[str, Any]]:
     """Encode rows like `prepare` (no packing); a row error raises `DataError` naming the row (1-based).
     `tokenizer`: a directory or hub name, a transformers fast tokenizer (`AutoTokenizer`
     result) or a `tokenizers.Tokenizer` (see `tokenizer_files_of`)."""
-    docs, errors = Encoder(tokenizer, fmt=fmt, mask=mask, chat_template=chat_template).encode(rows)
+    docs, errors = Encoder(tokenizer, fmt=fmt, mask=mask, chat_template=chat_template, columns=columns,
+                           apply_chat_template=apply_chat_template).encode(rows)
     if errors:
         row, kind, message = errors[0]
         raise row_error("<rows>", row, kind, message)
@@ -491,9 +536,9 @@ def encode_rows(rows: Iterable[dict[str, Any]], tokenizer: str | os.PathLike[str
 
 
 # --------------------------------------------------------------------------- small faces
-def detect_format(row_json: str) -> str:
-    """The format a JSON row's fields indicate; DataError when none does."""
-    return _rust.detect_format(row_json)
+def detect_format(row_json: str, columns: list[tuple[str, str]] | None = None) -> str:
+    """The format a JSON row's fields indicate (after renaming them as `columns` says); DataError when none does."""
+    return _rust.detect_format(row_json, columns or [])
 
 
 def pack_bfd(lengths: Iterable[int], capacity: int) -> list[list[int]]:

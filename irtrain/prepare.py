@@ -27,7 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from irtrain.config import PrepareConfig, config_to_dict
-from irtrain.data import TokenizerFiles, detect_format, first_row, load_tokenizer_files, local_clock, preparer, resolve_inputs, row_error
+from irtrain.data import (
+    TokenizerFiles,
+    detect_format,
+    first_row,
+    load_tokenizer_files,
+    local_clock,
+    needs_chat_template,
+    parse_columns,
+    preparer,
+    resolve_inputs,
+    row_error,
+)
 from irtrain.durable import io_error, publish, sweep_temps, temp_name
 from irtrain.errors import ConfigError, DataError, IrtrainIOError, ShardError, TemplateError
 from irtrain.paths import OutLock
@@ -49,14 +60,18 @@ def run(cfg: PrepareConfig, *, console: Any = None) -> dict[str, Any]:
 
     console = console or Console(highlight=False)
     _check(cfg)
+    columns = parse_columns(cfg.columns)
     started = time.perf_counter()
     clock, clock_iso = local_clock()  # once per run: every row sees the same date
     out = Path(cfg.out)
     tok = load_tokenizer_files(cfg.tokenizer, cfg.chat_template)
-    if tok.chat_template is None:
-        raise TemplateError(f"{cfg.tokenizer}: the tokenizer has no chat template; pass --chat-template FILE")
     sources = resolve_inputs(cfg.inputs, split=cfg.split, subset=cfg.subset)
-    fmt = cfg.format if cfg.format != "auto" else _detect(sources[0])
+    fmt = cfg.format if cfg.format != "auto" else _detect(sources[0], columns)
+    if fmt == "chat" and not cfg.apply_chat_template:
+        raise ConfigError("--no-chat-template: chat rows (messages) are conversations and need the chat template; "
+                          "the flag is for string prompt/completion/chosen/rejected fields")
+    if needs_chat_template(fmt, cfg.apply_chat_template) and tok.chat_template is None:
+        raise TemplateError(f"{cfg.tokenizer}: the tokenizer has no chat template; pass --chat-template FILE")
     fingerprints = [s.fingerprint() for s in sources]
     key = cache_key(cfg, fmt, tok, fingerprints, clock=clock_in_key(tok.chat_template, clock_iso))
 
@@ -124,12 +139,12 @@ def template_vars(cfg: PrepareConfig) -> list[str]:
     return [n.strip() for v in cfg.template_vars for n in v.split(",") if n.strip()]
 
 
-def _detect(source: Any) -> str:
+def _detect(source: Any, columns: list[tuple[str, str]]) -> str:
     line = first_row(source)
     if line is None:
         raise DataError("file is empty (no rows)", path=source.name)
     try:
-        return detect_format(line)
+        return detect_format(line, columns)
     except DataError as e:
         raise DataError(e.message, path=source.name, row=1) from None
 
@@ -189,7 +204,8 @@ def _build(cfg: PrepareConfig, fmt: str, tok: TokenizerFiles, sources: list[Any]
 
     prep = preparer(tok, fmt, cfg.mask, str(tmp), max_len=cfg.max_len, truncation=cfg.truncation, pack=cfg.pack,
                     shard_rows=cfg.shard_rows, skip_invalid=cfg.skip_invalid, threads=cfg.threads,
-                    template_vars=template_vars(cfg), clock=clock[0])
+                    template_vars=template_vars(cfg), clock=clock[0],
+                    columns=parse_columns(cfg.columns), apply_chat_template=cfg.apply_chat_template)
     skipped: list[dict[str, Any]] = []
     n_skipped = 0
     with Progress(TextColumn("[bold]prepare[/] {task.description}"), BarColumn(), DownloadColumn(),

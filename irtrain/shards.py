@@ -28,7 +28,7 @@ Rules every writer keeps and every reader may rely on:
 
 MANIFEST (``manifest.json``)::
 
-    {"irtrain_shards": 1, "format": "chat"|"preference"|"prompt-completion"|"unpaired"|"ranked",
+    {"irtrain_shards": 1, "format": "chat"|"preference"|"prompt-completion"|"unpaired"|"ranked"|"text",
      "packed": bool, "max_len": int,
      "tokenizer_hash": str, "chat_template_hash": str,
      "sources": [{"path": str, "sha256": str, "rows": int}], "config": {...},
@@ -57,9 +57,9 @@ from irtrain.errors import ShardError
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 IGNORE_INDEX = -100
-FORMATS = ("chat", "preference", "prompt-completion", "unpaired", "ranked")
-#: the formats `irtrain sft` trains on (one response per example)
-SFT_FORMATS = ("chat", "prompt-completion")
+FORMATS = ("chat", "preference", "prompt-completion", "unpaired", "ranked", "text")
+#: the formats `irtrain sft` trains on (one response per example; `text`: plain language modelling)
+SFT_FORMATS = ("chat", "prompt-completion", "text")
 
 #: name -> (numpy dtype, indexed by: "token" | "row+1" | "seg+1" | "seg")
 ARRAYS: dict[str, tuple[str, str]] = {

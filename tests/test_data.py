@@ -316,8 +316,11 @@ def test_encode_rows_takes_tokenizer_objects(tokenizer_dirs, template, tmp_path)
 def test_detect_format():
     assert data.detect_format(json.dumps({"messages": []})) == "chat"
     assert data.detect_format(json.dumps({"prompt": "p", "chosen": [], "rejected": [], "messages": []})) == "preference"
+    assert data.detect_format(json.dumps({"text": "x"})) == "text"
+    assert data.detect_format(json.dumps({"conversations": [], "text": "x"})) == "chat"  # ShareGPT
+    assert data.detect_format(json.dumps({"dialog": []}), [("messages", "dialog")]) == "chat"
     with pytest.raises(DataError, match="cannot tell the format"):
-        data.detect_format(json.dumps({"text": "x"}))
+        data.detect_format(json.dumps({"body": "x"}))
 
 
 def test_iter_documents_is_reexported():

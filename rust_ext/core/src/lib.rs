@@ -7,9 +7,11 @@ pub mod kendall;
 // data path (`irtrain prepare`)
 pub mod mask;
 pub mod pack;
+pub mod plain;
 pub mod prepare;
 pub mod rows;
 pub mod shard;
+pub mod sharegpt;
 pub mod template;
 pub mod tokenize;
 

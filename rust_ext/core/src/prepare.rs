@@ -11,7 +11,8 @@ use rayon::prelude::*;
 use crate::error::{CoreError, Result};
 use crate::mask::{labels_from_offsets, render_and_mask, MaskKind, IGNORE_INDEX};
 use crate::pack::best_fit_decreasing;
-use crate::rows::{parse_object, parse_row, Format};
+use crate::plain::parse_plain;
+use crate::rows::{parse_fields, read_row, Columns, Format};
 use crate::shard::{Segment, ShardMeta, ShardWriter};
 use crate::template::ChatTemplate;
 use crate::template::Vars;
@@ -120,6 +121,9 @@ pub struct Encoder {
     pub mask: MaskKind,
     /// Row fields passed to the template: `TEMPLATE_VARS` and `--template-vars`.
     vars: Vec<String>,
+    columns: Columns,
+    /// The eos token text when rows are plain text (no chat template), else None.
+    plain_eos: Option<String>,
 }
 
 impl Encoder {
@@ -130,6 +134,8 @@ impl Encoder {
             format,
             mask,
             vars: TEMPLATE_VARS.iter().map(|s| s.to_string()).collect(),
+            columns: Columns::default(),
+            plain_eos: None,
         }
     }
 
@@ -143,15 +149,10 @@ impl Encoder {
         self
     }
 
-    /// The template variables `text` (a JSON row) carries: a field named in
-    /// `self.vars` and not null. `tools` and `documents` must be lists.
-    fn row_vars(&self, text: &str) -> Result<Vars> {
+    /// The template variables a row (after `--columns`) carries: a field named
+    /// in `self.vars` and not null. `tools` and `documents` must be lists.
+    fn row_vars(&self, row: &serde_json::Map<String, serde_json::Value>) -> Result<Vars> {
         let mut vars = Vars::new();
-        // most rows name none of them: only those that do are parsed again
-        if !self.vars.iter().any(|v| text.contains(&format!("\"{v}\""))) {
-            return Ok(vars);
-        }
-        let row = parse_object(text)?;
         for name in &self.vars {
             match row.get(name) {
                 None | Some(serde_json::Value::Null) => {}
@@ -180,6 +181,38 @@ impl Encoder {
             }
         }
         Ok(vars)
+    }
+
+    /// How rows are read: `columns` renamed first; plain text (no chat template,
+    /// as TRL treats non-conversational data) for the `text` format, and for the
+    /// others when `chat_template` is false. Plain text needs the tokenizer's
+    /// `eos` token.
+    pub fn with_rows(
+        mut self,
+        columns: Columns,
+        chat_template: bool,
+        eos: Option<&str>,
+    ) -> Result<Self> {
+        self.columns = columns;
+        if self.format == Format::Chat && !chat_template {
+            return Err(CoreError::Input(
+                "--no-chat-template: chat rows are conversations and need a chat template \
+                 (it applies to string prompt/completion/chosen/rejected fields)"
+                    .into(),
+            ));
+        }
+        if self.format == Format::Text || !chat_template {
+            let Some(eos) = eos else {
+                return Err(CoreError::Tokenizer(format!(
+                    "the tokenizer names no eos_token (tokenizer_config.json), which the {} format appends \
+                     to every completion as TRL does",
+                    if self.format == Format::Text { "text" } else { "--no-chat-template" }
+                )));
+            };
+            self.tok.set_added_specials()?;
+            self.plain_eos = Some(eos.to_string());
+        }
+        Ok(self)
     }
 
     /// Whether tokenization takes the fast byte-level BPE path (`Tok::is_fast`).
@@ -222,8 +255,15 @@ impl Encoder {
                 at + 1
             ))
         })?;
-        let specs = parse_row(text, self.format)?;
-        let vars = self.row_vars(text)?;
+        let row = read_row(text, &self.columns)?;
+        if let Some(eos) = &self.plain_eos {
+            return Ok(Encoded {
+                examples: vec![self.encode_plain(&row, eos, example)?],
+                split: None,
+            });
+        }
+        let specs = parse_fields(&row, self.format)?;
+        let vars = self.row_vars(&row)?;
         // a row of one segment may become one example per assistant turn
         let split_turns = specs.len() == 1;
         let mut segments = Vec::with_capacity(specs.len());
@@ -276,6 +316,78 @@ impl Encoder {
             examples: vec![Example { segments }],
             split: None,
         })
+    }
+
+    /// A plain-text row as TRL's SFT/DPO/KTO trainers tokenize non-conversational
+    /// data: `tokenizer(prompt)` and `tokenizer(prompt + completion + eos)` (eos
+    /// appended unless the completion ends with it; the post-processor's special
+    /// tokens added), the completion trained from where the two first differ
+    /// (the smallest such point over the row's completions, as DPO does). `text`
+    /// rows and `--mask all` train every token.
+    fn encode_plain(
+        &self,
+        row: &serde_json::Map<String, serde_json::Value>,
+        eos: &str,
+        example: i64,
+    ) -> Result<Example> {
+        let p = parse_plain(row, self.format)?;
+        let prompt_ids = p
+            .prompt
+            .as_deref()
+            .map(|s| self.tok.encode_ids_special(s))
+            .transpose()?;
+        let mut segments = Vec::with_capacity(p.completions.len());
+        for (completion, part, score) in &p.completions {
+            let mut text = String::with_capacity(completion.len() + eos.len());
+            text.push_str(p.prompt.as_deref().unwrap_or(""));
+            text.push_str(completion);
+            if !completion.ends_with(eos) {
+                text.push_str(eos);
+            }
+            let input_ids = self.tok.encode_ids_special(&text)?;
+            let labels = input_ids.iter().map(|&t| t as i32).collect();
+            segments.push(Segment {
+                input_ids,
+                labels,
+                example,
+                part: *part,
+                score: *score,
+            });
+        }
+        let prompt_len = match (&prompt_ids, self.mask) {
+            (Some(ids), m) if m != MaskKind::All => segments
+                .iter()
+                .map(|s| {
+                    ids.iter()
+                        .zip(&s.input_ids)
+                        .take_while(|(a, b)| a == b)
+                        .count()
+                })
+                .min()
+                .unwrap_or(0),
+            _ => 0,
+        };
+        for s in &mut segments {
+            let cut = prompt_len.max(1).min(s.labels.len());
+            s.labels[..cut].fill(IGNORE_INDEX);
+            if s.labels.iter().all(|&l| l == IGNORE_INDEX) {
+                return Err(CoreError::Input(format!(
+                    "nothing to train: {} tokenizes to {} token(s), all of them {}",
+                    if p.prompt.is_some() {
+                        "the completion"
+                    } else {
+                        "the text"
+                    },
+                    s.input_ids.len(),
+                    if p.prompt.is_some() {
+                        "shared with the prompt"
+                    } else {
+                        "untrained (the first token is never trained)"
+                    }
+                )));
+            }
+        }
+        Ok(Example { segments })
     }
 
     /// Encode every non-blank line of `buf` in parallel (on the current rayon

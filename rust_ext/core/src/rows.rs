@@ -7,6 +7,7 @@
 //! | `preference` | `chosen`, `rejected`, optional `prompt` | chosen (0), rejected (1) |
 //! | `unpaired` | `prompt`, `completion`, `label` (bool) | prompt + completion (0), score 1.0/0.0 |
 //! | `ranked` | `prompt`, `completions` (K ≥ 2), `scores` (K numbers) | best first (k = rank), score |
+//! | `text` | `text` (a string) | the text, no chat template (0) |
 //!
 //! `prompt` is a string (one user turn) or a list of messages; a completion is
 //! a string (one assistant turn) or a list of messages. Preference `chosen` /
@@ -17,6 +18,11 @@
 //! Messages are normalised as transformers does before rendering: keys whose
 //! value is null are dropped, and reasoning given as `reasoning_content`,
 //! `thinking` or `reasoning` is visible under the first two names.
+//!
+//! ShareGPT rows (`conversations` with `from`/`value`) are chat rows, read by
+//! `crate::sharegpt`. `Columns` renames a row's fields before anything reads
+//! them (`--columns`). The plain-text formats (`text`, and the others with
+//! `--no-chat-template`) are read by `crate::plain`, not rendered.
 use minijinja::value::Serde;
 use minijinja::Value;
 use serde_json::{Map, Value as Json};
@@ -40,6 +46,7 @@ pub enum Format {
     PromptCompletion,
     Unpaired,
     Ranked,
+    Text,
 }
 
 impl Format {
@@ -50,9 +57,10 @@ impl Format {
             "prompt-completion" => Self::PromptCompletion,
             "unpaired" => Self::Unpaired,
             "ranked" => Self::Ranked,
+            "text" => Self::Text,
             _ => {
                 return Err(CoreError::Input(format!(
-                    "unknown format {s:?} (chat, preference, prompt-completion, unpaired, ranked)"
+                    "unknown format {s:?} (chat, preference, prompt-completion, unpaired, ranked, text)"
                 )))
             }
         })
@@ -65,19 +73,21 @@ impl Format {
             Self::PromptCompletion => "prompt-completion",
             Self::Unpaired => "unpaired",
             Self::Ranked => "ranked",
+            Self::Text => "text",
         }
     }
 
     /// The fields a row of this format must have.
     pub fn fields(self) -> &'static str {
         match self {
-            Self::Chat => "'messages'",
+            Self::Chat => "'messages' (or ShareGPT 'conversations')",
             Self::Preference => {
                 "'chosen' and 'rejected' (and 'prompt' unless they are whole conversations)"
             }
             Self::PromptCompletion => "'prompt' and 'completion'",
             Self::Unpaired => "'prompt', 'completion' and 'label'",
             Self::Ranked => "'prompt', 'completions' and 'scores'",
+            Self::Text => "'text'",
         }
     }
 }
@@ -93,24 +103,88 @@ pub fn detect_format(row: &Map<String, Json>) -> Option<Format> {
         Some(Format::Unpaired)
     } else if has("prompt") && has("completion") {
         Some(Format::PromptCompletion)
-    } else if has("messages") {
+    } else if has("messages") || sharegpt_field(row).is_some() {
         Some(Format::Chat)
+    } else if has("text") {
+        Some(Format::Text)
     } else {
         None
     }
 }
 
+/// The ShareGPT field holding a row's conversation, if it has one.
+pub(crate) fn sharegpt_field(row: &Map<String, Json>) -> Option<&'static str> {
+    ["conversations", "conversation"]
+        .into_iter()
+        .find(|k| row.contains_key(*k))
+}
+
 /// Parse a JSON line and detect its format.
 pub fn detect_format_line(line: &str) -> Result<Format> {
-    let row = parse_object(line)?;
+    detect_format_renamed(line, &Columns::default())
+}
+
+/// Parse a JSON line, rename its fields as `columns` says and detect its format.
+pub fn detect_format_renamed(line: &str, columns: &Columns) -> Result<Format> {
+    let row = read_row(line, columns)?;
     detect_format(&row).ok_or_else(|| {
         let keys: Vec<&str> = row.keys().map(|k| k.as_str()).collect();
         CoreError::Input(format!(
-            "cannot tell the format from the fields {keys:?}: expected 'messages' (chat), 'chosen'+'rejected' \
-             (preference), 'prompt'+'completion' (prompt-completion), +'label' (unpaired) or \
-             'completions'+'scores' (ranked); or pass --format"
+            "cannot tell the format from the fields {keys:?}{}: expected 'messages' or 'conversations' (chat), \
+             'chosen'+'rejected' (preference), 'prompt'+'completion' (prompt-completion), +'label' (unpaired), \
+             'completions'+'scores' (ranked) or 'text' (text); or pass --format, or map columns with --columns",
+            columns.note()
         ))
     })
+}
+
+/// Input columns renamed to irtrain's field names (`--columns NAME=COLUMN,...`),
+/// all at once (so that two fields may swap names).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Columns {
+    /// (irtrain's name, the input's column)
+    pub pairs: Vec<(String, String)>,
+}
+
+impl Columns {
+    /// Rename the fields of `row`. A row that has both a mapped column and a
+    /// field of the name it is mapped to (not itself renamed) is an error.
+    pub fn apply(&self, row: &mut Map<String, Json>) -> Result<()> {
+        if self.pairs.is_empty() {
+            return Ok(());
+        }
+        let mut moved = Vec::with_capacity(self.pairs.len());
+        for (name, column) in &self.pairs {
+            if let Some(v) = row.remove(column) {
+                moved.push((name, column, v));
+            }
+        }
+        for (name, column, v) in moved {
+            if row.contains_key(name.as_str()) {
+                return Err(CoreError::Input(format!(
+                    "row has both '{column}' and '{name}' (--columns {name}={column} would overwrite '{name}')"
+                )));
+            }
+            row.insert(name.clone(), v);
+        }
+        Ok(())
+    }
+
+    /// " (after --columns a=b,...)" for error messages; empty without a mapping.
+    fn note(&self) -> String {
+        if self.pairs.is_empty() {
+            return String::new();
+        }
+        let m: Vec<String> = self.pairs.iter().map(|(n, c)| format!("{n}={c}")).collect();
+        format!(" (after --columns {})", m.join(","))
+    }
+}
+
+/// Parse a JSON line into an object and rename its fields.
+pub fn read_row(line: &str, columns: &Columns) -> Result<Map<String, Json>> {
+    let mut row = parse_object(line)?;
+    columns.apply(&mut row)?;
+    Ok(row)
 }
 
 /// One conversation to render and mask.
@@ -145,7 +219,7 @@ pub fn parse_object(line: &str) -> Result<Map<String, Json>> {
     }
 }
 
-fn kind(v: &Json) -> &'static str {
+pub(crate) fn kind(v: &Json) -> &'static str {
     match v {
         Json::Null => "null",
         Json::Bool(_) => "a boolean",
@@ -158,32 +232,48 @@ fn kind(v: &Json) -> &'static str {
 
 /// Parse one row (a JSON object) of `format` into its segments.
 pub fn parse_row(line: &str, format: Format) -> Result<Vec<SegmentSpec>> {
-    let row = parse_object(line)?;
-    let missing = |fields: &[&str]| -> Result<()> {
-        let absent: Vec<&str> = fields
+    parse_fields(&parse_object(line)?, format)
+}
+
+/// `fields` (each absent from `row`) as an error naming what the format needs.
+pub(crate) fn missing_fields(
+    row: &Map<String, Json>,
+    format: Format,
+    fields: &[&str],
+) -> Result<()> {
+    let absent: Vec<&str> = fields
+        .iter()
+        .copied()
+        .filter(|f| !row.contains_key(*f))
+        .collect();
+    if absent.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = row.keys().map(|k| k.as_str()).collect();
+    Err(CoreError::Input(format!(
+        "row has no {} field (a {} row needs {}; it has {keys:?})",
+        absent
             .iter()
-            .copied()
-            .filter(|f| !row.contains_key(*f))
-            .collect();
-        if absent.is_empty() {
-            return Ok(());
-        }
-        let keys: Vec<&str> = row.keys().map(|k| k.as_str()).collect();
-        Err(CoreError::Input(format!(
-            "row has no {} field (a {} row needs {}; it has {keys:?})",
-            absent
-                .iter()
-                .map(|f| format!("'{f}'"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            format.name(),
-            format.fields()
-        )))
-    };
+            .map(|f| format!("'{f}'"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        format.name(),
+        format.fields()
+    )))
+}
+
+/// The segments of a row already read into an object (see `read_row`).
+pub fn parse_fields(row: &Map<String, Json>, format: Format) -> Result<Vec<SegmentSpec>> {
+    let missing = |fields: &[&str]| missing_fields(row, format, fields);
     match format {
         Format::Chat => {
-            missing(&["messages"])?;
-            let msgs = message_list(&row["messages"], "messages")?;
+            let msgs = match sharegpt_field(row).filter(|_| !row.contains_key("messages")) {
+                Some(field) => crate::sharegpt::messages(row, field)?,
+                None => {
+                    missing(&["messages"])?;
+                    message_list(&row["messages"], "messages")?
+                }
+            };
             let completion_start = last_non_assistant(&msgs).map_or(0, |i| i + 1);
             Ok(vec![SegmentSpec {
                 conversation: conversation(msgs, 0, completion_start),
@@ -271,39 +361,55 @@ pub fn parse_row(line: &str, format: Format) -> Result<Vec<SegmentSpec>> {
         Format::Ranked => {
             missing(&["prompt", "completions", "scores"])?;
             let p = turns(&row["prompt"], "prompt", "user")?;
-            let (Json::Array(cs), Json::Array(ss)) = (&row["completions"], &row["scores"]) else {
-                return Err(CoreError::Input(
-                    "'completions' and 'scores' must be lists".into(),
-                ));
-            };
-            if cs.len() < 2 || cs.len() != ss.len() {
-                return Err(CoreError::Input(format!(
-                    "'completions' ({}) and 'scores' ({}) must be lists of the same length, at least 2",
-                    cs.len(),
-                    ss.len()
-                )));
-            }
-            let mut cands = Vec::with_capacity(cs.len());
-            for (k, (c, s)) in cs.iter().zip(ss).enumerate() {
-                let score = s.as_f64().filter(|x| x.is_finite()).ok_or_else(|| {
-                    CoreError::Input(format!("scores[{k}] is not a finite number"))
-                })?;
-                cands.push((score, turns(c, &format!("completions[{k}]"), "assistant")?));
-            }
-            // best first; equal scores keep their input order
-            let mut order: Vec<usize> = (0..cands.len()).collect();
-            order.sort_by(|&a, &b| cands[b].0.partial_cmp(&cands[a].0).unwrap().then(a.cmp(&b)));
-            Ok(order
+            let cands = ranked(row, |c, field| turns(c, field, "assistant"))?;
+            Ok(cands
                 .into_iter()
                 .enumerate()
-                .map(|(rank, k)| SegmentSpec {
-                    conversation: joined(p.clone(), cands[k].1.clone()),
+                .map(|(rank, (score, c))| SegmentSpec {
+                    conversation: joined(p.clone(), c),
                     part: rank as i32,
-                    score: cands[k].0 as f32,
+                    score: score as f32,
                 })
                 .collect())
         }
+        Format::Text => Err(CoreError::Input(
+            "a text row has no conversation (it is read by plain::parse_plain)".into(),
+        )),
     }
+}
+
+/// A ranked row's candidates read by `read`, best first (equal scores keep their input order).
+pub(crate) fn ranked<T>(
+    row: &Map<String, Json>,
+    read: impl Fn(&Json, &str) -> Result<T>,
+) -> Result<Vec<(f64, T)>> {
+    let (Json::Array(cs), Json::Array(ss)) = (&row["completions"], &row["scores"]) else {
+        return Err(CoreError::Input(
+            "'completions' and 'scores' must be lists".into(),
+        ));
+    };
+    if cs.len() < 2 || cs.len() != ss.len() {
+        return Err(CoreError::Input(format!(
+            "'completions' ({}) and 'scores' ({}) must be lists of the same length, at least 2",
+            cs.len(),
+            ss.len()
+        )));
+    }
+    let mut cands = Vec::with_capacity(cs.len());
+    for (k, (c, s)) in cs.iter().zip(ss).enumerate() {
+        let score = s
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .ok_or_else(|| CoreError::Input(format!("scores[{k}] is not a finite number")))?;
+        cands.push((score, read(c, &format!("completions[{k}]"))?));
+    }
+    let mut order: Vec<usize> = (0..cands.len()).collect();
+    order.sort_by(|&a, &b| cands[b].0.partial_cmp(&cands[a].0).unwrap().then(a.cmp(&b)));
+    let mut slots: Vec<Option<(f64, T)>> = cands.into_iter().map(Some).collect();
+    Ok(order
+        .into_iter()
+        .map(|k| slots[k].take().unwrap())
+        .collect())
 }
 
 fn prompt_matches(p: &[Json], raw: &Json, derived: &[Json]) -> bool {
@@ -479,7 +585,24 @@ mod tests {
             detect_format_line(r#"{"prompt":"a","completions":[],"scores":[]}"#).unwrap(),
             Format::Ranked
         );
-        assert!(detect_format_line(r#"{"text":"a"}"#).is_err());
+        assert_eq!(detect_format_line(r#"{"text":"a"}"#).unwrap(), Format::Text);
+        assert_eq!(
+            detect_format_line(r#"{"conversations":[],"system":"s"}"#).unwrap(),
+            Format::Chat
+        );
+        assert!(detect_format_line(r#"{"body":"a"}"#).is_err());
+        let columns = Columns {
+            pairs: vec![("messages".into(), "dialog".into())],
+        };
+        assert_eq!(
+            detect_format_renamed(r#"{"dialog":[]}"#, &columns).unwrap(),
+            Format::Chat
+        );
+        let e = detect_format_renamed(r#"{"body":"a"}"#, &columns).unwrap_err();
+        assert!(
+            e.to_string().contains("after --columns messages=dialog"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -564,6 +687,29 @@ mod tests {
                 "reasoning",
                 "reasoning_content"
             ]
+        );
+    }
+
+    #[test]
+    fn columns_rename_at_once_and_refuse_overwrites() {
+        let swap = Columns {
+            pairs: vec![
+                ("chosen".into(), "rejected".into()),
+                ("rejected".into(), "chosen".into()),
+            ],
+        };
+        let row = read_row(r#"{"chosen":"a","rejected":"b"}"#, &swap).unwrap();
+        assert_eq!(
+            (row["chosen"].as_str(), row["rejected"].as_str()),
+            (Some("b"), Some("a"))
+        );
+        let both = Columns {
+            pairs: vec![("prompt".into(), "question".into())],
+        };
+        let e = read_row(r#"{"prompt":"p","question":"q"}"#, &both).unwrap_err();
+        assert!(
+            e.to_string().contains("both 'question' and 'prompt'"),
+            "{e}"
         );
     }
 }

@@ -35,6 +35,9 @@ pub struct Tok {
     inner: Tokenizer,
     hash: String,
     fast: Option<FastBpe>,
+    /// The special tokens `tokenizer(text)` adds around a text (before, after);
+    /// see `set_added_specials`.
+    added: (Vec<u32>, Vec<u32>),
 }
 
 impl Tok {
@@ -57,6 +60,7 @@ impl Tok {
             inner,
             hash,
             fast: None,
+            added: (Vec::new(), Vec::new()),
         };
         if allow_fast {
             let fast = serde_json::from_str::<Json>(json)
@@ -123,6 +127,48 @@ impl Tok {
             ids: enc.get_ids().to_vec(),
             offsets: enc.get_offsets().to_vec(),
         })
+    }
+
+    /// Fix the special tokens `encode_ids_special` adds as transformers'
+    /// `tokenizer(text)` does: those of tokenizer.json's post-processor (which
+    /// transformers 5 keeps, dropping tokenizer_config.json's add_bos_token /
+    /// add_eos_token when a tokenizer.json exists), read off a probe and checked
+    /// on a second text.
+    pub fn set_added_specials(&mut self) -> Result<()> {
+        let with = |text: &str, specials: bool| -> Result<Vec<u32>> {
+            self.inner
+                .encode_fast(text, specials)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| CoreError::Tokenizer(format!("cannot encode text: {e}")))
+        };
+        let unknown = || {
+            CoreError::Tokenizer(
+                "cannot tell which special tokens the post-processor of tokenizer.json adds around a text".into(),
+            )
+        };
+        let probe = "Hello world, 12";
+        let (plain, full) = (with(probe, false)?, with(probe, true)?);
+        let at = (0..=full.len().saturating_sub(plain.len()))
+            .find(|&i| full.get(i..i + plain.len()) == Some(&plain[..]))
+            .ok_or_else(unknown)?;
+        self.added = (full[..at].to_vec(), full[at + plain.len()..].to_vec());
+        let check = "another text: a b c";
+        if with(check, true)? != self.encode_ids_special(check)? {
+            return Err(unknown());
+        }
+        Ok(())
+    }
+
+    /// Ids of `text` with the special tokens transformers' `tokenizer(text)`
+    /// adds (`set_added_specials`; none until it is called).
+    pub fn encode_ids_special(&self, text: &str) -> Result<Vec<u32>> {
+        let ids = self.encode_ids(text)?;
+        let (before, after) = &self.added;
+        let mut out = Vec::with_capacity(before.len() + ids.len() + after.len());
+        out.extend_from_slice(before);
+        out.extend(ids);
+        out.extend_from_slice(after);
+        Ok(out)
     }
 
     /// Ids only (no offsets), for callers that do not mask.

@@ -5,7 +5,7 @@
 use irtrain_core::mask::MaskKind;
 use irtrain_core::pack::best_fit_decreasing;
 use irtrain_core::prepare::{Counts, Encoder, Options, Preparer, RowError, Truncation};
-use irtrain_core::rows::{detect_format_line, Format};
+use irtrain_core::rows::{detect_format_renamed, Columns, Format};
 use irtrain_core::shard::{Segment, ShardMeta, ShardWriter};
 use irtrain_core::template::ChatTemplate;
 use irtrain_core::tokenize::Tok;
@@ -27,7 +27,16 @@ fn row_errors(errors: Vec<RowError>) -> RowErrors {
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How rows are read (`Encoder::with_rows`, `with_template_vars`): `--columns` pairs, whether
+/// the chat template applies, the fields passed to the template, the clock of `strftime_now`.
+#[derive(Clone, Default)]
+struct RowSettings {
+    columns: Vec<(String, String)>,
+    apply_chat_template: bool,
+    template_vars: Vec<String>,
+    clock: Option<i64>,
+}
+
 fn build_encoder(
     tokenizer_file: &str,
     chat_template: &str,
@@ -35,17 +44,27 @@ fn build_encoder(
     format: &str,
     mask: &str,
     fast_bpe: bool,
-    template_vars: &[String],
-    clock: Option<i64>,
+    rows: RowSettings,
 ) -> Result<Encoder, CoreError> {
     let tok = Tok::from_file(tokenizer_file, fast_bpe)?;
     let mut tpl = ChatTemplate::new(chat_template, special_tokens)?;
-    if let Some(secs) = clock {
+    if let Some(secs) = rows.clock {
         tpl.set_clock(secs);
     }
-    Ok(
-        Encoder::new(tok, tpl, Format::parse(format)?, MaskKind::parse(mask)?)
-            .with_template_vars(template_vars),
+    let special = |name: &str| {
+        special_tokens
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    Encoder::new(tok, tpl, Format::parse(format)?, MaskKind::parse(mask)?)
+        .with_template_vars(&rows.template_vars)
+        .with_rows(
+            Columns {
+                pairs: rows.columns,
+            },
+            rows.apply_chat_template,
+            special("eos_token"),
     )
 }
 
@@ -60,7 +79,7 @@ pub struct PyEncoder {
 impl PyEncoder {
     #[new]
     #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, threads = 0, fast_bpe = true,
-                        *, template_vars = Vec::new(), clock = None))]
+                        *, template_vars = Vec::new(), clock = None, columns = vec![], apply_chat_template = true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -73,7 +92,15 @@ impl PyEncoder {
         fast_bpe: bool,
         template_vars: Vec<String>,
         clock: Option<i64>,
+        columns: Vec<(String, String)>,
+        apply_chat_template: bool,
     ) -> PyResult<Self> {
+        let rows = RowSettings {
+            columns,
+            apply_chat_template,
+            template_vars,
+            clock,
+        };
         let inner = py
             .detach(|| {
                 build_encoder(
@@ -83,8 +110,7 @@ impl PyEncoder {
                     format,
                     mask,
                     fast_bpe,
-                    &template_vars,
-                    clock,
+                    rows,
                 )
             })
             .map_err(to_pyerr)?;
@@ -209,7 +235,8 @@ impl PyPreparer {
     #[new]
     #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, out_dir, *, max_len,
                         truncation, pack, shard_rows, skip_invalid = false, threads = 0, window_tokens = 0,
-                        fast_bpe = true, template_vars = Vec::new(), clock = None))]
+                        fast_bpe = true, template_vars = Vec::new(), clock = None, columns = vec![],
+                        apply_chat_template = true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -229,7 +256,15 @@ impl PyPreparer {
         fast_bpe: bool,
         template_vars: Vec<String>,
         clock: Option<i64>,
+        columns: Vec<(String, String)>,
+        apply_chat_template: bool,
     ) -> PyResult<Self> {
+        let rows = RowSettings {
+            columns,
+            apply_chat_template,
+            template_vars,
+            clock,
+        };
         let inner = py
             .detach(|| {
                 let enc = build_encoder(
@@ -239,8 +274,7 @@ impl PyPreparer {
                     format,
                     mask,
                     fast_bpe,
-                    &template_vars,
-                    clock,
+                    rows,
                 )?;
                 let opts = Options {
                     max_len,
@@ -324,10 +358,12 @@ fn counts_json(c: &Counts) -> serde_json::Value {
     })
 }
 
-/// The format a JSON row's fields indicate (chat, preference, prompt-completion, unpaired, ranked).
+/// The format a JSON row's fields indicate (chat, preference, prompt-completion, unpaired,
+/// ranked, text), after renaming its fields as `columns` ((name, column) pairs) says.
 #[pyfunction]
-fn detect_format(line: &str) -> PyResult<String> {
-    detect_format_line(line)
+#[pyo3(signature = (line, columns = vec![]))]
+fn detect_format(line: &str, columns: Vec<(String, String)>) -> PyResult<String> {
+    detect_format_renamed(line, &Columns { pairs: columns })
         .map(|f| f.name().to_string())
         .map_err(to_pyerr)
 }
