@@ -7,6 +7,6 @@
 - `strategy.py`   single process vs DeepSpeed (the only module that imports deepspeed)
 - `checkpoint.py` atomic checkpoints, exact resume, SIGTERM/SIGINT
 - `reference.py`  precomputed reference log-probs cached beside the shards
-- `metrics.py`    metrics.jsonl, TensorBoard, the rich progress bar
+- `metrics.py`    metrics.jsonl, TensorBoard (the progress display: `irtrain.display`)
 - `loop.py`       `train(cfg, objective)`: the loop itself, top to bottom
 """
