@@ -229,10 +229,9 @@ class Progress:
         self.close()
         if not self.enabled:
             return
-        tokens, elapsed = self.latest.get("tokens"), self.elapsed()
-        whole = f", {count(tokens / elapsed)} tokens/s ({count(tokens)} tokens)" if tokens and elapsed > 0 else ""
         end = f"stopped at step {self.step}/{self.total} ({stopped})" if stopped else f"{self.step}/{self.total} steps"
-        lines = [f"{self.description} done: {end} in {duration(elapsed)}, {rate(self.seconds_per_step())}{whole}"]
+        tokens = f" ({count(self.latest['tokens'])} tokens)" if "tokens" in self.latest else ""
+        lines = [f"{self.description} done: {end} in {duration(self.elapsed())}; steps at {self._rates()}{tokens}"]
         final = self._metrics(short=False)
         if final:
             lines.append("  final:  " + "  ".join(final))

@@ -13,18 +13,20 @@ import subprocess
 import sys
 import termios
 import time
+from pathlib import Path
 
 import pytest
 
 from irtrain.display import Phase, Progress, duration, outputs, quiet_transformers, rate
+from irtrain.dpo import PreferenceObjective
+from irtrain.sft import SFTObjective
 
 import test_train_common as common
 
 one_torch_thread, task_shards = common.one_torch_thread, common.task_shards
 data_dir, pref_dir = common.data_dir, common.pref_dir
 
-SFT = ("loss", "lr", "grad_norm", "token_accuracy", "eval/pref_accuracy", "eval/pref_loss")
-DPO = ("loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies", "eval/pref_accuracy", "lr", "grad_norm")
+SFT, DPO = SFTObjective.headline, PreferenceObjective.headline  # what the commands show
 HF_BARS = ("Loading weights", "Writing model shards", "it/s]")
 #: the first line of the terminal display: name, [bar,] step/total, elapsed, eta, rate
 HEAD = re.compile(r"^sft (━+ )?(\d+)/(\d+) (\d+:\d\d:\d\d) eta (\d+:\d\d:\d\d|-:--:--) "
@@ -110,8 +112,8 @@ def test_plain_lines_one_per_logged_step_and_the_summary(tmp_path, capfd):
     assert "loss 1.235 lr 2.0e-05 grad_norm 0.5322 token_accuracy 0.4123 eval/pref_accuracy 0.75 eval/pref_loss 0.61" in steps[0]
     assert "sft step 4/4 | saving checkpoint-0000004…" in lines
     summary = err[err.index("sft done:"):]
-    assert re.match(r"sft done: 4/4 steps in \d:\d\d:\d\d, ", summary)
-    assert "tokens/s (4.0k tokens)" in summary.splitlines()[0]
+    assert re.match(r"sft done: 4/4 steps in \d:\d\d:\d\d; ", summary)
+    assert re.search(r"; steps at [\d.]+ (it/s|s/it) [\d.]+k tok/s \(4.0k tokens\)$", summary.splitlines()[0]), summary
     assert "  final:  loss 1.235  lr 2.0e-05" in summary and "eval/pref_accuracy 0.625" in summary
     assert "  best:   eval/pref_accuracy 0.75 (step 2)  eval/pref_loss 0.61 (step 2)" in summary
     assert f"  last checkpoint: {tmp_path / 'checkpoint-0000004'}" in summary
@@ -227,7 +229,7 @@ def test_live_display_in_a_terminal(tiny_model_dir, data_dir, pref_dir, tmp_path
     transformers bar anywhere."""
     out = tmp_path / "run"
     code, text = _in_pty(_sft_cmd(tiny_model_dir, data_dir, out, "--max-steps", "16", "--save-steps", "8",
-                                  "--eval-pairs", pref_dir, "--eval-steps", "8"), cols)
+                                  "--eval-pairs", pref_dir), cols)
     assert code == 0, text[-3000:]
     lines = text.split("\n")
     heads = [(i, HEAD.match(ln)) for i, ln in enumerate(lines)]
@@ -268,7 +270,7 @@ def test_log_file_lines_and_summary(tiny_model_dir, data_dir, pref_dir, tmp_path
                                                                  "sft step 6/6 | saving checkpoint-0000006…"]
     assert any(re.match(r"reference log-probs of sft: \d+ rows in \d:\d\d:\d\d", ln) for ln in lines), log
     summary = log[log.index("sft done:"):].splitlines()
-    assert summary[0].startswith("sft done: 6/6 steps in ") and "tokens/s" in summary[0]
+    assert summary[0].startswith("sft done: 6/6 steps in ") and " tok/s (" in summary[0]
     assert summary[1].startswith("  final:  loss ") and summary[2].startswith("  best:   eval/pref_accuracy ")
     assert summary[3] == f"  last checkpoint: {out / 'checkpoint-0000006'}"
     assert summary[4] == f"  outputs in {out}: config.toml, metrics.jsonl, 2 checkpoints"
@@ -286,3 +288,20 @@ def test_score_keeps_transformers_bars_out(tiny_model_dir, data_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert re.search(r"score \S+: [\d,]+ tokens in \d:\d\d:\d\d", r.stderr), r.stderr
     assert not [b for b in HF_BARS if b in r.output]
+
+
+def test_the_readme_examples_have_the_display_s_format():
+    """README's examples (copied from real runs) keep to the format: frame lines exactly 80
+    columns with count, eta and rate; log lines as `plain_line` writes them; the summary."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    part = readme[readme.index("- **What you see**"):]
+    blocks = [b.split("```", 1)[0] for b in part.split("```text\n")[1:3]]
+    frames = [ln.strip() for ln in blocks[0].splitlines() if ln.strip()]
+    heads = [ln for ln in frames if ln.startswith("sft ━")]
+    assert len(heads) == 2 and all(HEAD.match(h) and len(h) == 80 for h in heads), heads
+    assert all(len(ln) <= 80 for ln in frames) and "saving checkpoint-0000020…" in frames
+    log = [ln.strip() for ln in blocks[1].splitlines() if ln.strip()]
+    steps = [ln for ln in log if ln.startswith("sft step") and "saving" not in ln]
+    assert len(steps) == 4 and all(re.match(r"sft step \d+/40 \| \d:\d\d:\d\d elapsed \| eta \d:\d\d:\d\d \| "
+                                            r"[\d.]+ it/s [\d.]+k tok/s \| loss [\d.]+ lr [\d.]+e-0\d grad_norm ", ln) for ln in steps)
+    assert [ln.split(":")[0] for ln in log[-5:]] == ["sft done", "final", "best", "last checkpoint", "outputs in runs/sft"]
