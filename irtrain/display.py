@@ -126,7 +126,8 @@ class Progress:
         if self.terminal:
             from rich.live import Live
 
-            self._live = Live(_Frame(self), console=self.console, refresh_per_second=4, redirect_stdout=False)
+            # stdout goes above the display only when it is on the terminal too (never into a file it was sent to)
+            self._live = Live(_Frame(self), console=self.console, refresh_per_second=4, redirect_stdout=_on_terminal(sys.stdout))
             self._live.start()
 
     # ---------------------------------------------------------------- input
@@ -273,6 +274,13 @@ def outputs(out: Path) -> str:
     return ", ".join(names) if names else "nothing"
 
 
+def _on_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 class _Frame:
     """A rich renderable drawing `Progress.frame` at the console's width."""
 
@@ -326,7 +334,7 @@ class Phase:
 
             self._bar = RichProgress(TextColumn(f"[bold]{self.label}[/]"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn(self.unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                     console=self.console, transient=True, redirect_stdout=False)
+                                     console=self.console, transient=True, redirect_stdout=_on_terminal(sys.stdout))
             self._task = self._bar.add_task("", total=self.total)
             self._bar.start()
         return self
