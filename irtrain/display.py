@@ -2,8 +2,8 @@
 
 - `Progress`: the training display. In a terminal, two lines redrawn in place (any width):
 
-      sft ━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━━ 12/100 0:00:31 eta 0:02:10 2.6 s/it 1.2k tok/s
-      loss 1.234  lr 2.0e-05  grad_norm 0.532  token_acc 0.412  eval/pref_acc 0.625
+      sft ━━━━━━━━━━━━━━━━━━━━━━━━━━━━━ 23/40 0:00:14 eta 0:00:10 1.64 it/s 1.5k tok/s
+      loss 4.37  lr 5.0e-04  grad_norm 2.121  token_acc 0.4596  eval/pref_acc 0.6739
 
   The first line always holds the step count, elapsed time, ETA and rate; the bar takes the
   columns left over. The second holds the objective's headline metrics (`Objective.headline`)
@@ -11,7 +11,7 @@
   next evaluation). Not a terminal (a log file, SLURM, `| tee`): one plain line per logged
   step, with the metrics' full names,
 
-      sft step 12/100 | 0:00:31 elapsed | eta 0:02:10 | 2.6 s/it 1.2k tok/s | loss 1.234 lr 2.0e-05 ...
+      sft step 20/40 | 0:00:06 elapsed | eta 0:00:06 | 3.50 it/s 3.2k tok/s | loss 4.517 lr 6.3e-04 ...
 
   and at the end of every run, terminal or not, `Progress.summary`.
 - `Phase`: any other long phase (reference pass, score, rank): a bar in a terminal; else a
