@@ -1,8 +1,9 @@
 """Build a Typer command from a config dataclass, so help is written once.
 
 Every dataclass field becomes a flag (``--max-len``) or, with
-``positional=True``, an argument; flags default to None so that only the flags
-a user typed override the TOML file given with ``--config``.
+``positional=True``, an argument, and each of its aliases a hidden flag; flags
+default to None so that only the flags a user typed override the TOML file
+given with ``--config``.
 """
 from __future__ import annotations
 
@@ -19,29 +20,42 @@ from irtrain.config import _unwrap_optional, config_to_toml, load_config
 from irtrain.errors import IrtrainError
 
 
-def _param(f: dataclasses.Field, tp: Any) -> inspect.Parameter:
+def _option(name: str, base: Any, help_text: str, *, hidden: bool = False) -> tuple[Any, Any]:
+    """(annotation, typer.Option) of the flag `--NAME` for a field of type `base`."""
+    flag = "--" + name.replace("_", "-")
+    if base is bool:
+        return Optional[bool], typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False, hidden=hidden)
+    if typing.get_origin(base) is list:
+        return Optional[list[str]], typer.Option(None, flag, help=help_text, show_default=False, hidden=hidden)
+    return Optional[base if base in (int, float) else str], typer.Option(None, flag, help=help_text, show_default=False, hidden=hidden)
+
+
+def _params(f: dataclasses.Field, tp: Any) -> list[inspect.Parameter]:
+    """The field's flag (or argument), then one hidden flag per alias (`--learning-rate` for
+    `--lr`: named in the help of `--lr`, kept out of the option list so it stays readable at 80
+    columns); `load_config` maps an alias onto its field."""
     base, _ = _unwrap_optional(tp)
     help_text = f.metadata.get("help", "")
     choices = f.metadata.get("choices")
     if choices:
-        help_text += f" \\[{'|'.join(choices)}]"  # escaped: Rich would read [a|b] as markup
+        help_text += f" [{'|'.join(choices)}]"
+    names = f.metadata.get("aliases", ())
+    if names:
+        help_text += " (alias: " + ", ".join("--" + a.replace("_", "-") for a in names) + ")"
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
     if default not in (None, "", []):
         help_text += f" (default: {default!r})"
-    flag = "--" + f.name.replace("_", "-")
+    kind = inspect.Parameter.KEYWORD_ONLY
     if f.metadata.get("positional"):
         annotation = Optional[list[str]] if typing.get_origin(base) is list else Optional[str]
-        info = typer.Argument(None, help=help_text, show_default=False)
-    elif base is bool:
-        annotation = Optional[bool]
-        info = typer.Option(None, f"{flag}/--no-{flag[2:]}", help=help_text, show_default=False)
-    elif typing.get_origin(base) is list:
-        annotation = Optional[list[str]]
-        info = typer.Option(None, flag, help=help_text, show_default=False)
-    else:
-        annotation = Optional[base if base in (int, float) else str]
-        info = typer.Option(None, flag, help=help_text, show_default=False)
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=annotation)
+        return [inspect.Parameter(f.name, kind, annotation=annotation,
+                                  default=typer.Argument(None, help=help_text, show_default=False))]
+    annotation, info = _option(f.name, base, help_text)
+    params = [inspect.Parameter(f.name, kind, default=info, annotation=annotation)]
+    for alias in names:
+        annotation, info = _option(alias, base, f"Alias of --{f.name.replace('_', '-')}.", hidden=True)
+        params.append(inspect.Parameter(alias, kind, default=info, annotation=annotation))
+    return params
 
 
 def command_from_config(cls: type, run: Callable[[Any], Any]) -> Callable[..., None]:
@@ -57,7 +71,7 @@ def command_from_config(cls: type, run: Callable[[Any], Any]) -> Callable[..., N
             default=typer.Option(False, "--print-config", help="Print the resolved config as TOML and exit."),
         ),
     ]
-    params += [_param(f, hints[f.name]) for f in dataclasses.fields(cls)]
+    params += [p for f in dataclasses.fields(cls) for p in _params(f, hints[f.name])]
 
     def command(**kwargs: Any) -> None:
         toml_path = kwargs.pop("config")
@@ -79,8 +93,10 @@ def command_from_config(cls: type, run: Callable[[Any], Any]) -> Callable[..., N
 def fail(message: str) -> None:
     """Print a one-line error (no traceback) and exit non-zero."""
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}", markup=True)
+    # escaped: a message may hold brackets (pip install 'irtrain[deepspeed]') that Rich would read as markup
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {escape(message)}", markup=True)
     raise typer.Exit(1)
 
 

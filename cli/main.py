@@ -13,6 +13,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain layout: at 80 columns Rich's five-column table cut option names and choice lists
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 _COMMANDS = [
@@ -24,7 +27,7 @@ _COMMANDS = [
     ("quickstart", QuickstartConfig, "quickstart"),
 ]
 for _name, _cls, _module in _COMMANDS:
-    app.command(_name, help=_cls.__doc__)(command_from_config(_cls, lazy_run(_module)))
+    app.command(_name, help=_cls.__doc__, short_help=_cls.__doc__)(command_from_config(_cls, lazy_run(_module)))
 
 
 def _version(value: bool) -> None:

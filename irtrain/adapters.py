@@ -17,7 +17,6 @@ loaded model, saved in peft's own format, merged on request.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 
 from irtrain.errors import ConfigError
+from irtrain.extras import require
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -63,13 +63,8 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
 
 
-def peft_available() -> bool:
-    return importlib.util.find_spec("peft") is not None
-
-
 def _need_peft(what: str) -> None:
-    if not peft_available():
-        raise ConfigError(f"{what} needs peft, which is not installed: pip install peft")
+    require("peft", what)
 
 
 # --------------------------------------------------------------------------- checking
@@ -107,8 +102,7 @@ def check_quantization(cfg: Any) -> str | None:
         return None
     if not torch.cuda.is_available() or str(cfg.device) == "cpu":
         raise ConfigError(f"{flag} (QLoRA) needs a CUDA GPU and bitsandbytes; this machine has no CUDA device")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"{flag} (QLoRA) needs bitsandbytes, which is not installed: pip install bitsandbytes")
+    require("bitsandbytes", f"{flag} (QLoRA)")
     if cfg.deepspeed:
         raise ConfigError(f"{flag} (QLoRA) runs on one GPU; it does not combine with --deepspeed")
     return "4bit" if cfg.load_in_4bit else "8bit"

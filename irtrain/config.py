@@ -12,6 +12,7 @@ build the same dataclass and call ``irtrain.<command>.run(cfg)``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -26,6 +27,7 @@ from irtrain.errors import ConfigError
 from irtrain.losses import KL_ESTIMATORS, PREFERENCE_LOSSES, SFT_LOSSES
 from irtrain.models import DTYPES
 from irtrain.shards import FORMATS
+from irtrain.train.trackers import REPORT_TO
 
 #: the range checks a field may declare (`opt(..., check=NAME)`): test, and what it says
 CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
@@ -40,11 +42,14 @@ CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, positional: bool = False,
-        check: str | None = None) -> Any:
+        check: str | None = None, aliases: tuple[str, ...] = ()) -> Any:
     """Declare a config field: its default, one line of help, optional choices, optional range
-    check (a key of `CHECKS`; None values pass, for optional fields)."""
+    check (a key of `CHECKS`; None values pass, for optional fields), optional aliases (other
+    names of the same setting, e.g. TRL's `learning_rate` for `lr`: a flag `--learning-rate`
+    and a TOML key)."""
     assert check is None or check in CHECKS, check
-    meta = {"help": help, "choices": choices, "positional": positional, "check": check}
+    assert not (positional and aliases), "a positional argument has no flag to alias"
+    meta = {"help": help, "choices": choices, "positional": positional, "check": check, "aliases": aliases}
     if isinstance(default, list):
         items: list[Any] = list(default)
         return field(default_factory=lambda: list(items), metadata=meta)
@@ -64,15 +69,18 @@ class _Validated:
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise ConfigError(
-                    f"{f.name} = {value!r} is not one of: {', '.join(choices)}"
-                )
+            items = [p.strip() for v in value for p in str(v).split(",") if p.strip()] if isinstance(value, list) else [value]
+            for item in items:  # a list field: each of its (comma-separated) items
+                if choices and item is not None and item not in choices:
+                    raise ConfigError(
+                        f"{f.name} = {item!r} is not one of: {', '.join(choices)}"
+                    )
             check = f.metadata.get("check")
             if check and value is not None:
                 ok, says = CHECKS[check]
-                if not ok(value):
-                    raise ConfigError(f"--{f.name.replace('_', '-')} must be {says}, got {value!r}")
+                for v in value if isinstance(value, list) else [value]:  # a list: each item
+                    if not ok(v):
+                        raise ConfigError(f"--{f.name.replace('_', '-')} must be {says}, got {v!r}")
 
 
 # --------------------------------------------------------------------------- prepare
@@ -89,10 +97,11 @@ class PrepareConfig(_Validated):
     chat_template: str | None = opt(None, "A Jinja file overriding the tokenizer's chat template.")
     mask: str = opt("assistant", "Trained tokens: every assistant turn | the last one | all after the prompt | all.",
                     choices=("assistant", "last", "completion", "all"))
-    max_len: int = opt(2048, "Maximum tokens per packed row (and per example).", check="at_least_2")
+    max_len: int = opt(2048, "Maximum tokens per packed row (and per example).", check="at_least_2",
+                       aliases=("max_length", "max_seq_length", "sequence_len"))
     truncation: str = opt("drop", "An example longer than --max-len: drop it, or cut tokens from its start (left) or end (right).",
                           choices=("drop", "left", "right"))
-    pack: bool = opt(True, "Pack examples into rows of --max-len tokens (best-fit decreasing).")
+    pack: bool = opt(True, "Pack examples into rows of --max-len tokens (best-fit decreasing).", aliases=("packing",))
     shard_rows: int = opt(16384, "Rows per shard file set.", check="at_least_1")
     preview: int = opt(0, "Print N prepared examples with the masked tokens marked.", check="nonnegative")
     skip_invalid: bool = opt(False, "Skip invalid rows (counted in the report) instead of failing.")
@@ -104,32 +113,40 @@ class PrepareConfig(_Validated):
 class TrainConfig(_Validated):
     """Fields shared by `sft` and `dpo` (the same loop runs both)."""
 
-    model: str = opt("", "Model to train: a local directory or hub name (AutoModelForCausalLM).")
+    model: str = opt("", "Model to train: a local directory or hub name (AutoModelForCausalLM).", aliases=("model_name_or_path",))
     data: list[str] = opt([], "Shard directories made by `irtrain prepare`.", positional=True)
-    out: str = opt("", "Output directory: checkpoints, metrics.jsonl, resolved config.")
+    out: str = opt("", "Output directory: checkpoints, metrics.jsonl, resolved config.", aliases=("output_dir",))
     dtype: str = opt("auto", "Parameter dtype (auto: fp32 weights + bf16 autocast on GPU, bf16 under DeepSpeed on GPU, fp32 on CPU).",
-                     choices=("auto", *DTYPES))
+                     choices=("auto", *DTYPES), aliases=("torch_dtype",))
     attn_implementation: str | None = opt(
         None, "Attention for packed batches (default: flash_attention_2 on GPU if installed, else irtrain_varlen; "
         "sdpa = transformers' N x N block-diagonal mask).")
     trust_remote_code: bool = opt(False, "Allow the model's custom code from the hub.")
-    lr: float = opt(5e-6, "Peak learning rate.", check="positive")
+    lr: float = opt(5e-6, "Peak learning rate.", check="positive", aliases=("learning_rate",))
     lr_schedule: str = opt("cosine", "Learning-rate schedule after warmup.", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = opt(0.1, "Fraction of steps for linear warmup.", check="fraction")
     weight_decay: float = opt(0.0, "AdamW weight decay.", check="nonnegative")
     adam_beta1: float = opt(0.9, "AdamW beta1.", check="unit_half_open")
     adam_beta2: float = opt(0.95, "AdamW beta2.", check="unit_half_open")
-    adam_eps: float = opt(1e-8, "AdamW epsilon.", check="positive")
+    adam_eps: float = opt(1e-8, "AdamW epsilon.", check="positive", aliases=("adam_epsilon",))
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 = no clipping).", check="nonnegative")
-    epochs: float = opt(1.0, "Passes over the data (ignored when --max-steps > 0).", check="positive")
+    epochs: float = opt(1.0, "Passes over the data (ignored when --max-steps > 0).", check="positive",
+                        aliases=("num_train_epochs", "num_epochs"))
     max_steps: int = opt(0, "Optimizer steps to run (0 = from --epochs).", check="nonnegative")
     global_batch: int = opt(128, "Sequences (packed rows) per optimizer step, over all ranks and micro-batches.", check="at_least_1")
     global_batch_tokens: int = opt(0, "If > 0: tokens per optimizer step instead of --global-batch sequences.", check="nonnegative")
-    micro_batch: int = opt(1, "Packed rows per micro-batch per rank (forward/backward at once, padding-free).", check="at_least_1")
+    global_batch_docs: int = opt(0, "If > 0: documents (conversations, preference pairs) per optimizer step instead of --global-batch "
+                                 "sequences, whatever the packing.", check="nonnegative")
+    weights: list[float] = opt([], "Mixture weights, one per data directory (e.g. 0.7,0.3): every step draws packed rows from the "
+                               "sources in these proportions, each with its own epochs (default: the directories concatenated).",
+                               check="positive")
+    micro_batch: int = opt(1, "Packed rows per micro-batch per rank (forward/backward at once, padding-free).", check="at_least_1",
+                           aliases=("per_device_train_batch_size", "micro_batch_size"))
     micro_batch_tokens: int = opt(0, "If > 0: at most this many tokens per micro-batch per rank, instead of --micro-batch rows.", check="nonnegative")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     seed: int = opt(0, "Seed for initialisation, data order and dropout.")
-    log_steps: int = opt(1, "Write metrics every N steps (metrics.jsonl; a line on stderr when it is not a terminal).", check="at_least_1")
+    log_steps: int = opt(1, "Write metrics every N steps (metrics.jsonl; a line on stderr when it is not a terminal).", check="at_least_1",
+                         aliases=("logging_steps",))
     save_steps: int = opt(0, "Checkpoint every N steps (0 = only at the end and --save-at).", check="nonnegative")
     save_at: str = opt("", "Extra checkpoint steps, comma-separated (early-exit checkpoints), e.g. 50,100,150.")
     save_total_limit: int = opt(0, "Keep at most N periodic checkpoints (0 = keep all; --save-at ones are always kept).", check="nonnegative")
@@ -146,7 +163,8 @@ class TrainConfig(_Validated):
     lora_r: int = opt(0, "LoRA rank (0 = full fine-tune). Adapters through peft; checkpoints hold the adapter in peft's format.", check="nonnegative")
     lora_alpha: float | None = opt(None, "LoRA alpha (scale alpha/r; default 2 x --lora-r).", check="positive")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.", check="unit_half_open")
-    lora_target: list[str] = opt([], "Modules that get adapters, comma-separated names (default: every linear layer of the decoder, not the LM head).")
+    lora_target: list[str] = opt([], "Modules that get adapters, comma-separated names (default: every linear layer of the decoder, not the LM head).",
+                                 aliases=("lora_target_modules",))
     lora_modules_to_save: list[str] = opt([], "Modules trained in full next to the adapters and saved with them (e.g. lm_head,embed_tokens).")
     use_dora: bool = opt(False, "DoRA: weight-decomposed LoRA (magnitude and direction).")
     load_in_4bit: bool = opt(False, "QLoRA: load the base model in 4 bits (nf4, bf16 compute) through bitsandbytes (CUDA only).")
@@ -154,14 +172,19 @@ class TrainConfig(_Validated):
     merge_at_end: bool = opt(False, "With LoRA: also write the merged full model to OUT/merged/ at the end.")
     deepspeed: str | None = opt(None, "Run under DeepSpeed: zero1 | zero2 | zero3 | path to a DeepSpeed JSON config.")
     device: str = opt("auto", "Device for single-process runs (auto, cpu, cuda).")
-    tensorboard: bool = opt(True, "Also log to TensorBoard when it is installed.")
+    tensorboard: bool = opt(True, "With --report-to left unset: log to TensorBoard when it is installed (--no-tensorboard: no tracker).")
+    report_to: list[str] = opt([], "Trackers, comma-separated or repeated, with TRL's metric names (default: tensorboard when installed).",
+                               choices=REPORT_TO)
+    project: str = opt("irtrain", "Project on the trackers: the Trackio project, W&B project, MLflow experiment.")
+    run_name: str | None = opt(None, "Run name on the trackers (default: the --out directory's name).")
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on `prepare` shards, with the SFT loss family of FORMULAS.md "SFT losses"."""
 
-    loss: str = opt("ce", "SFT loss, per token (docs/FORMULAS.md \"SFT losses\"): " + _choices_help(SFT_LOSSES) + ".", choices=tuple(SFT_LOSSES))
+    loss: str = opt("ce", "SFT loss, per token (docs/FORMULAS.md \"SFT losses\"): " + _choices_help(SFT_LOSSES) + ".", choices=tuple(SFT_LOSSES),
+                    aliases=("loss_type",))
     value_grad: bool = opt(False, "Let gradient flow through the value term dV (off: the stable default).")
 
 
@@ -169,17 +192,17 @@ class SFTConfig(TrainConfig):
 class DPOConfig(TrainConfig):
     """Preference optimisation on `prepare` preference/unpaired/ranked shards."""
 
-    lr: float = opt(5e-7, "Peak learning rate.", check="positive")
+    lr: float = opt(5e-7, "Peak learning rate.", check="positive", aliases=("learning_rate",))
     loss: str = opt("sigmoid", "Preference loss (docs/FORMULAS.md \"Preference losses\"): " + _choices_help(PREFERENCE_LOSSES) + ".",
-                    choices=tuple(PREFERENCE_LOSSES))
+                    choices=tuple(PREFERENCE_LOSSES), aliases=("loss_type",))
     beta: float | None = opt(None, "Beta (default per loss: 0.1; simpo 2.0; orpo uses --orpo-lambda instead).", check="positive")
     label_smoothing: float = opt(0.0, "Label smoothing / flip probability epsilon (sigmoid, robust).")
-    gamma: float = opt(0.5, "SimPO target margin gamma.", check="finite")
+    gamma: float = opt(0.5, "SimPO target margin gamma.", check="finite", aliases=("simpo_gamma",))
     orpo_lambda: float = opt(0.1, "ORPO odds-ratio weight lambda (TRL's ORPO beta).", check="positive")
     desirable_weight: float = opt(1.0, "KTO weight of desirable examples.", check="nonnegative")
     undesirable_weight: float = opt(1.0, "KTO weight of undesirable examples.", check="nonnegative")
     infonca_alpha: float = opt(1e-3, "InfoNCA temperature alpha of the score softmax.", check="positive")
-    sft_coef: float = opt(0.0, "Add sft_coef * ce(chosen response) to the loss (RPO-style).", check="nonnegative")
+    sft_coef: float = opt(0.0, "Add sft_coef * ce(chosen response) to the loss (RPO-style).", check="nonnegative", aliases=("rpo_alpha",))
     ref_model: str | None = opt(None, "Reference model (default: the starting model); its log-probs are computed once and cached.")
     reference_free: bool = opt(False, "Use no reference at all (simpo, orpo only; no rewards against a reference, no KL metrics).")
     joint_sft: str | None = opt(None, "SFT shards for joint SFT+DPO: loss = ce + lambda * preference loss, lambda adaptive.")
@@ -258,7 +281,10 @@ def _coerce(name: str, tp: Any, value: Any, where: str) -> Any:
         if typing.get_origin(base) is list:
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v]
-            return [str(v) for v in value]
+            elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                value = [p for v in value for p in v.split(",") if p]  # --flag a,b --flag c
+            item = (typing.get_args(base) or (str,))[0]
+            return [float(v) if item is float else str(v) for v in value]
         if base is bool:
             if isinstance(value, str):
                 low = value.lower()
@@ -279,13 +305,34 @@ def _coerce(name: str, tp: Any, value: Any, where: str) -> Any:
         raise ConfigError(f"{where}{name} = {value!r} is not a valid {getattr(base, '__name__', base)}") from None
 
 
+def aliases(cls: type) -> dict[str, str]:
+    """`{alias: field name}` of a config class (`opt(..., aliases=...)`); an alias that is also
+    a field name, or names two fields, is a declaration error."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        for alias in f.metadata.get("aliases", ()):
+            if alias in names or out.get(alias, f.name) != f.name:
+                raise AssertionError(f"{cls.__name__}: alias {alias!r} of {f.name!r} clashes with another name")
+            out[alias] = f.name
+    return out
+
+
+def _did_you_mean(name: str, known: set[str], alias_of: dict[str, str]) -> str:
+    """`; did you mean 'lr'?` for a misspelt key (matched against names and aliases), or ''."""
+    match = difflib.get_close_matches(name, sorted(known | set(alias_of)), n=1, cutoff=0.6)
+    return f"; did you mean '{alias_of.get(match[0], match[0])}'?" if match else ""
+
+
 def load_config(cls: type, toml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Any:
     """Build `cls` from a TOML file (optional) plus overrides (flags win).
 
-    TOML keys may use dashes or underscores. Unknown keys raise `ConfigError`.
+    TOML keys and overrides may use dashes or underscores, and a field's aliases. Unknown
+    keys raise `ConfigError` (with the closest known name), and so do two names of one field.
     """
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    alias_of = aliases(cls)
     values: dict[str, Any] = {}
     if toml_path is not None:
         path = Path(toml_path)
@@ -295,17 +342,27 @@ def load_config(cls: type, toml_path: str | Path | None = None, overrides: dict[
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        seen: dict[str, str] = {}
         for key, value in raw.items():
-            name = key.replace("-", "_")
+            name = alias_of.get(key.replace("-", "_"), key.replace("-", "_"))
             if name not in known:
-                raise ConfigError(f"{path}: unknown config key '{key}' for {cls.__name__}")
+                raise ConfigError(f"{path}: unknown config key '{key}' for {cls.__name__}"
+                                  f"{_did_you_mean(key.replace('-', '_'), known, alias_of)}")
+            if name in seen:
+                raise ConfigError(f"{path}: '{seen[name]}' and '{key}' are the same setting ({name}); keep one")
+            seen[name] = key
             values[name] = _coerce(name, hints[name], value, f"{path}: ")
+    flagged: dict[str, str] = {}
     for key, value in (overrides or {}).items():
-        name = key.replace("-", "_")
+        name = alias_of.get(key.replace("-", "_"), key.replace("-", "_"))
         if name not in known:
-            raise ConfigError(f"unknown option '{key}' for {cls.__name__}")
+            raise ConfigError(f"unknown option '{key}' for {cls.__name__}{_did_you_mean(key.replace('-', '_'), known, alias_of)}")
         if value is None:
             continue
+        flag = "--" + key.replace("_", "-")
+        if name in flagged:
+            raise ConfigError(f"{flagged[name]} and {flag} are the same setting; give one")
+        flagged[name] = flag
         values[name] = _coerce(name, hints[name], value, "")
     return cls(**values)
 

@@ -18,10 +18,12 @@ sources, encoding, packing, shard writing share its types), a little over ~450 l
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +36,7 @@ from irtrain.errors import DataError, IrtrainIOError, TemplateError, TokenizerEr
 from irtrain.shards import FORMATS, ShardSet, iter_documents
 
 __all__ = [
-    "iter_documents", "ShardSet", "TokenizerFiles", "load_tokenizer_files", "Source", "Chunk", "resolve_inputs",
+    "iter_documents", "ShardSet", "TokenizerFiles", "load_tokenizer_files", "tokenizer_files_of", "Source", "Chunk", "resolve_inputs",
     "Encoder", "encode_rows", "detect_format", "pack_bfd", "write_shards", "preparer", "row_error", "FORMATS", "MASKS",
 ]
 
@@ -145,6 +147,26 @@ def load_tokenizer_files(name_or_dir: str, chat_template_file: str | None = None
         name=name_or_dir, tokenizer_file=str(tj), chat_template=template, chat_template_origin=origin,
         special_tokens=specials, file_sha256=h.hexdigest(),
     )
+
+
+def tokenizer_files_of(tokenizer: Any, chat_template_file: str | None, tmp_dir: str | Path) -> TokenizerFiles:
+    """`TokenizerFiles` of a tokenizer object, its files written into `tmp_dir` (which must
+    live while the files are read): a transformers fast tokenizer (`AutoTokenizer` result) is
+    saved with `save_pretrained`, so it is read as its directory would be; a
+    `tokenizers.Tokenizer` is its JSON alone (no chat template or named special tokens of its
+    own: give `chat_template_file`)."""
+    tmp = Path(tmp_dir)
+    if hasattr(tokenizer, "save_pretrained") and hasattr(tokenizer, "backend_tokenizer"):
+        tokenizer.save_pretrained(str(tmp))
+    elif type(tokenizer).__module__.split(".")[0] == "tokenizers" and hasattr(tokenizer, "to_str"):
+        (tmp / "tokenizer.json").write_text(tokenizer.to_str(), encoding="utf-8")
+    else:
+        raise TokenizerError(f"expected a tokenizer directory or hub name, a transformers fast tokenizer or a "
+                             f"tokenizers.Tokenizer, got {type(tokenizer).__name__} (a slow tokenizer has no tokenizer.json)")
+    files = load_tokenizer_files(str(tmp), chat_template_file)
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    origin = files.chat_template_origin if chat_template_file else f"{name} (chat_template)"
+    return dataclasses.replace(files, name=name, chat_template_origin=origin)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -365,9 +387,16 @@ class Encoder:
     >>> docs, errors = enc.encode([{"messages": [...]}, ...])
     """
 
-    def __init__(self, tokenizer: str | TokenizerFiles, *, fmt: str = "chat", mask: str = "assistant",
+    def __init__(self, tokenizer: str | os.PathLike[str] | TokenizerFiles | Any, *, fmt: str = "chat", mask: str = "assistant",
                  chat_template: str | None = None, threads: int = 0, fast_bpe: bool = True):
-        tok = tokenizer if isinstance(tokenizer, TokenizerFiles) else load_tokenizer_files(tokenizer, chat_template)
+        if isinstance(tokenizer, (TokenizerFiles, str, os.PathLike)):
+            self._init(tokenizer if isinstance(tokenizer, TokenizerFiles) else load_tokenizer_files(os.fspath(tokenizer), chat_template),
+                       fmt, mask, threads, fast_bpe)
+        else:  # a tokenizer object: its files exist while the Rust encoder reads them
+            with tempfile.TemporaryDirectory(prefix="irtrain-tokenizer-") as tmp:
+                self._init(tokenizer_files_of(tokenizer, chat_template, tmp), fmt, mask, threads, fast_bpe)
+
+    def _init(self, tok: TokenizerFiles, fmt: str, mask: str, threads: int, fast_bpe: bool) -> None:
         if tok.chat_template is None:
             raise TemplateError(f"{tok.name}: the tokenizer has no chat template; pass --chat-template FILE")
         if fmt not in FORMATS:
@@ -432,9 +461,11 @@ def documents_from_arrays(a: dict[str, np.ndarray], fmt: str) -> Iterator[dict[s
         j = k
 
 
-def encode_rows(rows: Iterable[dict[str, Any]], tokenizer: str | TokenizerFiles, *, fmt: str = "chat",
+def encode_rows(rows: Iterable[dict[str, Any]], tokenizer: str | os.PathLike[str] | TokenizerFiles | Any, *, fmt: str = "chat",
                 mask: str = "assistant", chat_template: str | None = None) -> list[dict[str, Any]]:
-    """Encode rows like `prepare` (no packing); a row error raises `DataError` naming the row (1-based)."""
+    """Encode rows like `prepare` (no packing); a row error raises `DataError` naming the row (1-based).
+    `tokenizer`: a directory or hub name, a transformers fast tokenizer (`AutoTokenizer`
+    result) or a `tokenizers.Tokenizer` (see `tokenizer_files_of`)."""
     docs, errors = Encoder(tokenizer, fmt=fmt, mask=mask, chat_template=chat_template).encode(rows)
     if errors:
         row, kind, message = errors[0]

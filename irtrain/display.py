@@ -219,6 +219,12 @@ class Progress:
             line += ("  " if line else "") + part
         return [head, Text(line)]
 
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._live is not None:
             self._live.stop()

@@ -8,6 +8,9 @@ and what a killed run leaves behind is cleaned up by the next one.
 - `temp_name(final)`: `.NAME.tmp-PID`, the one spelling of a temporary output;
   `sweep_temps(parent, name)` removes the temporaries of `name` left by processes of this
   host that are gone (a live PID's are kept: that run is still writing).
+- `share_modes(path)`: what irtrain publishes gets the modes the umask allows (files
+  0666 & ~umask, directories 0777 & ~umask), also where a library wrote through `mkstemp`
+  (0600: transformers' `save_pretrained` writes model.safetensors so); `publish` calls it.
 - `io_error(e, path, doing)`: an `OSError` (a full disk, no permission) as a one-line
   `IrtrainIOError` naming the path.
 """
@@ -17,6 +20,7 @@ import errno
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from irtrain.errors import IrtrainIOError
@@ -49,6 +53,40 @@ def fsync_tree(path: Path) -> None:
         _fsync_path(path)
 
 
+def umask() -> int:
+    """The process umask, read without changing it where Linux shows it (/proc/self/status);
+    else set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_modes(path: Path) -> None:
+    """Set the modes of `path` (a file, or a tree: every file and directory, not following
+    links) to what `open` and `mkdir` give under the umask: files 0666 & ~umask (0777 &
+    ~umask when the owner may execute them), directories 0777 & ~umask; so colleagues on a
+    shared filesystem read the weights as the umask allows, and a umask of 077 keeps them
+    private."""
+    mask = umask()
+    paths = [path]
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            paths += [Path(root) / n for n in (*dirs, *files)]
+    for p in paths:
+        st = os.lstat(p)
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        full = 0o777 if stat.S_ISDIR(st.st_mode) or st.st_mode & stat.S_IXUSR else 0o666
+        if stat.S_IMODE(st.st_mode) != full & ~mask:
+            os.chmod(p, full & ~mask)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
     try:
@@ -70,7 +108,9 @@ def _exchange(a: Path, b: Path) -> bool:
 def publish(tmp: Path, final: Path) -> Path:
     """Make `tmp` durable and put it at `final` (see the module docstring): a file by one
     atomic rename; a directory onto an existing one by an atomic exchange where the kernel has
-    it (else moved aside first, never deleted before its replacement is in place)."""
+    it (else moved aside first, never deleted before its replacement is in place); modes as
+    the umask allows (`share_modes`)."""
+    share_modes(tmp)
     fsync_tree(tmp)
     old = None
     if final.is_dir() and not final.is_symlink():

@@ -61,3 +61,7 @@ class IrtrainIOError(IrtrainError):
 
 class LockedError(IrtrainError):
     """Another run holds the output directory (see `irtrain.paths.OutLock`)."""
+
+
+class MissingExtraError(ConfigError):
+    """An optional package a flag needs is not installed; the message names the pip command."""

@@ -19,7 +19,7 @@ model), ``tau_pairs.parquet`` (every statistic per ordered pair of models),
 ``tau_heatmap.png``, ``summary.json``; and a table in the terminal.
 
 Bad input is a one-line error: fewer than two tables, a file that is not a score table,
-an empty table, NaN values, tables of different data (content hash) or step delimiter or
+an empty table, NaN values, tables of different states (examples, steps, tokens) or step delimiter or
 value temperature, and states present in some tables only (unless ``--intersect``).
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ CI = 0.95
 #: traces with fewer states than this are counted as short (per-trace tau is +-1 or undefined)
 SHORT = 3
 #: settings that must agree for values to be comparable (metadata key, what it is)
-_MUST_MATCH = (("data_hash", "data (content hash)"), ("step_delimiter", "step delimiter"),
+_MUST_MATCH = (("states_hash", "states (examples, steps and tokens)"), ("step_delimiter", "step delimiter"),
                ("value_temperature", "value temperature"))
 
 
@@ -178,12 +178,17 @@ def load_table(label: str, path: Path) -> Table:
 
 
 def check_compatible(tables: list[Table]) -> None:
+    """Tables must score the same states: the same (example, part, step) and tokens whatever
+    the shards' packing (`states_hash`; tables written before it existed: the shards' content
+    hash), with the same step delimiter and value temperature."""
     ref = tables[0]
+    by_states = all("states_hash" in t.meta for t in tables)
+    checks = _MUST_MATCH if by_states else (("data_hash", "data (content hash)"),) + _MUST_MATCH[1:]
     for t in tables[1:]:
-        for key, what in _MUST_MATCH:
+        for key, what in checks:
             if t.meta.get(key) != ref.meta.get(key):
                 a, b = ref.meta.get(key), t.meta.get(key)
-                if key == "data_hash":
+                if key in ("data_hash", "states_hash"):
                     a, b = str(a)[:12], str(b)[:12]
                 raise DataError(f"score tables of different {what}: {ref.path} has {a!r}, {t.path} has {b!r}; "
                                 "rank compares models on the same states")

@@ -51,11 +51,13 @@ def preference_accuracy(policy: np.ndarray, pairs: tuple[np.ndarray, np.ndarray,
         raise ValueError("no preference pairs")
     pm = pair_metrics(policy, chosen, rejected, reference=reference, beta=beta)
     ranked = (pm.logp_margin > 0).numpy()
-    out: dict[str, Any] = {"n": int(len(chosen)), "logp_accuracy": float(np.mean(ranked))}
+    out: dict[str, Any] = {"n": int(len(chosen)), "logp_accuracy": float(np.mean(ranked)),
+                           "logp_correct": [bool(c) for c in ranked]}
     correct = None
     if pm.margin is not None and pm.loss is not None and pm.correct is not None:
         correct = pm.correct.numpy()
         out["accuracy"] = float(np.mean(correct))
+        out["correct"] = [bool(c) for c in correct]  # per pair, for paired comparisons between models
         out["loss"] = float(pm.loss.mean())
         out["mean_margin"] = float(pm.margin.mean())
     if groups is not None:
@@ -69,6 +71,54 @@ def preference_accuracy(policy: np.ndarray, pairs: tuple[np.ndarray, np.ndarray,
             by[g] = entry
         out["by_group"] = by
     return out
+
+
+# --------------------------------------------------------------------------- confidence
+#: The significance level of every claim the reports make (two-sided).
+ALPHA = 0.05
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a binomial proportion k/n; (nan, nan) when n = 0."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_sign_test(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:
+    """Exact McNemar test of two models judged on the same items.
+
+    Of the items where exactly one model is right (``b_only`` where only b is, ``a_only``
+    where only a is), under H0 each is b's with probability 1/2: the two-sided p-value is
+    ``min(1, 2·P(X <= min(a_only, b_only)))`` for X ~ Binomial(a_only + b_only, 1/2),
+    1 when no item is discordant (scipy.stats.binomtest(b_only, a_only + b_only) gives the same).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired test of {len(a)} against {len(b)} items")
+    a_only = sum(1 for x, y in zip(a, b) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b) if y and not x)
+    m, k = a_only + b_only, min(a_only, b_only)
+    p = 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m)
+    return {"n": len(a), "a_only": a_only, "b_only": b_only, "p_value": p}
+
+
+def compare_verdict(test: dict[str, Any], *, alpha: float = ALPHA) -> str:
+    """"above", "below" or "not distinguishable from" (b against a), from `paired_sign_test`."""
+    if test["p_value"] < alpha:
+        return "above" if test["b_only"] > test["a_only"] else "below"
+    return "not distinguishable from"
+
+
+def with_interval(k: int, n: int) -> str:
+    """``0.860 [0.805, 0.902]`` (k/n with its 95% Wilson interval)."""
+    if n <= 0:
+        return "—"
+    lo, hi = wilson_interval(k, n)
+    return f"{k / n:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 # --------------------------------------------------------------------------- metrics files

@@ -469,5 +469,7 @@ def task_accuracy(model_dir: str | Path, problems: list[Problem], *, max_new_tok
         "accuracy": sum(ok) / len(ok),
         "steps_accuracy": sum(strict) / len(strict),
         "n": len(ok),
+        "correct": ok,  # per problem, for paired comparisons between models
+        "steps_correct": strict,
         "samples": [{"prompt": p.prompt, "response": t, "correct": c} for p, t, c in list(zip(problems, texts, ok))[:samples]],
     }

@@ -104,4 +104,7 @@ def tiny_llama(tokenizer_dir: str | Path, out_dir: str | Path, *, hidden_size: i
     out = Path(out_dir)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    from irtrain.durable import share_modes
+
+    share_modes(out)  # save_pretrained leaves model.safetensors 0600
     return out

@@ -30,3 +30,19 @@ def tiny_model_dir(tokenizer_dirs, tmp_path_factory):
     from irtrain.toy import tiny_llama
 
     return tiny_llama(tokenizer_dirs["chatml"], tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture
+def without(tmp_path):
+    """`without("wandb", ...)`: the environment of a subprocess in which those packages are not
+    importable, as if uninstalled: a sitecustomize (first on PYTHONPATH) puts None in
+    sys.modules for them, so `import wandb` raises ModuleNotFoundError and find_spec says absent."""
+
+    def env(*modules: str) -> dict[str, str]:
+        d = tmp_path / "import-blocker"
+        d.mkdir(exist_ok=True)
+        (d / "sitecustomize.py").write_text(f"import sys\nfor m in {list(modules)!r}:\n    sys.modules[m] = None\n", encoding="utf-8")
+        path = [str(d), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        return dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+
+    return env

@@ -270,6 +270,49 @@ def test_encode_rows_shapes(tokenizer_dirs):
                           {"text": "x"}], tok)
 
 
+
+def _as_lists(docs):
+    """encode_rows output with numpy arrays as lists, for ==."""
+    if isinstance(docs, dict):
+        return {k: _as_lists(v) for k, v in docs.items()}
+    if isinstance(docs, list):
+        return [_as_lists(v) for v in docs]
+    return docs.tolist() if isinstance(docs, np.ndarray) else docs
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "mistral"])
+def test_encode_rows_takes_tokenizer_objects(tokenizer_dirs, template, tmp_path):
+    """An `AutoTokenizer` result encodes exactly as its directory does (every format); a
+    `tokenizers.Tokenizer` with the template given as a file tokenizes alike; anything else is
+    a one-line TokenizerError."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from irtrain.errors import TokenizerError
+
+    path = tokenizer_dirs[template]
+    rows = {
+        "chat": [{"messages": [{"role": "user", "content": "2 plus 2? café 🎉"}, {"role": "assistant", "content": "4."}]}],
+        "preference": [{"prompt": "q", "chosen": "good", "rejected": "bad"}],
+        "ranked": [{"prompt": "q", "completions": ["x", "y", "z"], "scores": [1, 3, 2]}],
+    }
+    auto = AutoTokenizer.from_pretrained(str(path))
+    for fmt, rs in rows.items():
+        expected = _as_lists(data.encode_rows(rs, str(path), fmt=fmt))
+        assert _as_lists(data.encode_rows(rs, auto, fmt=fmt)) == expected, fmt
+        assert _as_lists(data.encode_rows(rs, path, fmt=fmt)) == expected, fmt  # a pathlib.Path
+    assert data.Encoder(auto).tokenizer_hash == data.Encoder(str(path)).tokenizer_hash
+    files = data.load_tokenizer_files(str(path))
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text(files.chat_template, encoding="utf-8")
+    raw = Tokenizer.from_file(files.tokenizer_file)
+    if not any(name in files.chat_template for name, _ in files.special_tokens):  # a template naming bos_token needs the config
+        assert _as_lists(data.encode_rows(rows["chat"], raw, chat_template=str(jinja))) == _as_lists(data.encode_rows(rows["chat"], str(path)))
+    with pytest.raises(TemplateError, match="no chat template"):
+        data.encode_rows(rows["chat"], raw)
+    with pytest.raises(TokenizerError, match="got dict"):
+        data.encode_rows(rows["chat"], {"not": "a tokenizer"})
+
 def test_detect_format():
     assert data.detect_format(json.dumps({"messages": []})) == "chat"
     assert data.detect_format(json.dumps({"prompt": "p", "chosen": [], "rejected": [], "messages": []})) == "preference"

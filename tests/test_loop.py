@@ -278,3 +278,59 @@ def test_bad_input_fails_before_training_and_writes_nothing(tiny_model_dir, toke
         assert not out.exists(), expected
         assert not (a_file.parent / "sub").exists()
     assert sorted(p.name for p in Path(data_dir).iterdir()) == before  # no reference cache written either
+
+
+# --------------------------------------------------------------------------- mixtures and document budgets
+def test_weighted_mixture_trains_resumes_exactly_and_reports_proportions(tiny_model_dir, tmp_path):
+    """Three sources at --weights 0.5,0.3,0.2: the metrics give each source's realised share
+    and epochs (the plan's, to one row), and a run stopped at step 3 resumes on the same trace."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    dirs = [make_sft_shards(tok, tmp_path / name, n=n, seed=i) for i, (name, n) in enumerate((("a", 60), ("b", 30), ("c", 20)))]
+    args = ["--max-steps", "6", "--save-at", "3", "--weights", "0.5,0.3,0.2", "--global-batch", "10"]
+
+    def run(out: Path, *extra: str):
+        r = sft("--model", tiny_model_dir, "--out", out, "--lr", "1e-3", "--micro-batch", "5", "--warmup-ratio", "0",
+                "--no-kl-metrics", "--no-tensorboard", *args, *extra, *dirs)
+        assert r.exit_code == 0, r.output
+
+    run(tmp_path / "full")
+    rows = read_metrics(tmp_path / "full")
+    for m in rows:
+        shares = [m[f"data/{n}/fraction"] for n in "abc"]
+        assert abs(sum(shares) - 1) < 1e-9
+        # after k steps of 10 rows each share is within one row of its weight
+        assert all(abs(f * 10 * m["step"] - w * 10 * m["step"]) <= 1 + 1e-9 for f, w in zip(shares, (0.5, 0.3, 0.2))), m
+    last = rows[-1]
+    from irtrain.shards import ShardSet
+
+    sizes = {d.name: len(ShardSet(d)) for d in dirs}
+    assert last["data/a/epochs"] == pytest.approx(0.5 * 60 / sizes["a"])
+    assert last["data/c/epochs"] == pytest.approx(0.2 * 60 / sizes["c"])
+
+    part = tmp_path / "part"
+    run(part)
+    shutil.rmtree(part / "checkpoint-0000006")
+    lines = [ln for ln in (part / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= 3]
+    (part / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    run(part, "--resume")
+    keys = ("step", "loss", "grad_norm", "data/a/fraction", "data/b/epochs")
+    assert [tuple(m[k] for k in keys) for m in read_metrics(part)] == [tuple(m[k] for k in keys) for m in rows]
+    # the weights are part of the data order: resuming with others is refused
+    args[args.index("0.5,0.3,0.2")] = "0.4,0.4,0.2"
+    r = sft("--model", tiny_model_dir, "--out", part, "--lr", "1e-3", "--micro-batch", "5", "--no-tensorboard", *args,
+            "--resume", *dirs)
+    assert r.exit_code != 0 and "weights" in r.output
+
+
+def test_global_batch_docs_steps_hold_that_many_documents(tiny_model_dir, data_dir, tmp_path):
+    """--global-batch-docs 12: every step trains 12 conversations (rows hold ~5 each), logged as `docs`."""
+    r = sft(*base_args(tiny_model_dir, data_dir, tmp_path / "d", "--global-batch-docs", "12", "--max-steps", "4"))
+    assert r.exit_code == 0, r.output
+    assert [m["docs"] for m in read_metrics(tmp_path / "d")] == [12.0] * 4
+    bad = sft(*base_args(tiny_model_dir, data_dir, tmp_path / "e", "--global-batch-docs", "12", "--global-batch-tokens", "100"))
+    assert bad.exit_code != 0 and "--global-batch-docs" in bad.output
+    assert not (tmp_path / "e").exists()  # refused before anything is written
+    bad = sft(*base_args(tiny_model_dir, data_dir, tmp_path / "f", "--weights", "0.5,0.5", "--max-steps", "2"))
+    assert bad.exit_code != 0 and "--weights gives 2 weight(s) for 1 data source(s)" in bad.output

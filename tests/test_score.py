@@ -199,6 +199,35 @@ def test_raw_chat_file_is_prepared_then_scored(tmp_path, tiny_model_dir):
     assert sorted(df["example_id"].unique().to_list()) == [0, 1, 2, 3]
 
 
+def test_rank_matches_raw_and_packed_scorings_of_the_same_traces(tmp_path, tiny_model_dir, ref_model_dir):
+    """The same traces scored from the raw file (prepared unpacked) and from packed shards of
+    it have the same states hash, so `irtrain rank` compares them (τ = 1 for one model); other
+    traces are refused by name."""
+    from irtrain.config import PrepareConfig, RankConfig
+    from irtrain.prepare import run as prepare
+    from irtrain.rank import run as rank
+
+    data = tmp_path / "chat.jsonl"
+    with data.open("w") as f:
+        for p, r in responses(9):
+            f.write(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": r}]}) + "\n")
+    packed = tmp_path / "packed"
+    prepare(PrepareConfig(inputs=[str(data)], out=str(packed), tokenizer=str(tiny_model_dir), mask="last", max_len=512))
+    assert json.loads((packed / "manifest.json").read_text())["report"]["rows"] < 9  # really packed
+    raw = run(ScoreConfig(data=str(data), model=str(tiny_model_dir), out=str(tmp_path / "s-raw")))
+    pk = run(ScoreConfig(data=str(packed), model=str(ref_model_dir), out=str(tmp_path / "s-packed")))
+    assert raw["data"]["content_hash"] != pk["data"]["content_hash"]  # other shards ...
+    assert raw["data"]["states_hash"] == pk["data"]["states_hash"]  # ... the same states
+    summary = rank(RankConfig(tables=[str(tmp_path / "s-raw"), str(tmp_path / "s-packed")], out=str(tmp_path / "rank")))
+    assert summary["states"] == raw["data"]["states"]
+    # other traces: refused, naming what differs
+    with data.open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "user", "content": "1?"}, {"role": "assistant", "content": "1.\n\n2."}]}) + "\n")
+    run(ScoreConfig(data=str(data), model=str(tiny_model_dir), out=str(tmp_path / "s-more")))
+    with pytest.raises(DataError, match="different states"):
+        rank(RankConfig(tables=[str(tmp_path / "s-more"), str(tmp_path / "s-packed")], out=str(tmp_path / "rank2"), intersect=True))
+
+
 def test_checkpoints_directory_scores_every_model_in_order(tmp_path, tiny_model_dir, chat_shards):
     import shutil
 

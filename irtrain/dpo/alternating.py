@@ -116,6 +116,9 @@ def check_alternating(cfg: DPOConfig) -> tuple[list[ShardSet], ShardSet]:
         raise ConfigError("--joint-sft and --alternate-with are two different schedules: give one")
     if cfg.ref_model:
         raise ConfigError("--alternate-with: each stage's reference is its starting model; --ref-model does not apply")
+    if cfg.weights:
+        raise ConfigError("--alternate-with splits its data into --rounds parts of the concatenated directories; --weights "
+                          "does not apply")
     if cfg.rounds < 1:
         raise ConfigError(f"--rounds must be >= 1, got {cfg.rounds}")
     if cfg.sft_lr is not None and not cfg.sft_lr > 0:

@@ -53,6 +53,9 @@ def joint_config(cfg: DPOConfig) -> DPOConfig:
     data = list(cfg.data)
     if str(cfg.joint_sft) not in data:
         data.append(str(cfg.joint_sft))
+    if cfg.weights and len(cfg.weights) != len(data):
+        raise ConfigError(f"--weights gives {len(cfg.weights)} weight(s) for {len(data)} data source(s): with --joint-sft, "
+                          "one per preference directory and a last one for the --joint-sft shards")
     return dataclasses.replace(cfg, data=data)
 
 

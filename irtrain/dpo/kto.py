@@ -98,7 +98,9 @@ class MismatchedReference:
     def plan_key(cfg: DPOConfig, world_size: int, rank: int) -> dict[str, Any]:
         return {"seed": cfg.seed, "global_batch": cfg.global_batch, "global_batch_tokens": cfg.global_batch_tokens,
                 "micro_batch": cfg.micro_batch, "micro_batch_tokens": cfg.micro_batch_tokens, "epochs": cfg.epochs,
-                "max_steps": cfg.max_steps, "world_size": world_size, "rank": rank}
+                "max_steps": cfg.max_steps, "world_size": world_size, "rank": rank,
+                **({"weights": list(cfg.weights)} if cfg.weights else {}),
+                **({"global_batch_docs": cfg.global_batch_docs} if cfg.global_batch_docs else {})}
 
     @classmethod
     def path_for(cls, cfg: DPOConfig, sets: list[ShardSet], key: ReferenceKey, world_size: int, rank: int) -> tuple[Path, dict[str, str]]:
@@ -154,7 +156,7 @@ def check_kto_batches(cfg: DPOConfig, sets: list[ShardSet], pref_set: list[bool]
                              for s, is_pref in zip(sets, pref_set)])
     data = PackedData(sets)
     for rank in range(world):
-        for j, (rows, weight) in enumerate(plan_micro_batches(cfg, data.lengths, world, rank)):
+        for j, (rows, weight) in enumerate(plan_micro_batches(cfg, data, world, rank)):
             n = int(counts[rows].sum())
             if weight and n < 2:
                 raise ConfigError(
@@ -188,7 +190,7 @@ def kto_reference(cfg: DPOConfig, data: PackedData, strategy: Strategy, key: Ref
         model = model_fn()
         table: dict[RowsKey, np.ndarray] = {}
         todo = []
-        for rows, _ in plan_micro_batches(cfg, data.lengths, strategy.world_size, strategy.rank):
+        for rows, _ in plan_micro_batches(cfg, data, strategy.world_size, strategy.rank):
             ids = tuple(data.locate(int(g)) for g in rows)
             if ids not in table:
                 table[ids] = np.zeros(0)

@@ -139,3 +139,4 @@ def stage_rank(q: Quickstart) -> None:
                                   bootstrap=q.plan.bootstrap, seed=q.plan.seed))
     q.results["rank"] = {k: summary.get(k) for k in ("states", "traces", "tau_pooled", "tau_trace_mean",
                                                       "tau_trace_median", "tau_pooled_ci", "files")}
+    q.results["rank"]["bootstrap"] = q.plan.bootstrap

@@ -47,15 +47,16 @@ def stage_report(q: Quickstart) -> Path:
     ev = q.results.get("eval", {})
     names = list(ev)
     # held-out preference accuracy: during training (each stage against its start) and per model
-    lines = []
-    for label, rows, color in (("during SFT (vs untrained)", sft_rows, R.COLORS["sft"]),
-                               ("during DPO (vs SFT model)", dpo_rows, R.COLORS["dpo"])):
-        x, y = R.series(rows, "eval/pref_accuracy")
+    # each stage on its own axes (their references differ), without step 0 (the tie: see _curve)
+    panels = []
+    for title, rows, color in (("during SFT (implicit reward vs the untrained model)", sft_rows, R.COLORS["sft"]),
+                               ("during DPO (implicit reward vs the SFT model)", dpo_rows, R.COLORS["dpo"])):
+        x, y = _curve(rows)
         if x:
-            lines.append({"x": x, "y": y, "label": label, "color": color, "style": "o-"})
-    if lines:
-        plots["pref_curve"] = R.plot_lines(d / "pref_accuracy_curve.png", [
-            {"title": "held-out eval/pref_accuracy during training", "ylabel": "accuracy", "lines": lines}]).name
+            panels.append({"title": title, "ylabel": "held-out pref accuracy",
+                           "lines": [{"x": x, "y": y, "color": color, "style": "o-"}]})
+    if panels:
+        plots["pref_curve"] = R.plot_lines(d / "pref_accuracy_curve.png", panels).name
     if names:
         plots["pref"] = R.plot_bars(d / "pref_accuracy.png", names, {
             "implicit reward vs untrained": [ev[n]["pref"].get("accuracy", float("nan")) for n in names],
@@ -89,6 +90,70 @@ def _rank_summary(q: Quickstart) -> dict[str, Any]:
     if png.is_file():
         out["heatmap"] = png
     return out
+
+
+def _curve(rows: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """eval/pref_accuracy during a stage, without step 0: there the model is its own reference,
+    every implicit-reward margin is exactly 0 (a tie) and the accuracy (margin > 0) is 0 by
+    definition, not by anything the model learned."""
+    x, y = R.series(rows, "eval/pref_accuracy")
+    keep = [i for i, s in enumerate(x) if s > 0]
+    return [x[i] for i in keep], [y[i] for i in keep]
+
+
+def _task_cell(task: dict[str, Any], key: str = "correct") -> str:
+    flags = task.get(key)
+    if flags is None:  # results written before per-item flags were kept
+        return _fmt(task["accuracy" if key == "correct" else "steps_accuracy"])
+    return R.with_interval(sum(flags), len(flags))
+
+
+def _compare(what: str, a_name: str, a: dict[str, Any], b_name: str, b: dict[str, Any], key: str,
+             value: str) -> tuple[str, dict[str, Any]]:
+    """A sentence comparing model b with model a on the same items (exact paired test); bold only when significant."""
+    t = R.paired_sign_test(a[key], b[key])
+    verdict = R.compare_verdict(t)
+    va, vb = a[value], b[value]
+    text = (f"{what} {b_name} is {verdict} {a_name}'s: {vb:.3f} vs {va:.3f} "
+            f"({t['b_only']} of {t['n']} right only for {b_name}, {t['a_only']} only for {a_name}; "
+            f"exact McNemar p = {t['p_value']:.2g})")
+    if verdict != "not distinguishable from":
+        text = f"**{text}.**"
+    else:
+        text += f": no difference at the {R.ALPHA:g} level on {t['n']} items."
+    return text, {**t, "verdict": verdict}
+
+
+def _dpo_task_explanation(q: Quickstart, c: dict[str, Any]) -> str:
+    """Why the DPO stage did not raise task accuracy, in this run's own numbers (dpo/metrics.jsonl
+    and the evaluation)."""
+    ev, pl = q.results["eval"], q.plan
+    sft_task, vs = ev["sft"]["task"], ev["dpo"]["pref"]["vs_sft"]
+    n, solved = len(sft_task["correct"]), sum(sft_task["correct"])
+    rows = R.read_metrics(q.p["dpo"])
+    _, loss = R.series(rows, "loss")
+    evals = [m for m in rows if "eval/logps/chosen" in m]
+    moved = {"below": "lowered it", "not distinguishable from": "did not move it measurably"}[c["verdict"]]
+    L = [f"Why DPO {moved}: DPO optimizes the implicit-reward margin β·(log π/π_ref(chosen) − log π/π_ref(rejected)) on "
+         "pairs whose rejected answer carries a planted error; greedy decoding is not in its objective."]
+    if loss:
+        L.append(f"Its training loss went from {loss[0]:.3f} to {loss[-1]:.3f} over {len(loss)} steps, and its implicit reward "
+                 f"against the SFT model ranks {vs['accuracy']:.3f} of the held-out pairs correctly.")
+    if len(evals) >= 2:
+        a, z = evals[0], evals[-1]
+        L.append(f"On the held-out pairs, from step {a['step']} to step {z['step']}, log π(chosen) went from "
+                 f"{a['eval/logps/chosen']:.3f} to {z['eval/logps/chosen']:.3f} and log π(rejected) from "
+                 f"{a['eval/logps/rejected']:.3f} to {z['eval/logps/rejected']:.3f} (`eval/logps/*` in dpo/metrics.jsonl): "
+                 + ("the margin grew by pushing the rejected answers down while the chosen ones also became less likely."
+                    if z["eval/logps/chosen"] < a["eval/logps/chosen"] else
+                    "the margin grew with the chosen answers more likely."))
+    last = rows[-1] if rows else {}
+    if "kl/k2" in last:
+        L.append(f"At the end the policy's KL from the SFT model on the training responses is {last['kl/k2']:.3f} per token "
+                 "(k2 estimate, FORMULAS.md).")
+    L.append(f"On the task the SFT model solved {solved} of {n} problems; of its {n - solved} failures DPO fixed {c['b_only']}, "
+             f"and it broke {c['a_only']} it had solved (β {pl.dpo_beta:g}, lr {pl.dpo_lr:g}, {pl.dpo_steps} steps).")
+    return " ".join(L)
 
 
 def _fmt(v: Any) -> str:
@@ -127,16 +192,23 @@ def _report_markdown(q: Quickstart, plots: dict[str, str], tau: dict[str, Any], 
         L += ["## Held-out task accuracy", "",
               f"Greedy generation on the {pl.n_heldout} held-out problems, checked exactly (`irtrain.tasks.check_answer`: "
               "the final answer; strict: every step right as well).", ""]
-        L.append(R.md_table(["model", "task accuracy", "strict (every step)"],
-                          [[n, ev[n]["task"]["accuracy"], ev[n]["task"]["steps_accuracy"]] for n in ev]))
-        L.append("")
-        if "sft" in ev:
-            u, s = ev["untrained"]["task"]["accuracy"], ev["sft"]["task"]["accuracy"]
-            verdict = "above" if s > u else "NOT above"
-            L.append(f"**After SFT the task accuracy is {verdict} the untrained model's: {s:.3f} vs {u:.3f}.**")
-        if "dpo" in ev:
-            L.append(f"After DPO: {ev['dpo']['task']['accuracy']:.3f}.")
-        L.append("")
+        L.append(R.md_table(["model", "task accuracy [95% CI]", "strict (every step) [95% CI]"],
+                          [[n, _task_cell(ev[n]["task"]), _task_cell(ev[n]["task"], "steps_correct")] for n in ev]))
+        L += ["", "Intervals are 95% Wilson intervals; a claim that one model is above another is made only when "
+              f"an exact McNemar test on the same problems rejects equality at {R.ALPHA:g} (two-sided).", ""]
+        claims = q.results.setdefault("claims", {})
+        has_flags = all("correct" in ev[n]["task"] for n in ev)
+        if "sft" in ev and has_flags:
+            text, claims["task_sft_vs_untrained"] = _compare("After SFT the task accuracy of", "the untrained model",
+                                                             ev["untrained"]["task"], "sft", ev["sft"]["task"], "correct", "accuracy")
+            L += [text, ""]
+        if "dpo" in ev and "sft" in ev and has_flags:
+            text, c = _compare("After DPO the task accuracy of", "the SFT model", ev["sft"]["task"], "dpo", ev["dpo"]["task"],
+                               "correct", "accuracy")
+            claims["task_dpo_vs_sft"] = c
+            L += [text, ""]
+            if c["verdict"] != "above":
+                L += [_dpo_task_explanation(q, c), ""]
         samples = ev.get("dpo", ev.get("sft", ev["untrained"]))["task"]["samples"]
         if samples:
             L += ["A sample generation of the last model:", "", "```", samples[0]["prompt"],
@@ -151,27 +223,32 @@ def _report_markdown(q: Quickstart, plots: dict[str, str], tau: dict[str, Any], 
         rows = []
         for n in ev:
             p = ev[n]["pref"]
-            rows.append([n, p.get("accuracy"), p.get("loss"), p["logp_accuracy"]]
+            acc = R.with_interval(sum(p["correct"]), len(p["correct"])) if "correct" in p else p.get("accuracy")
+            rows.append([n, acc, p.get("loss"), p["logp_accuracy"]]
                         + [p.get("by_group", {}).get(k, {}).get("accuracy") for k in kinds])
-        L.append(R.md_table(["model", "pref accuracy (vs untrained)", "pref loss (β=0.01)", "log-prob ranking"]
-                          + [f"accuracy, `{k}` errors" for k in kinds], rows))
+        group_n = {k: max(ev[n]["pref"].get("by_group", {}).get(k, {}).get("n", 0) for n in ev) for k in kinds}
+        L.append(R.md_table(["model", "pref accuracy (vs untrained) [95% CI]", "pref loss (β=0.01)", "log-prob ranking"]
+                          + [f"accuracy, `{k}` errors (n={group_n[k]})" for k in kinds], rows))
         L.append("")
-        if "dpo" in ev and "sft" in ev:
-            a, b = ev["sft"]["pref"]["accuracy"], ev["dpo"]["pref"]["accuracy"]
-            verdict = "above" if b > a else "NOT above"
-            L.append(f"**After DPO the held-out preference accuracy is {verdict} the SFT model's: {b:.3f} vs {a:.3f}.** "
-                     f"DPO's own implicit reward (against the SFT model, β {pl.dpo_beta:g}) ranks "
-                     f"{ev['dpo']['pref']['vs_sft']['accuracy']:.3f} of the held-out pairs correctly.")
-            L.append("")
-        x, y = R.series(sft_rows, "eval/pref_accuracy")
+        n_pairs = ev[next(iter(ev))]["pref"]["n"]
+        L += [f"On {n_pairs} pairs a 95% interval is about ±{1.96 * math.sqrt(0.25 / max(n_pairs, 1)):.2f} around 0.5; "
+              "the per-error-kind columns rest on the n in their header and are descriptive only.", ""]
+        if "dpo" in ev and "sft" in ev and all("correct" in ev[n]["pref"] for n in ("sft", "dpo")):
+            text, claims["pref_dpo_vs_sft"] = _compare("After DPO the held-out preference accuracy of", "the SFT model",
+                                                       ev["sft"]["pref"], "dpo", ev["dpo"]["pref"], "correct", "accuracy")
+            vs = ev["dpo"]["pref"]["vs_sft"]
+            L += [text, "", f"DPO's own implicit reward (against the SFT model, β {pl.dpo_beta:g}) ranks "
+                  f"{R.with_interval(round(vs['accuracy'] * vs['n']), vs['n'])} of the held-out pairs correctly.", ""]
+        x, y = _curve(sft_rows)
         if x:
             L.append("During SFT (`eval/pref_accuracy` in sft/metrics.jsonl, against the untrained model): "
                      + ", ".join(f"step {s}: {v:.3f}" for s, v in zip(x, y)) + ".")
-        x, y = R.series(dpo_rows, "eval/pref_accuracy")
+        x, y = _curve(dpo_rows)
         if x:
             L.append("During DPO (in dpo/metrics.jsonl, against the SFT model): "
                      + ", ".join(f"step {s}: {v:.3f}" for s, v in zip(x, y)) + ".")
-        L.append("")
+        L += ["", "Step 0 is left out of these curves and plots: there each model is its own reference, every "
+              "implicit-reward margin is exactly 0 (a tie), and the accuracy (margin > 0) is 0 by definition.", ""]
 
     x, y = R.series(sft_rows, "value/s0")
     if x:
@@ -210,9 +287,15 @@ def _tau_section(tau: dict[str, Any]) -> list[str]:
     offdiag = [pooled[a][b] for i, a in enumerate(trained) for b in trained[i + 1:]
                if isinstance(pooled[a][b], float) and math.isfinite(pooled[a][b])]
     if offdiag:
-        L.append(f"Between trained checkpoints, pooled τ ranges from {min(offdiag):.3f} to {max(offdiag):.3f} "
-                 f"({sum(t > 0 for t in offdiag)} of {len(offdiag)} pairs > 0).")
-        L.append("")
+        ci = tau.get("tau_pooled_ci") or {}
+        lows = [ci[a][b][0] for i, a in enumerate(trained) for b in trained[i + 1:]
+                if a in ci and b in ci[a] and isinstance(ci[a][b][0], float) and math.isfinite(pooled[a][b])]
+        line = (f"Between trained checkpoints, pooled τ ranges from {min(offdiag):.3f} to {max(offdiag):.3f} "
+                f"({sum(t > 0 for t in offdiag)} of {len(offdiag)} pairs > 0")
+        if len(lows) == len(offdiag):
+            line += (f"; {sum(lo > 0 for lo in lows)} of {len(offdiag)} with a 95% bootstrap interval "
+                     f"(over traces, {tau.get('bootstrap') or 'rank --bootstrap'} resamples) above 0")
+        L += [line + ").", ""]
     return L
 
 

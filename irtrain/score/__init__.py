@@ -78,6 +78,7 @@ from irtrain.score.inputs import (
     read_segments,
     resolve_data,
     resolve_models,
+    states_hash,
     table_names,
 )
 from irtrain.score.parallel import ALL, Ranks, Share, merge_parts, model_rounds
@@ -143,6 +144,7 @@ def _score(cfg: ScoreConfig, models: list[tuple[str, Path]], out: Path, console:
     segments = read_segments(shards, tokenizer, delimiter, max_len=cfg.max_len)
     if not segments:
         raise DataError(f"{shards.path}: no response to score (every segment's labels are -100)")
+    states_id = states_hash(shards, segments)  # what rank matches tables on (not the packing)
     one_step = sum(s.num_states == 2 for s in segments)
     if one_step and ranks.is_main:
         print(f"warning: {one_step} of {len(segments)} responses have no step boundary (the step delimiter "
@@ -164,6 +166,7 @@ def _score(cfg: ScoreConfig, models: list[tuple[str, Path]], out: Path, console:
     summary: dict[str, Any] = {
         "irtrain_score": TABLE_VERSION,
         "data": {"path": str(shards.path), "format": shards.format, "content_hash": shards.content_hash,
+                 "states_hash": states_id,
                  "tokenizer_hash": shards.tokenizer_hash, "segments": len(segments),
                  "examples": len({s.example for s in segments}), "states": int(sum(s.num_states for s in segments)),
                  "no_step_boundary": int(one_step)},
@@ -177,7 +180,8 @@ def _score(cfg: ScoreConfig, models: list[tuple[str, Path]], out: Path, console:
     def write(name: str, path: Path, res: ModelScores, started: float) -> dict[str, Any]:
         frame = build_table(segments, res, ref_logps=ref_logps, beta=cfg.beta, preference=shards.format == "preference")
         meta = {"kind": "irtrain-score", "version": TABLE_VERSION, "model": name, "model_path": str(path),
-                "data_hash": shards.content_hash, "data_format": shards.format, "data_path": str(shards.path),
+                "data_hash": shards.content_hash, "states_hash": states_id, "data_format": shards.format,
+                "data_path": str(shards.path),
                 "step_delimiter": delimiter, "value_temperature": cfg.value_temperature, "beta": cfg.beta,
                 "ref_model": cfg.ref_model}
         write_table(frame, out / f"{name}.parquet", meta)

@@ -203,3 +203,19 @@ def read_segments(shards: ShardSet, tokenizer: Any, delimiter: str, *, max_len: 
             segments.append(ScoredSegment(example=int(row.seg_example[s]), part=int(row.seg_part[s]), row=r,
                                           start=a, length=b - a, states=states))
     return segments
+
+
+def states_hash(shards: ShardSet, segments: list[ScoredSegment]) -> str:
+    """What a score table's states are, independent of how the shards were packed: sha256 over
+    the segments in (example, part) order, each its token ids and its state positions. The same
+    traces scored from a raw file (prepared unpacked) and from packed shards hash alike, so
+    `irtrain rank` compares them; any other tokenization or step split differs."""
+    import hashlib
+
+    h = hashlib.sha256(b"irtrain-states-1\n")
+    for seg in sorted(segments, key=lambda x: (x.example, x.part)):
+        ids = np.asarray(shards.row(seg.row).input_ids[seg.start : seg.start + seg.length], dtype="<u4")
+        h.update(f"{seg.example},{seg.part},{len(ids)},{len(seg.states)}|".encode())
+        h.update(ids.tobytes())
+        h.update(np.asarray(seg.states, dtype="<i8").tobytes())
+    return h.hexdigest()

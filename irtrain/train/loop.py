@@ -28,7 +28,7 @@ from irtrain.evaluation import held_out_metrics, segment_logps_of
 from irtrain.models import check_tokenizer, load_tokenizer, model_hash, resolve_model
 from irtrain.paths import OutLock, check_out_dir
 from irtrain.shards import IGNORE_INDEX, ShardSet, open_shards
-from irtrain.train.batching import Batch, PackedData, plan_run, split_micro
+from irtrain.train.batching import Batch, DataUse, PackedData, plan_run, split_micro
 from irtrain.train.checkpoint import (
     StopSignal,
     TrainState,
@@ -47,6 +47,7 @@ from irtrain.train.objective import Objective, TrainContext
 from irtrain.train.reference import ReferenceLogps, References, eval_token_budget
 from irtrain.train.schedule import lr_at, warmup_steps
 from irtrain.train.strategy import Strategy, make_strategy
+from irtrain.train.trackers import RunInfo, Trackers, resolve_report_to
 
 
 class Interrupted(TrainingError):
@@ -63,8 +64,8 @@ class TrainResult:
 
 # Fields that must not change when a run is resumed (they define the data order and the model).
 # (--max-steps / --epochs may change: the plan's prefix is the same, the lr schedule follows the new length.)
-_RESUME_FIXED = ("model", "data", "seed", "global_batch", "global_batch_tokens", "lora_r", "lora_target", "lora_modules_to_save",
-                 "use_dora")
+_RESUME_FIXED = ("model", "data", "weights", "seed", "global_batch", "global_batch_tokens", "global_batch_docs", "lora_r",
+                 "lora_target", "lora_modules_to_save", "use_dora")
 
 
 def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
@@ -90,11 +91,12 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
         eval_ref = refs.logps(run.eval_set) if run.eval_set is not None else None
         refs.release()
         model.train()
-        log = MetricsLog(out, enabled=strategy.is_main, resume_step=state.step if run.resume_from else None, tensorboard=cfg.tensorboard)
+        log = open_log(cfg, strategy, run, state)
         progress = Progress(total, state.step, enabled=strategy.is_main, description=objective.name, headline=objective.headline)
+        used = DataUse(cfg, data, plan, state.step)
         last_ckpt, metrics = run.resume_from, {}
-
         evaluate = functools.partial(evaluate_held_out, model, objective, ctx, run.eval_set, eval_ref)
+
         def checkpoint(keep: bool) -> Path:
             own = objective.state_dict()
             if own:
@@ -111,7 +113,7 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
             log.log(0, progress.note(0, evaluate()))
         t_start = time.perf_counter() - state.elapsed
         try:
-            with stop:
+            with stop, progress:
                 for step in range(state.step, total):
                     t0 = time.perf_counter()
                     lr = lr_at(step, total_steps=total, peak=cfg.lr, warmup=run.warmup, schedule=cfg.lr_schedule)
@@ -132,6 +134,7 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
 
                     # log; stop on too many non-finite steps in a row; evaluate
                     metrics = step_metrics(state, done, lr=lr, grad_norm=grad_norm, applied=applied, dt=dt, rows=len(data))
+                    metrics.update(used.step_metrics(step))
                     if state.bad_in_row >= cfg.max_bad_steps:
                         log.log(state.step, metrics)
                         kept = latest_checkpoint(out)
@@ -140,8 +143,7 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
                             f"stopped (--max-bad-steps {cfg.max_bad_steps}). Last good checkpoint: {kept if kept else 'none'}")
                     if (cfg.eval_steps > 0 and state.step % cfg.eval_steps == 0) or state.step == total:
                         metrics.update(evaluate())
-                    logged = state.step % max(1, cfg.log_steps) == 0 or state.step == total or bool(metrics.get("skipped"))
-                    if logged:
+                    if logged := state.step % max(1, cfg.log_steps) == 0 or state.step == total or bool(metrics.get("skipped")):
                         log.log(state.step, metrics)
                     progress.update(state.step, metrics, line=logged)
 
@@ -152,14 +154,13 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
                         last_ckpt = checkpoint(keep=state.step in run.save_at)
                     stop_now = strategy.all_reduce(torch.tensor([1.0 if stop.requested else 0.0]), op="max").item() > 0
                     if stop_now and state.step < total:
-                        if not saved:  # a save step's checkpoint is this step's: not written twice
-                            last_ckpt = checkpoint(keep=True)
+                        last_ckpt = last_ckpt if saved else checkpoint(keep=True)  # a save step's checkpoint is not written twice
                         progress.summary(out, last_ckpt, stopped="interrupted")
                         raise Interrupted(f"interrupted by signal at step {state.step}/{total}; checkpoint written to {last_ckpt}; "
                                           "rerun with --resume to continue")
         finally:
-            progress.close()
-            log.close()
+            # how the run ended, for the trackers (in a finally block, exc_info is the exception on its way out)
+            log.close("FINISHED" if sys.exc_info()[0] is None else "KILLED" if stop.requested else "FAILED")
         finish(cfg, strategy, run, last_ckpt, progress)
     finally:
         stop.__exit__()
@@ -263,12 +264,14 @@ class RunPlan:
     eval_set: ShardSet | None
     lora: LoraSpec | None            # None: a full fine-tune
     base_identity: dict[str, str] | None  # LoRA: the base the adapter trains on (saved with it)
+    trackers: list[str]              # --report-to, resolved (installed: checked)
 
 
 def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> RunPlan:
     """Everything that can be checked before anything is written: --out, the model and its
     tokenizer, the data (the objective's checks too), the plan, --save-at, --resume."""
     out = check_out_dir(Path(cfg.out)) if strategy.is_main else Path(cfg.out)
+    trackers = resolve_report_to(cfg, note=strategy.is_main)
     model_path = resolve_model(cfg.model)
     lora = lora_spec(cfg, model_path)
     tokenizer = load_tokenizer(model_path)
@@ -284,7 +287,7 @@ def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> Run
             raise ShardError(f"--eval-pairs {cfg.eval_pairs}: needs `preference` shards, got `{eval_set.format}`")
         check_tokenizer(model_path, tokenizer, [eval_set])
     data = PackedData(sets)
-    plan = plan_run(cfg, data.lengths)
+    plan = plan_run(cfg, data)
     save_at = parse_save_at(cfg.save_at, len(plan))
     resume_from = find_resume(out, cfg, strategy.world_size) if cfg.resume else None
     if not cfg.resume and list_checkpoints(out):
@@ -292,7 +295,7 @@ def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> Run
     base_identity = {"base_model": lora.base_name, "model_hash": model_hash(model_path)} if lora and strategy.is_main else None
     return RunPlan(out=out, model_path=model_path, tokenizer=tokenizer, tok_hash=tok_hash, data=data, plan=plan,
                    save_at=save_at, resume_from=resume_from, warmup=warmup_steps(len(plan), cfg.warmup_ratio), eval_set=eval_set,
-                   lora=lora, base_identity=base_identity)
+                   lora=lora, base_identity=base_identity, trackers=trackers)
 
 
 def write_config(cfg: TrainConfig, out: Path, strategy: Strategy) -> None:
@@ -330,6 +333,14 @@ def build_model(cfg: TrainConfig, strategy: Strategy, run: RunPlan) -> Any:
     if strategy.is_main:
         print(strategy_estimate(model, strategy, run.lora.describe() if run.lora else "full fine-tune").line(), file=sys.stderr)
     return model
+
+
+def open_log(cfg: TrainConfig, strategy: Strategy, run: RunPlan, state: TrainState) -> MetricsLog:
+    """metrics.jsonl and the --report-to trackers (main rank; on --resume, from the checkpoint's step)."""
+    resume_step = state.step if run.resume_from else None
+    trackers = Trackers(run.trackers, RunInfo(out=run.out, project=cfg.project, name=cfg.run_name or run.out.resolve().name,
+                                              config=config_to_dict(cfg), resume_step=resume_step)) if strategy.is_main else None
+    return MetricsLog(run.out, enabled=strategy.is_main, resume_step=resume_step, trackers=trackers)
 
 
 def restore(resume_from: Path | None, strategy: Strategy, objective: Objective) -> TrainState:

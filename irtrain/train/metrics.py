@@ -1,5 +1,6 @@
-"""Metrics out: one JSON object per logged step in ``OUT/metrics.jsonl``, TensorBoard when
-it is installed. (What the terminal or a log file shows is `irtrain.display`.)"""
+"""Metrics out: one JSON object per logged step in ``OUT/metrics.jsonl`` and the same step on the
+trackers of --report-to (trackers.py, TRL's names). (What the terminal or a log file shows is
+`irtrain.display`.)"""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from typing import Any
 
 from irtrain.durable import publish
 from irtrain.errors import IrtrainIOError
+from irtrain.train.trackers import Trackers
 
 
 def _clean(v: Any) -> Any:
@@ -18,13 +20,14 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl (main rank only). On resume, entries after the checkpoint's
-    step are dropped first, so the file reads as one uninterrupted run."""
+    """Append-only metrics.jsonl (main rank only), each row also sent to `trackers` (opened by
+    the caller, closed here). On resume, entries after the checkpoint's step are dropped
+    first, so the file reads as one uninterrupted run."""
 
-    def __init__(self, out: Path, *, enabled: bool, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(self, out: Path, *, enabled: bool, resume_step: int | None = None, trackers: Trackers | None = None):
         self.path = out / "metrics.jsonl"
         self.enabled = enabled
-        self._tb = None
+        self.trackers = trackers
         if not enabled:
             return
         if resume_step is not None and self.path.is_file():
@@ -35,13 +38,6 @@ class MetricsLog:
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._f = open(self.path, "a", encoding="utf-8")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-                self._tb = SummaryWriter(str(out / "tensorboard"))
-            except Exception:  # not installed: jsonl only
-                self._tb = None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -49,17 +45,16 @@ class MetricsLog:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
+        if self.trackers is not None:
+            self.trackers.log(step, metrics)
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """`status`: how the run ended, for the trackers (FINISHED, KILLED by a signal, FAILED)."""
+        if self.trackers is not None:
+            self.trackers.close(status)
         if not self.enabled:
             return
         self._f.close()
-        if self._tb is not None:
-            self._tb.close()
 
 
 def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:

@@ -31,6 +31,7 @@ from torch import Tensor
 from irtrain.adapters import load_causal_lm
 from irtrain.config import TrainConfig
 from irtrain.errors import ConfigError
+from irtrain.extras import require
 from irtrain.models import resolve_device, resolve_dtype
 from irtrain.train.packed import default_attn_implementation
 
@@ -361,6 +362,7 @@ def make_strategy(cfg: TrainConfig) -> Strategy:
     """Single process unless `--deepspeed` is given; a multi-process launch without it is an error."""
     _, _, world = world_from_env()
     if cfg.deepspeed:
+        require("deepspeed", f"--deepspeed {cfg.deepspeed}")
         return DeepSpeedStrategy(cfg)
     if world > 1:
         raise ConfigError(f"launched with WORLD_SIZE={world} but without --deepspeed: multi-process training runs under DeepSpeed")

@@ -1,0 +1,240 @@
+"""Experiment trackers (`--report-to`): TensorBoard, Trackio, Weights & Biases, MLflow.
+
+Each one is driven through the library's own API, on the main rank only, and gets the
+run's metrics under TRL's names (`TRACKER_NAMES`: what SFTTrainer / DPOTrainer log, with
+the `train/` / `eval/` prefixes transformers' `rewrite_logs` gives them); metrics.jsonl
+keeps irtrain's names. Where each writes by default:
+
+- tensorboard: `torch.utils.tensorboard.SummaryWriter` on OUT/tensorboard (a resumed run
+  purges the steps after its checkpoint, so the curves read as one run);
+- trackio: `trackio.init/log/finish` into trackio's local store (TRACKIO_DIR, default
+  HF_HOME/trackio), project --project, run --run-name;
+- wandb: `wandb.init(dir=OUT)`, offline unless WANDB_MODE says otherwise (no network by
+  default; `wandb sync OUT/wandb/offline-run-*` uploads it later);
+- mlflow: `MlflowClient` on MLFLOW_TRACKING_URI, else a SQLite store OUT/mlflow.db (MLflow 3
+  keeps the plain-file store in maintenance mode), experiment --project.
+
+On wandb, MLflow and Trackio a resumed run is a new run with the same name; the run
+config (the resolved flags) is logged with each. A tracker that fails mid-run is dropped
+with one warning: metrics.jsonl stays the record.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from irtrain.errors import ConfigError
+from irtrain.extras import installed, require
+
+#: metrics.jsonl name -> the name trackers get: TRL 1.16's log keys (SFTTrainer: loss,
+#: learning_rate, grad_norm, mean_token_accuracy, num_tokens, entropy; DPOTrainer: rewards/*,
+#: logps/*), prefixed train/ as transformers' `rewrite_logs` does. A name not listed follows
+#: `tracker_name`'s rule: eval/* unchanged, anything else under train/.
+TRACKER_NAMES: dict[str, str] = {
+    "loss": "train/loss",
+    "lr": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "token_accuracy": "train/mean_token_accuracy",
+    "tokens": "train/num_tokens",
+    "entropy": "train/entropy",
+    "epoch": "train/epoch",
+    "rewards/chosen": "train/rewards/chosen",
+    "rewards/rejected": "train/rewards/rejected",
+    "rewards/accuracies": "train/rewards/accuracies",
+    "rewards/margins": "train/rewards/margins",
+    "eval/pref_loss": "eval/pref_loss",
+    "eval/pref_accuracy": "eval/pref_accuracy",
+}
+
+
+def tracker_name(key: str) -> str:
+    """The tracker name of a metrics.jsonl key (`TRACKER_NAMES`, else eval/* kept, else train/KEY)."""
+    if key in TRACKER_NAMES:
+        return TRACKER_NAMES[key]
+    return key if key.startswith("eval/") else "train/" + key
+
+
+def tracked(metrics: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a step's metrics under their tracker names (flags such as
+    `skipped` and non-finite values stay in metrics.jsonl only)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[tracker_name(k)] = float(v)
+    return out
+
+
+def split_names(values: list[str]) -> list[str]:
+    """`["wandb,mlflow", "tensorboard"]` -> the names, in order, once each (flags may repeat or use commas)."""
+    out: list[str] = []
+    for v in values:
+        for n in str(v).split(","):
+            n = n.strip()
+            if n and n not in out:
+                out.append(n)
+    return out
+
+
+# ============================================================================ the trackers
+class TensorBoard:
+    def __init__(self, run: RunInfo):
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = run.resume_step + 1 if run.resume_step is not None else None
+        self.w = SummaryWriter(str(run.out / "tensorboard"), purge_step=purge)
+        self.w.add_text("config", "```\n" + json.dumps(run.config, indent=1, default=str) + "\n```")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.w.add_scalar(k, v, step)
+
+    def close(self, status: str) -> None:
+        self.w.close()
+
+
+class Trackio:
+    def __init__(self, run: RunInfo):
+        import trackio
+
+        self.t = trackio
+        trackio.init(project=run.project, name=run.name, config=run.config, resume="allow" if run.resume_step is not None else "never")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.t.log(metrics, step=step)
+
+    def close(self, status: str) -> None:
+        self.t.finish()
+
+
+class Wandb:
+    def __init__(self, run: RunInfo):
+        import wandb
+
+        mode: dict[str, Any] = {} if os.environ.get("WANDB_MODE") else {"mode": "offline"}  # WANDB_MODE (online, ...) wins; else no network
+        self.run = wandb.init(project=run.project, name=run.name, config=run.config, dir=os.environ.get("WANDB_DIR") or str(run.out),
+                              **mode)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+
+class MLflow:
+    def __init__(self, run: RunInfo):
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run.out / 'mlflow.db').resolve()}"
+        self.c = MlflowClient(tracking_uri=uri)
+        exp = self.c.get_experiment_by_name(run.project)
+        if exp is not None:
+            exp_id = exp.experiment_id
+        elif os.environ.get("MLFLOW_TRACKING_URI"):
+            exp_id = self.c.create_experiment(run.project)
+        else:  # artifacts beside the store, not in the working directory
+            exp_id = self.c.create_experiment(run.project, artifact_location=(run.out / "mlartifacts").resolve().as_uri())
+        self.run_id = self.c.create_run(exp_id, run_name=run.name).info.run_id
+        params = [Param(k, json.dumps(v, default=str)[:6000] if not isinstance(v, str) else v[:6000]) for k, v in run.config.items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+            self.c.log_batch(self.run_id, params=params[i:i + 100])
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.c.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+    def close(self, status: str) -> None:
+        self.c.set_terminated(self.run_id, status)
+
+
+@dataclass
+class RunInfo:
+    """What a tracker is opened with."""
+
+    out: Path
+    project: str
+    name: str
+    config: dict[str, Any]
+    resume_step: int | None  # the checkpoint's step on --resume, else None
+
+
+#: --report-to name -> (the package it needs, how it is opened)
+TRACKERS: dict[str, tuple[str, Callable[[RunInfo], Any]]] = {
+    "tensorboard": ("tensorboard", TensorBoard),
+    "trackio": ("trackio", Trackio),
+    "wandb": ("wandb", Wandb),
+    "mlflow": ("mlflow", MLflow),
+}
+REPORT_TO = ("none", *TRACKERS)
+
+
+# ============================================================================ choosing and opening
+def resolve_report_to(cfg: Any, *, note: bool = True) -> list[str]:
+    """The trackers of a run, checked before anything is written: --report-to's names (each
+    one imported: a missing package is a one-line error naming the pip command), or by
+    default TensorBoard when it is installed (a note when it is not, and --tensorboard is on)."""
+    names = split_names(cfg.report_to)
+    bad = [n for n in names if n not in REPORT_TO]
+    if bad:
+        raise ConfigError(f"--report-to {bad[0]!r} is not one of: {', '.join(REPORT_TO)}")
+    if "none" in names:
+        if len(names) > 1:
+            raise ConfigError(f"--report-to none with other trackers ({', '.join(n for n in names if n != 'none')}): give one or the other")
+        return []
+    if not names:
+        if not cfg.tensorboard:
+            return []
+        if installed("tensorboard"):
+            return ["tensorboard"]
+        if note:
+            print("note: tensorboard is not installed, so metrics go to metrics.jsonl only "
+                  "(pip install tensorboard, or choose a tracker with --report-to)", file=sys.stderr)
+        return []
+    if "tensorboard" in names and not cfg.tensorboard:
+        raise ConfigError("--report-to tensorboard and --no-tensorboard: give one or the other")
+    for n in names:
+        require(TRACKERS[n][0], f"--report-to {n}")
+    return names
+
+
+class Trackers:
+    """The open trackers of a run (none off the main rank): `log` each step, `close` once."""
+
+    def __init__(self, names: list[str], run: RunInfo):
+        self.open: dict[str, Any] = {}
+        try:
+            for n in names:
+                self.open[n] = TRACKERS[n][1](run)
+        except BaseException:
+            self.close("FAILED")
+            raise
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        values = tracked(metrics)
+        if not values:
+            return
+        for n, t in list(self.open.items()):
+            try:
+                t.log(step, values)
+            except Exception as e:  # a tracker's failure does not stop training: metrics.jsonl is the record
+                print(f"warning: --report-to {n} failed at step {step} and is dropped for the rest of the run: {e}", file=sys.stderr)
+                self.open.pop(n)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """`status`: FINISHED, KILLED (a signal) or FAILED, as MLflow names them."""
+        for n, t in list(self.open.items()):
+            try:
+                t.close(status)
+            except Exception as e:
+                print(f"warning: closing --report-to {n} failed: {e}", file=sys.stderr)
+        self.open.clear()
