@@ -24,6 +24,9 @@ class Encoder:
         mask: str,
         threads: int = 0,
         fast_bpe: bool = True,
+        *,
+        template_vars: list[str] = ...,
+        clock: int | None = None,
     ) -> Encoder: ...
     def encode_jsonl(
         self, buf: bytes, first_row: int = 1, first_example: int = 0
@@ -55,6 +58,8 @@ class Preparer:
         threads: int = 0,
         window_tokens: int = 0,
         fast_bpe: bool = True,
+        template_vars: list[str] = ...,
+        clock: int | None = None,
     ) -> Preparer: ...
     def add_jsonl(self, buf: bytes, first_row: int) -> tuple[int, _RowErrors]: ...
     def progress(self) -> tuple[int, int, int]: ...

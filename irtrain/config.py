@@ -106,6 +106,8 @@ class PrepareConfig(_Validated):
     preview: int = opt(0, "Print N prepared examples with the masked tokens marked.", check="nonnegative")
     skip_invalid: bool = opt(False, "Skip invalid rows (counted in the report) instead of failing.")
     threads: int = opt(0, "Worker threads for the Rust data path (0 = all cores).", check="nonnegative")
+    template_vars: list[str] = opt([], "Row fields passed to the chat template as variables besides tools and documents "
+                                   "(always passed), comma-separated, e.g. enable_thinking.")
 
 
 # --------------------------------------------------------------------------- training (shared)

@@ -352,18 +352,31 @@ def first_row(source: Source) -> str | None:
     return None
 
 
+def local_clock(now: float | None = None) -> tuple[int, str]:
+    """The wall clock `strftime_now` renders, as transformers' `datetime.now()` (local time):
+    (seconds since 1970-01-01 00:00 in the local zone, ISO 8601 with the UTC offset)."""
+    import datetime
+    import time
+
+    now = time.time() if now is None else now
+    local = datetime.datetime.fromtimestamp(int(now)).astimezone()
+    return int(now) + int(time.localtime(int(now)).tm_gmtoff), local.isoformat()
+
+
 def preparer(tok: TokenizerFiles, fmt: str, mask: str, out_dir: str, *, max_len: int, truncation: str, pack: bool,
              shard_rows: int, skip_invalid: bool = False, threads: int = 0, window_tokens: int = 0,
-             fast_bpe: bool = True) -> Any:
+             fast_bpe: bool = True, template_vars: Iterable[str] = (), clock: int | None = None) -> Any:
     """The Rust pipeline behind `irtrain prepare` (`irtrain._rust.Preparer`), writing shard
-    folders into `out_dir`: feed it `Chunk`s with `add_jsonl(data, first_row)`, then `finish()`."""
+    folders into `out_dir`: feed it `Chunk`s with `add_jsonl(data, first_row)`, then `finish()`.
+    `clock` fixes `strftime_now` (`local_clock()[0]`; default: now)."""
     if tok.chat_template is None:
         raise TemplateError(f"{tok.name}: the tokenizer has no chat template; pass --chat-template FILE")
     try:
         return _rust.Preparer(tok.tokenizer_file, tok.chat_template, tok.special_tokens, fmt, mask, out_dir,
                               max_len=max_len, truncation=truncation, pack=pack, shard_rows=shard_rows,
                               skip_invalid=skip_invalid, threads=threads, window_tokens=window_tokens,
-                              fast_bpe=fast_bpe)
+                              fast_bpe=fast_bpe, template_vars=list(template_vars),
+                              clock=local_clock()[0] if clock is None else clock)
     except TemplateError as e:
         raise TemplateError(e.message, path=tok.chat_template_origin) from None
 
@@ -388,15 +401,17 @@ class Encoder:
     """
 
     def __init__(self, tokenizer: str | os.PathLike[str] | TokenizerFiles | Any, *, fmt: str = "chat", mask: str = "assistant",
-                 chat_template: str | None = None, threads: int = 0, fast_bpe: bool = True):
+                 chat_template: str | None = None, threads: int = 0, fast_bpe: bool = True,
+                 template_vars: Iterable[str] = (), clock: int | None = None):
         if isinstance(tokenizer, (TokenizerFiles, str, os.PathLike)):
             self._init(tokenizer if isinstance(tokenizer, TokenizerFiles) else load_tokenizer_files(os.fspath(tokenizer), chat_template),
-                       fmt, mask, threads, fast_bpe)
+                       fmt, mask, threads, fast_bpe, template_vars, clock)
         else:  # a tokenizer object: its files exist while the Rust encoder reads them
             with tempfile.TemporaryDirectory(prefix="irtrain-tokenizer-") as tmp:
-                self._init(tokenizer_files_of(tokenizer, chat_template, tmp), fmt, mask, threads, fast_bpe)
+                self._init(tokenizer_files_of(tokenizer, chat_template, tmp), fmt, mask, threads, fast_bpe, template_vars, clock)
 
-    def _init(self, tok: TokenizerFiles, fmt: str, mask: str, threads: int, fast_bpe: bool) -> None:
+    def _init(self, tok: TokenizerFiles, fmt: str, mask: str, threads: int, fast_bpe: bool, template_vars: Iterable[str],
+              clock: int | None) -> None:
         if tok.chat_template is None:
             raise TemplateError(f"{tok.name}: the tokenizer has no chat template; pass --chat-template FILE")
         if fmt not in FORMATS:
@@ -406,7 +421,8 @@ class Encoder:
         self.mask = mask
         try:
             self._enc = _rust.Encoder(tok.tokenizer_file, tok.chat_template, tok.special_tokens, fmt, mask, threads,
-                                      fast_bpe)
+                                      fast_bpe, template_vars=list(template_vars),
+                                      clock=local_clock()[0] if clock is None else clock)
         except TemplateError as e:
             raise TemplateError(e.message, path=tok.chat_template_origin) from None
 
@@ -432,7 +448,8 @@ class Encoder:
         return self._enc.encode_jsonl(data, first_row, first_example)
 
     def encode(self, rows: Iterable[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[int, str, str]]]:
-        """Encode in-memory rows; documents in the shape `iter_documents` yields (id = row index)."""
+        """Encode in-memory rows; documents in the shape `iter_documents` yields (id = row index,
+        unless a row was split into per-turn examples: then ids count examples)."""
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
         arrays, errors = self.encode_jsonl(data)
         return list(documents_from_arrays(arrays, self.format)), errors

@@ -10,11 +10,16 @@ when complete, so a failed run leaves nothing behind. Its manifest carries a
 `cache_key` (tokenizer, chat template, inputs, config): a rerun with the same
 key reuses the directory; an existing `--out` that is not a prepare output is
 an error, never overwritten.
+
+The chat template's `strftime_now` renders one local time read at the start
+(`template_clock` in the manifest), so every row sees the same date; a template
+that reads it puts the date (the time, for formats beyond the date) in the key.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sys
 import time
@@ -22,18 +27,20 @@ from pathlib import Path
 from typing import Any
 
 from irtrain.config import PrepareConfig, config_to_dict
-from irtrain.data import TokenizerFiles, detect_format, first_row, load_tokenizer_files, preparer, resolve_inputs, row_error
+from irtrain.data import TokenizerFiles, detect_format, first_row, load_tokenizer_files, local_clock, preparer, resolve_inputs, row_error
 from irtrain.durable import io_error, publish, sweep_temps, temp_name
 from irtrain.errors import ConfigError, DataError, IrtrainIOError, ShardError, TemplateError
 from irtrain.paths import OutLock
 from irtrain.shards import FORMAT_VERSION, MANIFEST, ShardSet, content_hash, iter_documents
 
 #: bump when the output of the same inputs and config changes
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: {% generation %} masks, per-turn splitting, template variables, local strftime_now
 #: config fields that do not change the output (left out of the cache key)
 _NOT_IN_KEY = ("out", "preview", "threads")
 #: at most this many skipped rows are listed in the report
 MAX_LISTED_SKIPS = 1000
+#: names a row field cannot have as a template variable (the template's own inputs)
+_RESERVED_VARS = ("messages", "add_generation_prompt")
 
 
 def run(cfg: PrepareConfig, *, console: Any = None) -> dict[str, Any]:
@@ -43,6 +50,7 @@ def run(cfg: PrepareConfig, *, console: Any = None) -> dict[str, Any]:
     console = console or Console(highlight=False)
     _check(cfg)
     started = time.perf_counter()
+    clock, clock_iso = local_clock()  # once per run: every row sees the same date
     out = Path(cfg.out)
     tok = load_tokenizer_files(cfg.tokenizer, cfg.chat_template)
     if tok.chat_template is None:
@@ -50,7 +58,7 @@ def run(cfg: PrepareConfig, *, console: Any = None) -> dict[str, Any]:
     sources = resolve_inputs(cfg.inputs, split=cfg.split, subset=cfg.subset)
     fmt = cfg.format if cfg.format != "auto" else _detect(sources[0])
     fingerprints = [s.fingerprint() for s in sources]
-    key = cache_key(cfg, fmt, tok, fingerprints)
+    key = cache_key(cfg, fmt, tok, fingerprints, clock=clock_in_key(tok.chat_template, clock_iso))
 
     previous = _previous_output(out)
     if previous is not None and previous.get("cache_key") == key:
@@ -71,7 +79,7 @@ def run(cfg: PrepareConfig, *, console: Any = None) -> dict[str, Any]:
         if tmp.exists():
             shutil.rmtree(tmp)
         try:
-            manifest = _build(cfg, fmt, tok, sources, fingerprints, key, tmp, console)
+            manifest = _build(cfg, fmt, tok, sources, fingerprints, key, tmp, console, (clock, clock_iso))
             manifest["report"]["seconds"] = round(time.perf_counter() - started, 3)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
             publish(tmp, out)  # fsynced; an older output (another key) is replaced atomically, never missing
@@ -105,6 +113,15 @@ def _check(cfg: PrepareConfig) -> None:
         raise ConfigError(f"shard_rows = {cfg.shard_rows} must be at least 1")
     if cfg.preview < 0 or cfg.threads < 0:
         raise ConfigError("preview and threads must not be negative")
+    for v in template_vars(cfg):
+        if v in _RESERVED_VARS or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ConfigError(f"--template-vars {v!r}: not a name a row field can give the template "
+                              f"(an identifier other than {', '.join(_RESERVED_VARS)})")
+
+
+def template_vars(cfg: PrepareConfig) -> list[str]:
+    """The row fields `--template-vars` names (repeated or comma-separated)."""
+    return [n.strip() for v in cfg.template_vars for n in v.split(",") if n.strip()]
 
 
 def _detect(source: Any) -> str:
@@ -117,14 +134,31 @@ def _detect(source: Any) -> str:
         raise DataError(e.message, path=source.name, row=1) from None
 
 
-def cache_key(cfg: PrepareConfig, fmt: str, tok: TokenizerFiles, fingerprints: list[str]) -> str:
-    """What identifies a prepare output: tokenizer, template, inputs' hashes, config."""
+def cache_key(cfg: PrepareConfig, fmt: str, tok: TokenizerFiles, fingerprints: list[str], *,
+              clock: str | None = None) -> str:
+    """What identifies a prepare output: tokenizer, template, inputs' hashes, config, and
+    the clock the template reads (`clock_in_key`)."""
     conf = {k: v for k, v in config_to_dict(cfg).items() if k not in _NOT_IN_KEY}
     conf["format"] = fmt
-    blob = json.dumps({"v": PREPARE_VERSION, "shards": FORMAT_VERSION, "tokenizer": tok.file_sha256,
-                       "chat_template": tok.chat_template_hash, "sources": fingerprints, "config": conf},
-                      sort_keys=True, ensure_ascii=False)
+    what = {"v": PREPARE_VERSION, "shards": FORMAT_VERSION, "tokenizer": tok.file_sha256,
+            "chat_template": tok.chat_template_hash, "sources": fingerprints, "config": conf}
+    if clock is not None:
+        what["clock"] = clock
+    blob = json.dumps(what, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def clock_in_key(template: str | None, clock_iso: str) -> str | None:
+    """The part of the clock a template's output depends on: None when it never calls
+    `strftime_now`, the local date when every format it passes is date directives only
+    (`%d %b %Y`, ...), else the whole time (then the cache hits within the second only)."""
+    if not template or "strftime_now" not in template:
+        return None
+    formats = re.findall(r"strftime_now\(\s*(?:'([^']*)'|\"([^\"]*)\")\s*\)", template)
+    calls = template.count("strftime_now(")
+    if formats and len(formats) == calls and all(re.fullmatch(r"(?:[^%]|%[aAbBdehjmyY%])*", a or b) for a, b in formats):
+        return clock_iso[:10]
+    return clock_iso
 
 
 def _previous_output(out: Path) -> dict[str, Any] | None:
@@ -150,11 +184,12 @@ def _previous_output(out: Path) -> dict[str, Any] | None:
 
 
 def _build(cfg: PrepareConfig, fmt: str, tok: TokenizerFiles, sources: list[Any], fingerprints: list[str],
-           key: str, tmp: Path, console: Any) -> dict[str, Any]:
+           key: str, tmp: Path, console: Any, clock: tuple[int, str]) -> dict[str, Any]:
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
     prep = preparer(tok, fmt, cfg.mask, str(tmp), max_len=cfg.max_len, truncation=cfg.truncation, pack=cfg.pack,
-                    shard_rows=cfg.shard_rows, skip_invalid=cfg.skip_invalid, threads=cfg.threads)
+                    shard_rows=cfg.shard_rows, skip_invalid=cfg.skip_invalid, threads=cfg.threads,
+                    template_vars=template_vars(cfg), clock=clock[0])
     skipped: list[dict[str, Any]] = []
     n_skipped = 0
     with Progress(TextColumn("[bold]prepare[/] {task.description}"), BarColumn(), DownloadColumn(),
@@ -189,6 +224,7 @@ def _build(cfg: PrepareConfig, fmt: str, tok: TokenizerFiles, sources: list[Any]
         "tokens_total": c["tokens_total"], "tokens_trained": c["tokens_trained"],
         "packing_efficiency": round(c["tokens_total"] / slots, 6) if slots else 0.0,
         "skipped_rows": skipped, "skipped_rows_not_listed": max(0, n_skipped - len(skipped)),
+        "split_rows": c["split_rows"], "split_examples": c["split_examples"], "split_reason": c["split_reason"],
     }
     return {
         "irtrain_shards": FORMAT_VERSION, "format": fmt, "packed": bool(cfg.pack), "max_len": cfg.max_len,
@@ -196,6 +232,7 @@ def _build(cfg: PrepareConfig, fmt: str, tok: TokenizerFiles, sources: list[Any]
         "sources": [{"path": s.name, "sha256": fp, "rows": s.rows} for s, fp in zip(sources, fingerprints)],
         "config": config_to_dict(cfg), "report": report, "shards": shards,
         "content_hash": content_hash(shards), "cache_key": key,
+        "template_clock": clock[1], "template_vars": ["tools", "documents", *template_vars(cfg)],
     }
 
 
@@ -219,11 +256,22 @@ def print_report(report: dict[str, Any], console: Any) -> None:
     if "seconds" in report:
         t.add_row("seconds", f"{report['seconds']:.2f}")
     console.print(t)
+    if (split := split_statement(report)) is not None:
+        console.print(split, markup=False)
     for s in report.get("skipped_rows", [])[:20]:
         console.print(f"  skipped {s['path']}:{s['row']}: {s['error']}", markup=False)
     more = len(report.get("skipped_rows", [])) - 20 + report.get("skipped_rows_not_listed", 0)
     if more > 0:
         console.print(f"  ... and {more} more skipped rows (listed in manifest.json)")
+
+
+def split_statement(report: dict[str, Any]) -> str | None:
+    """The report's line on rows split into per-turn examples (None when none was)."""
+    if not report.get("split_rows"):
+        return None
+    return (f"{report['split_rows']:,} row(s) split into {report['split_examples']:,} per-turn examples because the "
+            f"template is not prefix-stable: {report['split_reason']}; each example is the conversation up to one "
+            "assistant turn, rendered with that turn last, and trains that turn only")
 
 
 def preview_runs(input_ids: list[int], labels: list[int], decode: Any) -> list[tuple[str, bool]]:
@@ -242,6 +290,8 @@ def print_preview(out: Path, tok: TokenizerFiles, n: int, console: Any) -> None:
     from rich.text import Text
     from tokenizers import Tokenizer
 
+    if (split := split_statement(ShardSet(out, verify=False).manifest["report"])) is not None:
+        console.print("preview: " + split, markup=False)
     t = Tokenizer.from_file(tok.tokenizer_file)
     decode = lambda ids: t.decode(ids, skip_special_tokens=False)  # noqa: E731
     console.print(Text.assemble(("preview: ", "bold"), ("«trained»", "bold green"), "  ", ("masked", "dim")))

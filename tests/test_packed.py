@@ -148,6 +148,19 @@ def test_torch_varlen_call_equals_per_document_sdpa(version, kv_heads):
     assert call["kv_heads"] == (kv_heads if version == "2.12" else h)
 
 
+def test_autocast_inputs_cast_q_k_v_to_the_autocast_dtype():
+    """fp32 weights + bf16 autocast: RoPE leaves q, k in fp32 and v in bf16 (the case of
+    `--dtype auto` on one GPU); the kernel choice must see bf16 for all three. Checked under
+    CPU autocast (the same function runs under CUDA autocast)."""
+    q, k, v = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cq, ck, cv = packed.autocast_inputs(q, k, v)
+    assert (cq.dtype, ck.dtype, cv.dtype) == (torch.bfloat16,) * 3
+    assert torch.equal(cq, q.bfloat16()) and torch.equal(cv, v)
+    same = packed.autocast_inputs(q, k, v)  # no autocast: untouched
+    assert same[0] is q and same[2] is v
+
+
 def test_cpu_attention_is_per_document_sdpa(tiny_model_dir):
     """On CPU irtrain_varlen is one causal SDPA call per document (counted in PATHS), and a
     packed forward equals each document run alone."""

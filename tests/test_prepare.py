@@ -391,10 +391,12 @@ def test_template_that_fails_to_render(tokenizer_dirs, tmp_path):
     (tmp_path / "t.jinja").write_text("{% if messages %}unclosed")
     r = cli(tmp_path, tokenizer_dirs["mistral"], str(tmp_path / "b.jsonl"), "--chat-template", str(tmp_path / "t.jinja"))
     assert_one_line_error(r, "t.jinja", "does not parse", tmp_path=tmp_path)
-    # a template that is not prefix-stable cannot be masked per turn
+    # a template that is not prefix-stable cannot mask the turns of a pair's completions
+    # (a chat row would be split into per-turn examples: test_prepare_templates)
     (tmp_path / "u.jinja").write_text("{% for m in messages %}{% if m.role == 'assistant' and not loop.last %}[old]"
                                       "{% else %}{{ m.content }}{% endif %}|{% endfor %}")
-    write_jsonl(tmp_path / "c.jsonl", [{"messages": GOOD["messages"] * 2}])
+    a = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+    write_jsonl(tmp_path / "c.jsonl", [{"prompt": "q", "chosen": [a("x"), a("y")], "rejected": [a("z"), a("w")]}])
     r = cli(tmp_path, tokenizer_dirs["chatml"], str(tmp_path / "c.jsonl"), "--chat-template", str(tmp_path / "u.jinja"))
     assert_one_line_error(r, "c.jsonl:1:", "not prefix-stable", tmp_path=tmp_path)
 

@@ -168,6 +168,7 @@ def varlen_sdpa_attention(module: Any, query: Tensor, key: Tensor, value: Tensor
         raise ValueError(f"{VARLEN} expects one packed sequence (batch 1), got batch {query.shape[0]}")
     p = dropout if module.training else 0.0
     if query.device.type == "cuda":
+        query, key, value = autocast_inputs(query, key, value)
         kernel = torch_varlen()
         choice = varlen_kernel_for("cuda", query.dtype, (query.shape[-1], value.shape[-1]), (query.shape[1], key.shape[1]), p,
                                    scaling, kernel)
@@ -177,6 +178,18 @@ def varlen_sdpa_attention(module: Any, query: Tensor, key: Tensor, value: Tensor
             return torch_varlen_attention(kernel, query, key, value, cu, int(max_len), scaling), None
     PATHS["attention/" + PER_DOCUMENT] += 1
     return per_document_sdpa(query, key, value, cu.tolist(), p, scaling), None
+
+
+def autocast_inputs(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Under autocast, q, k and v in the autocast dtype. With fp32 weights and bf16 autocast
+    (`--dtype auto` on one GPU) RoPE's fp32 cos/sin promote q and k to fp32 while v is bf16;
+    the flash kernel needs all three in bf16/fp16, as transformers' flash-attention integration
+    casts them. Outside autocast the tensors are returned as they are."""
+    dev = query.device.type
+    if not torch.is_autocast_enabled(dev):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(dev)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
 
 
 def _register() -> None:

@@ -7,13 +7,18 @@
 //! `render(messages[:i+1])`. It therefore includes the end-of-turn tokens the
 //! template appends (`<|im_end|>`, `<|eot_id|>`, `</s>`), which the model must
 //! learn to emit. A template whose prefixes are not prefixes of the whole
-//! rendering cannot be masked this way and is an error, never a silent shift.
+//! rendering cannot be masked this way: never a silent shift.
 //!
 //! A token is trained when any of its bytes lies in a trained span, and the
 //! first token of every segment is never trained (nothing predicts it).
+//!
+//! Where the template carries `{% generation %}` blocks, they give the spans
+//! instead; where it is not prefix-stable, `--mask assistant` splits the
+//! conversation into one example per assistant turn (`render_and_mask`).
 use crate::error::{CoreError, Result};
 use crate::rows::Conversation;
-use crate::template::ChatTemplate;
+use crate::template::{ChatTemplate, Vars};
+use minijinja::Value;
 
 pub const IGNORE_INDEX: i32 = -100;
 
@@ -62,20 +67,48 @@ pub struct Rendered {
     pub spans: Vec<(usize, usize)>,
 }
 
+/// What `render_and_mask` makes of one conversation: one rendering, or, where
+/// the template is not prefix-stable and `--mask assistant` asks for every
+/// turn, one rendering per assistant turn (`split` says why).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Masked {
+    pub renders: Vec<Rendered>,
+    pub split: Option<String>,
+}
+
+impl Masked {
+    fn one(r: Rendered) -> Self {
+        Self {
+            renders: vec![r],
+            split: None,
+        }
+    }
+}
+
 /// Render a conversation and find its trained spans.
 ///
 /// Turns before `conv.trainable_from` (the prompt) are never trained by
 /// `assistant`/`last`; `completion` trains from the generation prompt after
 /// the first `conv.completion_start` messages to the end.
+///
+/// A template with `{% generation %}` blocks gives the `assistant`/`last`
+/// spans itself (the blocks of the trained turns, as transformers'
+/// `return_assistant_tokens_mask`). Otherwise, with `--mask assistant` on a
+/// template that is not prefix-stable and `split_turns` (formats of one
+/// segment per row), every assistant turn becomes its own rendering: the
+/// conversation up to that turn, rendered with that turn last, trained on it.
 pub fn render_and_mask(
     tpl: &ChatTemplate,
     conv: &Conversation,
     mask: MaskKind,
-) -> Result<Rendered> {
+    vars: &Vars,
+    split_turns: bool,
+) -> Result<Masked> {
     let messages = &conv.messages[..];
     let is_assistant = &conv.is_assistant[..];
     let prompt_len = conv.trainable_from;
-    let text = tpl.render(messages, false)?;
+    let render = |m: &[Value], gen: bool| tpl.render_with(m, gen, vars);
+    let (text, marks) = tpl.render_marked(messages, false, vars)?;
     let spans = match mask {
         MaskKind::All => vec![(0, text.len())],
         MaskKind::Completion => {
@@ -85,8 +118,10 @@ pub fn render_and_mask(
                     "nothing after the prompt to train (mask 'completion')".into(),
                 ));
             }
-            let prefix = tpl.render(&messages[..start], true)?;
-            check_prefix(&prefix, &text, start, true)?;
+            let prefix = render(&messages[..start], true)?;
+            if let Some(why) = not_prefix(&prefix, &text, start, true) {
+                return Err(unstable(&why));
+            }
             vec![(prefix.len(), text.len())]
         }
         MaskKind::Assistant | MaskKind::Last => {
@@ -108,42 +143,105 @@ pub fn render_and_mask(
                 (MaskKind::Last, Some(&last)) => vec![last],
                 _ => turns,
             };
+            if tpl.has_generation() {
+                // every block, or those that open after the text before the first trained turn
+                let from = if mask == MaskKind::Assistant && prompt_len == 0 {
+                    0
+                } else {
+                    common_prefix(&render(&messages[..turns[0]], true)?, &text)
+                };
+                let spans = marks.into_iter().filter(|&(a, _)| a >= from).collect();
+                return Ok(Masked::one(Rendered { text, spans }));
+            }
             let mut spans = Vec::with_capacity(turns.len());
-            for i in turns {
-                let start = tpl.render(&messages[..i], true)?;
+            for &i in &turns {
+                let start = render(&messages[..i], true)?;
                 let end = if i + 1 == messages.len() {
                     text.clone()
                 } else {
-                    tpl.render(&messages[..i + 1], false)?
+                    render(&messages[..i + 1], false)?
                 };
-                check_prefix(&start, &end, i, true)?;
-                check_prefix(&end, &text, i + 1, false)?;
+                let why = not_prefix(&start, &end, i, true)
+                    .or_else(|| not_prefix(&end, &text, i + 1, false));
+                if let Some(why) = why {
+                    if mask == MaskKind::Assistant && split_turns {
+                        return per_turn(&render, messages, &turns, text, why);
+                    }
+                    return Err(unstable(&why));
+                }
                 spans.push((start.len(), end.len()));
             }
             spans
         }
     };
-    Ok(Rendered { text, spans })
+    Ok(Masked::one(Rendered { text, spans }))
 }
 
-fn check_prefix(prefix: &str, whole: &str, n: usize, generation_prompt: bool) -> Result<()> {
-    if whole.starts_with(prefix) {
-        return Ok(());
+/// One rendering per assistant turn `i`: `messages[..=i]`, trained from the
+/// generation prompt after `messages[..i]` to the end.
+fn per_turn(
+    render: &dyn Fn(&[Value], bool) -> Result<String>,
+    messages: &[Value],
+    turns: &[usize],
+    full: String,
+    why: String,
+) -> Result<Masked> {
+    let mut renders = Vec::with_capacity(turns.len());
+    for &i in turns {
+        let start = render(&messages[..i], true)?;
+        let text = if i + 1 == messages.len() {
+            full.clone()
+        } else {
+            render(&messages[..i + 1], false)?
+        };
+        if let Some(e) = not_prefix(&start, &text, i, true) {
+            return Err(CoreError::Template(format!(
+                "chat template is not prefix-stable, and not even for assistant turn {} alone: {e}; \
+                 its generation prompt is not how the template renders the turn (a template that drops \
+                 reasoning from its own turns does this); use a template with {{% generation %}} markers \
+                 (TRL's *_training.jinja) or --mask all",
+                i + 1
+            )));
+        }
+        let spans = vec![(start.len(), text.len())];
+        renders.push(Rendered { text, spans });
     }
-    let at = prefix
-        .bytes()
-        .zip(whole.bytes())
-        .take_while(|(a, b)| a == b)
-        .count();
+    Ok(Masked {
+        renders,
+        split: Some(why),
+    })
+}
+
+fn common_prefix(a: &str, b: &str) -> usize {
+    let n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    // a char boundary of both
+    (0..=n).rev().find(|&k| a.is_char_boundary(k)).unwrap_or(0)
+}
+
+/// Why `prefix` (the first `n` messages) is not a prefix of `whole`, if it is not.
+fn not_prefix(prefix: &str, whole: &str, n: usize, generation_prompt: bool) -> Option<String> {
+    if whole.starts_with(prefix) {
+        return None;
+    }
+    let at = common_prefix(prefix, whole);
     let what = if generation_prompt {
         format!("the first {n} messages rendered with add_generation_prompt=True")
     } else {
         format!("the first {n} messages")
     };
-    Err(CoreError::Template(format!(
-        "chat template is not prefix-stable: {what} do not render as a prefix of the longer conversation \
-         (they differ at byte {at}), so turns cannot be masked from prefixes; use --mask all or another template"
-    )))
+    let excerpt = |s: &str| -> String { s[at..].chars().take(24).collect() };
+    Some(format!(
+        "{what} do not render as a prefix of the longer conversation (they differ at byte {at}: {:?} vs {:?})",
+        excerpt(prefix),
+        excerpt(whole)
+    ))
+}
+
+fn unstable(why: &str) -> CoreError {
+    CoreError::Template(format!(
+        "chat template is not prefix-stable: {why}, so turns cannot be masked from prefixes; \
+         use --mask all or another template"
+    ))
 }
 
 /// Labels for one tokenized segment: the token id where the token overlaps a
@@ -177,7 +275,7 @@ pub fn labels_from_offsets(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use minijinja::value::{Serde, Value};
+    use minijinja::value::Serde;
 
     fn conv(json: &str, trainable_from: usize, completion_start: usize) -> Conversation {
         let v: Vec<serde_json::Value> = serde_json::from_str(json).unwrap();
@@ -191,6 +289,12 @@ mod tests {
         }
     }
 
+    fn rm(t: &ChatTemplate, c: &Conversation, m: MaskKind) -> Result<Rendered> {
+        let mut out = render_and_mask(t, c, m, &Vars::new(), false)?;
+        assert_eq!(out.renders.len(), 1);
+        Ok(out.renders.remove(0))
+    }
+
     const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     #[test]
@@ -198,17 +302,17 @@ mod tests {
         let t = ChatTemplate::new(CHATML, &[]).unwrap();
         let json = r#"[{"role":"system","content":"s"},{"role":"user","content":"u1"},{"role":"assistant","content":"a1"},{"role":"user","content":"u2"},{"role":"assistant","content":"a2"}]"#;
         let c = conv(json, 0, 4);
-        let r = render_and_mask(&t, &c, MaskKind::Assistant).unwrap();
+        let r = rm(&t, &c, MaskKind::Assistant).unwrap();
         let trained: Vec<&str> = r.spans.iter().map(|&(s, e)| &r.text[s..e]).collect();
         assert_eq!(trained, vec!["a1<|im_end|>\n", "a2<|im_end|>\n"]);
-        let r = render_and_mask(&t, &c, MaskKind::Last).unwrap();
+        let r = rm(&t, &c, MaskKind::Last).unwrap();
         assert_eq!(&r.text[r.spans[0].0..r.spans[0].1], "a2<|im_end|>\n");
-        let r = render_and_mask(&t, &c, MaskKind::Completion).unwrap();
+        let r = rm(&t, &c, MaskKind::Completion).unwrap();
         assert_eq!(&r.text[r.spans[0].0..r.spans[0].1], "a2<|im_end|>\n");
-        let r = render_and_mask(&t, &c, MaskKind::All).unwrap();
+        let r = rm(&t, &c, MaskKind::All).unwrap();
         assert_eq!(r.spans, vec![(0, r.text.len())]);
         // with a prompt of 3 messages, `assistant` only trains turns after it
-        let r = render_and_mask(&t, &conv(json, 3, 3), MaskKind::Assistant).unwrap();
+        let r = rm(&t, &conv(json, 3, 3), MaskKind::Assistant).unwrap();
         assert_eq!(r.spans.len(), 1);
     }
 
@@ -217,14 +321,14 @@ mod tests {
         let t = ChatTemplate::new(CHATML, &[]).unwrap();
         let c = conv(r#"[{"role":"user","content":"u1"}]"#, 0, 1);
         assert!(matches!(
-            render_and_mask(&t, &c, MaskKind::Assistant),
+            rm(&t, &c, MaskKind::Assistant),
             Err(CoreError::Input(_))
         ));
         assert!(matches!(
-            render_and_mask(&t, &c, MaskKind::Completion),
+            rm(&t, &c, MaskKind::Completion),
             Err(CoreError::Input(_))
         ));
-        assert!(render_and_mask(&t, &c, MaskKind::All).is_ok());
+        assert!(rm(&t, &c, MaskKind::All).is_ok());
     }
 
     #[test]
@@ -237,12 +341,60 @@ mod tests {
             0,
             3,
         );
-        let err = render_and_mask(&t, &c, MaskKind::Assistant).unwrap_err();
+        let err = rm(&t, &c, MaskKind::Assistant).unwrap_err();
         assert!(
             matches!(&err, CoreError::Template(msg) if msg.contains("prefix-stable")),
             "{err}"
         );
-        assert!(render_and_mask(&t, &c, MaskKind::Last).is_ok());
+        assert!(rm(&t, &c, MaskKind::Last).is_ok());
+        // --mask assistant on a format of one segment per row: one example per turn
+        let m = render_and_mask(&t, &c, MaskKind::Assistant, &Vars::new(), true).unwrap();
+        assert!(
+            m.split.as_deref().unwrap().contains("differ at byte"),
+            "{:?}",
+            m.split
+        );
+        let texts: Vec<(&str, &str)> = m
+            .renders
+            .iter()
+            .map(|r| (r.text.as_str(), &r.text[r.spans[0].0..r.spans[0].1]))
+            .collect();
+        assert_eq!(texts, vec![("u|a|", "a|"), ("u|[old]|v|b|", "b|")]);
+        // a template whose generation prompt is not how it renders the turn is refused
+        let src = "{% for m in messages %}{{ m.content }}|{% endfor %}{% if add_generation_prompt %}<think>{% endif %}";
+        let t = ChatTemplate::new(src, &[]).unwrap();
+        let err = render_and_mask(&t, &c, MaskKind::Assistant, &Vars::new(), true).unwrap_err();
+        assert!(
+            matches!(&err, CoreError::Template(msg) if msg.contains("not even for assistant turn 2")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn generation_blocks_give_the_spans() {
+        // the header stays outside the block; an unstable history does not matter
+        let src = "{% for m in messages %}{% if m.role == 'assistant' %}<A>{% generation %}{% if loop.last %}{{ m.content }}{% else %}[old]{% endif %}</A>{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}<A>{% endif %}";
+        let t = ChatTemplate::new(src, &[]).unwrap();
+        let c = conv(
+            r#"[{"role":"user","content":"u"},{"role":"assistant","content":"a"},{"role":"user","content":"v"},{"role":"assistant","content":"b"}]"#,
+            0,
+            3,
+        );
+        let r = rm(&t, &c, MaskKind::Assistant).unwrap();
+        assert_eq!(r.text, "u<A>[old]</A>v<A>b</A>");
+        let trained: Vec<&str> = r.spans.iter().map(|&(s, e)| &r.text[s..e]).collect();
+        assert_eq!(trained, vec!["[old]</A>", "b</A>"]);
+        let r = rm(&t, &c, MaskKind::Last).unwrap();
+        assert_eq!(
+            r.spans
+                .iter()
+                .map(|&(s, e)| &r.text[s..e])
+                .collect::<Vec<_>>(),
+            vec!["b</A>"]
+        );
+        // the prompt's blocks are not trained
+        let r = rm(&t, &conv(r#"[{"role":"user","content":"u"},{"role":"assistant","content":"a"},{"role":"user","content":"v"},{"role":"assistant","content":"b"}]"#, 3, 3), MaskKind::Assistant).unwrap();
+        assert_eq!(r.spans.len(), 1);
     }
 
     #[test]

@@ -11,9 +11,10 @@ use rayon::prelude::*;
 use crate::error::{CoreError, Result};
 use crate::mask::{labels_from_offsets, render_and_mask, MaskKind, IGNORE_INDEX};
 use crate::pack::best_fit_decreasing;
-use crate::rows::{parse_row, Format};
+use crate::rows::{parse_object, parse_row, Format};
 use crate::shard::{Segment, ShardMeta, ShardWriter};
 use crate::template::ChatTemplate;
+use crate::template::Vars;
 use crate::tokenize::Tok;
 
 /// What to do with an example longer than `max_len` (`--truncation`).
@@ -96,12 +97,29 @@ pub fn split_lines(buf: &[u8], first_row: u64) -> Vec<(u64, &[u8])> {
     out
 }
 
+/// What one row becomes: its examples (several when its assistant turns were
+/// split into per-turn examples, with the reason).
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub examples: Vec<Example>,
+    pub split: Option<String>,
+}
+
+/// The fields of a row always passed to the chat template as variables (as
+/// transformers' `apply_chat_template(tools=..., documents=...)`).
+pub const TEMPLATE_VARS: [&str; 2] = ["tools", "documents"];
+
+/// Each row's (1-based row number, examples or error), as `Encoder::encode_lines` returns them.
+pub type RowResults = Vec<(u64, std::result::Result<Encoded, RowError>)>;
+
 /// Tokenizer + chat template + format + mask: turns rows into examples.
 pub struct Encoder {
     tok: Tok,
     tpl: ChatTemplate,
     pub format: Format,
     pub mask: MaskKind,
+    /// Row fields passed to the template: `TEMPLATE_VARS` and `--template-vars`.
+    vars: Vec<String>,
 }
 
 impl Encoder {
@@ -111,7 +129,57 @@ impl Encoder {
             tpl,
             format,
             mask,
+            vars: TEMPLATE_VARS.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    /// Also pass these row fields to the template (`--template-vars`).
+    pub fn with_template_vars(mut self, extra: &[String]) -> Self {
+        for v in extra {
+            if !self.vars.contains(v) {
+                self.vars.push(v.clone());
+            }
+        }
+        self
+    }
+
+    /// The template variables `text` (a JSON row) carries: a field named in
+    /// `self.vars` and not null. `tools` and `documents` must be lists.
+    fn row_vars(&self, text: &str) -> Result<Vars> {
+        let mut vars = Vars::new();
+        // most rows name none of them: only those that do are parsed again
+        if !self.vars.iter().any(|v| text.contains(&format!("\"{v}\""))) {
+            return Ok(vars);
+        }
+        let row = parse_object(text)?;
+        for name in &self.vars {
+            match row.get(name) {
+                None | Some(serde_json::Value::Null) => {}
+                Some(v) => {
+                    if TEMPLATE_VARS.contains(&name.as_str()) && !v.is_array() {
+                        return Err(CoreError::Input(format!(
+                            "'{name}' must be a list (of {}), not {}",
+                            if name == "tools" {
+                                "tool definitions"
+                            } else {
+                                "documents"
+                            },
+                            match v {
+                                serde_json::Value::String(_) =>
+                                    "a string (a JSON text? give the list itself)",
+                                serde_json::Value::Object(_) => "an object",
+                                _ => "a scalar",
+                            }
+                        )));
+                    }
+                    vars.insert(
+                        name.clone(),
+                        minijinja::Value::from(minijinja::value::Serde(v.clone())),
+                    );
+                }
+            }
+        }
+        Ok(vars)
     }
 
     /// Whether tokenization takes the fast byte-level BPE path (`Tok::is_fast`).
@@ -143,8 +211,9 @@ impl Encoder {
         self.tpl.render(&values, add_generation_prompt)
     }
 
-    /// Encode one row. `example` becomes the segments' example id.
-    pub fn encode_row(&self, line: &[u8], example: i64) -> Result<Example> {
+    /// Encode one row. `example` becomes the segments' example id (of the
+    /// first example; per-turn examples take the ids after it).
+    pub fn encode_row(&self, line: &[u8], example: i64) -> Result<Encoded> {
         let text = std::str::from_utf8(line).map_err(|e| {
             let at = e.valid_up_to();
             CoreError::Input(format!(
@@ -154,59 +223,96 @@ impl Encoder {
             ))
         })?;
         let specs = parse_row(text, self.format)?;
+        let vars = self.row_vars(text)?;
+        // a row of one segment may become one example per assistant turn
+        let split_turns = specs.len() == 1;
         let mut segments = Vec::with_capacity(specs.len());
+        let mut split = None;
         for spec in specs {
-            let r = render_and_mask(&self.tpl, &spec.conversation, self.mask)?;
-            let enc = self.tok.encode(&r.text)?;
-            if enc.ids.is_empty() {
-                return Err(CoreError::Input(
-                    "the conversation renders to no tokens".into(),
-                ));
+            let masked =
+                render_and_mask(&self.tpl, &spec.conversation, self.mask, &vars, split_turns)?;
+            split = masked.split;
+            for r in masked.renders {
+                let enc = self.tok.encode(&r.text)?;
+                if enc.ids.is_empty() {
+                    return Err(CoreError::Input(
+                        "the conversation renders to no tokens".into(),
+                    ));
+                }
+                let labels = labels_from_offsets(&enc.ids, &enc.offsets, &r.spans);
+                if labels.iter().all(|&l| l == IGNORE_INDEX) {
+                    return Err(CoreError::Input(format!(
+                        "nothing to train: mask '{}' selects no token of {}",
+                        self.mask.name(),
+                        if spec.part == 0 {
+                            "the example".to_string()
+                        } else {
+                            format!("segment {}", spec.part)
+                        }
+                    )));
+                }
+                segments.push(Segment {
+                    input_ids: enc.ids,
+                    labels,
+                    example,
+                    part: spec.part,
+                    score: spec.score,
+                });
             }
-            let labels = labels_from_offsets(&enc.ids, &enc.offsets, &r.spans);
-            if labels.iter().all(|&l| l == IGNORE_INDEX) {
-                return Err(CoreError::Input(format!(
-                    "nothing to train: mask '{}' selects no token of {}",
-                    self.mask.name(),
-                    if spec.part == 0 {
-                        "the example".to_string()
-                    } else {
-                        format!("segment {}", spec.part)
-                    }
-                )));
-            }
-            segments.push(Segment {
-                input_ids: enc.ids,
-                labels,
-                example,
-                part: spec.part,
-                score: spec.score,
-            });
         }
-        Ok(Example { segments })
+        if split.is_some() {
+            // one example per turn, numbered from `example`
+            let examples = segments
+                .into_iter()
+                .enumerate()
+                .map(|(k, mut s)| {
+                    s.example = example + k as i64;
+                    Example { segments: vec![s] }
+                })
+                .collect();
+            return Ok(Encoded { examples, split });
+        }
+        Ok(Encoded {
+            examples: vec![Example { segments }],
+            split: None,
+        })
     }
 
     /// Encode every non-blank line of `buf` in parallel (on the current rayon
-    /// pool). Example ids are `first_example` + the line's index among the
-    /// non-blank lines.
+    /// pool). Example ids count up from `first_example` in row order: one per
+    /// row (a failed one too), one per example of a row split into per-turn
+    /// examples. Returns the rows' results and the next free id.
     pub fn encode_lines(
         &self,
         buf: &[u8],
         first_row: u64,
         first_example: i64,
-    ) -> Vec<(u64, std::result::Result<Example, RowError>)> {
+    ) -> (RowResults, i64) {
         let lines = split_lines(buf, first_row);
-        lines
+        let mut results: RowResults = lines
             .par_iter()
-            .enumerate()
-            .map(|(k, &(row, line))| {
-                let id = first_example + k as i64;
+            .map(|&(row, line)| {
                 (
                     row,
-                    self.encode_row(line, id).map_err(|e| RowError::new(row, e)),
+                    self.encode_row(line, 0).map_err(|e| RowError::new(row, e)),
                 )
             })
-            .collect()
+            .collect();
+        let mut next = first_example;
+        for (_, r) in &mut results {
+            match r {
+                Ok(enc) => {
+                    for ex in &mut enc.examples {
+                        for s in &mut ex.segments {
+                            s.example = next;
+                        }
+                        next += 1;
+                    }
+                }
+                Err(_) => next += 1,
+            }
+        }
+        (results, next)
     }
 }
 
@@ -276,6 +382,11 @@ pub struct Counts {
     pub tokens_total: u64,
     pub tokens_trained: u64,
     pub windows: u64,
+    /// Rows split into per-turn examples, the examples they became, and why
+    /// (the first such row's reason).
+    pub split_rows: u64,
+    pub split_examples: u64,
+    pub split_reason: Option<String>,
 }
 
 /// Result of feeding one buffer.
@@ -331,7 +442,7 @@ impl Preparer {
     pub fn add_lines(&mut self, buf: &[u8], first_row: u64) -> Result<ChunkOutcome> {
         let first = self.next_example;
         let enc = &self.enc;
-        let results = self
+        let (results, next) = self
             .pool
             .install(|| enc.encode_lines(buf, first_row, first));
         let mut outcome = ChunkOutcome {
@@ -339,16 +450,29 @@ impl Preparer {
             errors: Vec::new(),
         };
         let mut examples = Vec::with_capacity(results.len());
+        let mut split = (0u64, 0u64, None);
         for (_, r) in results {
             match r {
-                Ok(ex) => examples.push(ex),
+                Ok(enc) => {
+                    if let Some(why) = enc.split {
+                        split.0 += 1;
+                        split.1 += enc.examples.len() as u64;
+                        split.2.get_or_insert(why);
+                    }
+                    examples.extend(enc.examples);
+                }
                 Err(e) => outcome.errors.push(e),
             }
         }
         if !outcome.errors.is_empty() && !self.opts.skip_invalid {
             return Ok(outcome);
         }
-        self.next_example += outcome.rows as i64;
+        self.next_example = next;
+        self.counts.split_rows += split.0;
+        self.counts.split_examples += split.1;
+        if self.counts.split_reason.is_none() {
+            self.counts.split_reason = split.2;
+        }
         self.counts.docs_in += outcome.rows;
         self.counts.skipped += outcome.errors.len() as u64;
         for ex in examples {

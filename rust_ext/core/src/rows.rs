@@ -134,7 +134,7 @@ pub struct SegmentSpec {
     pub score: f32,
 }
 
-fn parse_object(line: &str) -> Result<Map<String, Json>> {
+pub fn parse_object(line: &str) -> Result<Map<String, Json>> {
     match serde_json::from_str::<Json>(line) {
         Ok(Json::Object(m)) => Ok(m),
         Ok(other) => Err(CoreError::Input(format!(

@@ -9,10 +9,15 @@
 //!   sort_keys=False)` (no HTML escaping);
 //! - Python string/dict methods (`.strip()`, `.startswith()`, `.items()`, ...)
 //!   through `minijinja_contrib::pycompat`;
-//! - context: `messages`, `tools=None`, `documents=None`, `add_generation_prompt`
-//!   and the tokenizer's named special tokens (`bos_token`, `eos_token`, ...);
+//! - context: `messages`, `tools=None`, `documents=None`, `add_generation_prompt`,
+//!   the tokenizer's named special tokens (`bos_token`, `eos_token`, ...) and a
+//!   row's template variables (`Vars`: its `tools`, `documents`, ...), which
+//!   override them, as `apply_chat_template(tools=..., documents=..., **kwargs)`;
 //! - `{% generation %}...{% endgeneration %}` (transformers' assistant-mask
-//!   extension) renders its body unchanged.
+//!   extension) renders its body unchanged and records its span in the output
+//!   (`render_marked`), as transformers' `AssistantTracker` does;
+//! - `strftime_now` in the wall-clock time `set_clock` fixes (local time, as
+//!   transformers' `datetime.now()`), read once so every row sees the same date.
 use std::collections::BTreeMap;
 
 use minijinja::syntax::SyntaxConfig;
@@ -23,11 +28,19 @@ use crate::error::{CoreError, Result};
 
 const NAME: &str = "chat_template";
 const RAISED: &str = "\u{1}raise_exception\u{1}";
+/// Emitted where a generation block opens / closes and stripped after rendering:
+/// Unicode noncharacters, which no text is meant to hold.
+const GEN_OPEN: char = '\u{FDD0}';
+const GEN_CLOSE: char = '\u{FDD1}';
+
+/// Template variables of one row beyond `messages` (`tools`, `documents`, ...).
+pub type Vars = BTreeMap<String, Value>;
 
 /// A compiled chat template plus the special tokens it may reference.
 pub struct ChatTemplate {
     env: Environment<'static>,
     specials: BTreeMap<String, Value>,
+    generation: bool,
 }
 
 impl ChatTemplate {
@@ -46,7 +59,9 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME.to_string(), rewrite_generation_tags(source))
+        let rewritten = rewrite_generation_tags(source);
+        let generation = rewritten != source;
+        env.add_template_owned(NAME.to_string(), rewritten)
             .map_err(|e| {
                 CoreError::Template(format!("chat template does not parse: {}", describe(&e)))
             })?;
@@ -54,17 +69,60 @@ impl ChatTemplate {
             .iter()
             .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
             .collect();
-        Ok(Self { env, specials })
+        Ok(Self {
+            env,
+            specials,
+            generation,
+        })
+    }
+
+    /// Fix the time `strftime_now` renders: `local_secs` is the wall clock as
+    /// seconds since 1970-01-01 00:00 in the local zone (UTC seconds + the UTC
+    /// offset). Without it, `strftime_now` reads the clock at each call, in UTC.
+    pub fn set_clock(&mut self, local_secs: i64) {
+        self.env.add_function("strftime_now", move |fmt: String| {
+            strftime(local_secs, &fmt)
+        });
+    }
+
+    /// Whether the template has `{% generation %}` blocks.
+    pub fn has_generation(&self) -> bool {
+        self.generation
     }
 
     /// Render `messages` (each a map value, as `Value::from(Serde(json))` makes
     /// it). Errors are `CoreError::Template` with the template's own message
     /// for `raise_exception(...)`.
     pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, add_generation_prompt, &Vars::new())
+    }
+
+    /// `render` with a row's template variables.
+    pub fn render_with(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        vars: &Vars,
+    ) -> Result<String> {
+        Ok(self.render_marked(messages, add_generation_prompt, vars)?.0)
+    }
+
+    /// Render and return the byte spans of the output that `{% generation %}`
+    /// blocks produced, in order of their opening (transformers'
+    /// `generation_indices`, in bytes instead of characters).
+    pub fn render_marked(
+        &self,
+        messages: &[Value],
+        add_generation_prompt: bool,
+        vars: &Vars,
+    ) -> Result<(String, Vec<(usize, usize)>)> {
         let mut ctx = self.specials.clone();
-        ctx.insert("messages".into(), Value::from(messages.to_vec()));
         ctx.insert("tools".into(), Value::from(()));
         ctx.insert("documents".into(), Value::from(()));
+        for (k, v) in vars {
+            ctx.insert(k.clone(), v.clone());
+        }
+        ctx.insert("messages".into(), Value::from(messages.to_vec()));
         ctx.insert(
             "add_generation_prompt".into(),
             Value::from(add_generation_prompt),
@@ -73,9 +131,48 @@ impl ChatTemplate {
             .env
             .get_template(NAME)
             .map_err(|e| CoreError::Template(describe(&e)))?;
-        tmpl.render(Value::from(ctx))
-            .map_err(|e| CoreError::Template(render_error(&e)))
+        let text = tmpl
+            .render(Value::from(ctx))
+            .map_err(|e| CoreError::Template(render_error(&e)))?;
+        if !self.generation {
+            return Ok((text, Vec::new()));
+        }
+        strip_generation_marks(&text)
     }
+}
+
+/// Remove the generation sentinels from `marked`, returning the text and the
+/// (start, end) byte span of every block, nested ones included.
+fn strip_generation_marks(marked: &str) -> Result<(String, Vec<(usize, usize)>)> {
+    let mut text = String::with_capacity(marked.len());
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    let mut open: Vec<usize> = Vec::new(); // indices into spans
+    for c in marked.chars() {
+        match c {
+            GEN_OPEN => {
+                open.push(spans.len());
+                spans.push((text.len(), text.len()));
+            }
+            GEN_CLOSE => {
+                let Some(k) = open.pop() else {
+                    return Err(CoreError::Template(
+                        "chat template: {% endgeneration %} without {% generation %} in the output \
+                         (or the text holds U+FDD1)"
+                            .into(),
+                    ));
+                };
+                spans[k].1 = text.len();
+            }
+            c => text.push(c),
+        }
+    }
+    if !open.is_empty() {
+        return Err(CoreError::Template(
+            "chat template: a {% generation %} block is not closed in the output (or the text holds U+FDD0)"
+                .into(),
+        ));
+    }
+    Ok((text, spans))
 }
 
 fn render_error(e: &Error) -> String {
@@ -108,9 +205,11 @@ fn raise_exception(msg: String) -> std::result::Result<Value, Error> {
     ))
 }
 
-/// `{% generation %}` / `{% endgeneration %}` become `{% if true %}` /
-/// `{% endif %}`, keeping the whitespace-control marks so that trim_blocks and
-/// lstrip_blocks act on them exactly as on the original tags.
+/// `{% generation %}` / `{% endgeneration %}` become an empty block that emits
+/// a sentinel, `{% if true %}{{ '\u{FDD0}' }}{% endif %}`, keeping the
+/// whitespace-control marks (the opening one on the `if`, the closing one on the
+/// `endif`) so that trim_blocks and lstrip_blocks act on them exactly as on the
+/// original tags.
 pub fn rewrite_generation_tags(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
@@ -119,8 +218,10 @@ pub fn rewrite_generation_tags(source: &str) -> String {
         let tag = &rest[pos..];
         match parse_generation_tag(tag) {
             Some((len, open_mark, is_end, close_mark)) => {
-                let body = if is_end { "endif" } else { "if true" };
-                out.push_str(&format!("{{%{open_mark} {body} {close_mark}%}}"));
+                let mark = if is_end { GEN_CLOSE } else { GEN_OPEN };
+                out.push_str(&format!(
+                    "{{%{open_mark} if true %}}{{{{ '{mark}' }}}}{{% endif {close_mark}%}}"
+                ));
                 rest = &tag[len..];
             }
             None => {
@@ -586,7 +687,55 @@ mod tests {
         );
         assert_eq!(
             rewrite_generation_tags("x{%- generation -%}y{% endgeneration %}"),
-            "x{%- if true -%}y{% endif %}"
+            "x{%- if true %}{{ '\u{FDD0}' }}{% endif -%}y{% if true %}{{ '\u{FDD1}' }}{% endif %}"
+        );
+        assert!(t.has_generation());
+        let (text, spans) = t
+            .render_marked(
+                &msgs(r#"[{"role":"user","content":"a"},{"role":"assistant","content":"bé"},{"role":"assistant","content":"c"}]"#),
+                false,
+                &Vars::new(),
+            )
+            .unwrap();
+        assert_eq!(text, "abéc");
+        assert_eq!(spans, vec![(1, 4), (4, 5)]);
+    }
+
+    #[test]
+    fn generation_tags_keep_whitespace_control() {
+        // trim_blocks drops the newline after each tag, lstrip_blocks the indentation before it
+        let src = "{% for m in messages %}\n  {% generation %}\n[{{ m.content }}]\n  {% endgeneration %}\n{% endfor %}";
+        let plain = src
+            .replace("{% generation %}", "{% if true %}")
+            .replace("{% endgeneration %}", "{% endif %}");
+        let t = ChatTemplate::new(src, &[]).unwrap();
+        let p = ChatTemplate::new(&plain, &[]).unwrap();
+        let m = msgs(r#"[{"role":"assistant","content":"x"},{"role":"assistant","content":"y"}]"#);
+        let (text, spans) = t.render_marked(&m, false, &Vars::new()).unwrap();
+        assert_eq!(text, p.render(&m, false).unwrap());
+        assert_eq!(text, "[x]\n[y]\n");
+        assert_eq!(spans, vec![(0, 4), (4, 8)]);
+    }
+
+    #[test]
+    fn vars_and_fixed_clock() {
+        let mut t = ChatTemplate::new(
+            "{{ strftime_now('%d %b %Y') }}|{{ tools | tojson }}|{{ enable_thinking is defined }}|{{ bos_token }}",
+            &[("bos_token".into(), "<s>".into())],
+        )
+        .unwrap();
+        t.set_clock(1_722_000_309);
+        let m = msgs(r#"[{"role":"user","content":"a"}]"#);
+        assert_eq!(t.render(&m, false).unwrap(), "26 Jul 2024|null|False|<s>");
+        let mut vars = Vars::new();
+        vars.insert(
+            "tools".into(),
+            Value::from(Serde(serde_json::json!([{"name": "f"}]))),
+        );
+        vars.insert("enable_thinking".into(), Value::from(false));
+        assert_eq!(
+            t.render_with(&m, false, &vars).unwrap(),
+            r#"26 Jul 2024|[{"name": "f"}]|True|<s>"#
         );
     }
 

@@ -27,6 +27,7 @@ fn row_errors(errors: Vec<RowError>) -> RowErrors {
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn build_encoder(
     tokenizer_file: &str,
     chat_template: &str,
@@ -34,15 +35,18 @@ fn build_encoder(
     format: &str,
     mask: &str,
     fast_bpe: bool,
+    template_vars: &[String],
+    clock: Option<i64>,
 ) -> Result<Encoder, CoreError> {
     let tok = Tok::from_file(tokenizer_file, fast_bpe)?;
-    let tpl = ChatTemplate::new(chat_template, special_tokens)?;
-    Ok(Encoder::new(
-        tok,
-        tpl,
-        Format::parse(format)?,
-        MaskKind::parse(mask)?,
-    ))
+    let mut tpl = ChatTemplate::new(chat_template, special_tokens)?;
+    if let Some(secs) = clock {
+        tpl.set_clock(secs);
+    }
+    Ok(
+        Encoder::new(tok, tpl, Format::parse(format)?, MaskKind::parse(mask)?)
+            .with_template_vars(template_vars),
+    )
 }
 
 /// Renders, tokenizes and masks rows without packing or writing.
@@ -55,7 +59,8 @@ pub struct PyEncoder {
 #[pymethods]
 impl PyEncoder {
     #[new]
-    #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, threads = 0, fast_bpe = true))]
+    #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, threads = 0, fast_bpe = true,
+                        *, template_vars = Vec::new(), clock = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -66,6 +71,8 @@ impl PyEncoder {
         mask: &str,
         threads: usize,
         fast_bpe: bool,
+        template_vars: Vec<String>,
+        clock: Option<i64>,
     ) -> PyResult<Self> {
         let inner = py
             .detach(|| {
@@ -76,6 +83,8 @@ impl PyEncoder {
                     format,
                     mask,
                     fast_bpe,
+                    &template_vars,
+                    clock,
                 )
             })
             .map_err(to_pyerr)?;
@@ -99,15 +108,15 @@ impl PyEncoder {
         first_example: i64,
     ) -> PyResult<(Bound<'py, PyDict>, RowErrors)> {
         let (flat, errors) = py.detach(|| {
-            let results = self
+            let (results, _) = self
                 .pool
                 .install(|| self.inner.encode_lines(&buf, first_row, first_example));
             let mut flat = Flat::default();
             let mut errors = Vec::new();
             for (row, r) in results {
                 match r {
-                    Ok(ex) => {
-                        for s in &ex.segments {
+                    Ok(enc) => {
+                        for s in enc.examples.iter().flat_map(|ex| &ex.segments) {
                             flat.push(s, row);
                         }
                     }
@@ -200,7 +209,7 @@ impl PyPreparer {
     #[new]
     #[pyo3(signature = (tokenizer_file, chat_template, special_tokens, format, mask, out_dir, *, max_len,
                         truncation, pack, shard_rows, skip_invalid = false, threads = 0, window_tokens = 0,
-                        fast_bpe = true))]
+                        fast_bpe = true, template_vars = Vec::new(), clock = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -218,6 +227,8 @@ impl PyPreparer {
         threads: usize,
         window_tokens: usize,
         fast_bpe: bool,
+        template_vars: Vec<String>,
+        clock: Option<i64>,
     ) -> PyResult<Self> {
         let inner = py
             .detach(|| {
@@ -228,6 +239,8 @@ impl PyPreparer {
                     format,
                     mask,
                     fast_bpe,
+                    &template_vars,
+                    clock,
                 )?;
                 let opts = Options {
                     max_len,
@@ -307,6 +320,7 @@ fn counts_json(c: &Counts) -> serde_json::Value {
         "dropped_too_long": c.dropped_too_long, "dropped_nothing_trained": c.dropped_nothing_trained,
         "truncated": c.truncated, "segments": c.segments, "rows": c.rows,
         "tokens_total": c.tokens_total, "tokens_trained": c.tokens_trained, "windows": c.windows,
+        "split_rows": c.split_rows, "split_examples": c.split_examples, "split_reason": c.split_reason,
     })
 }
 
