@@ -155,7 +155,8 @@ class TrainConfig(_Validated):
     micro_batch_tokens: int = opt(0, "If > 0: at most this many tokens per micro-batch per rank, instead of --micro-batch rows.", check="nonnegative")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
     seed: int = opt(0, "Seed for initialisation, data order and dropout.")
-    log_steps: int = opt(1, "Write metrics every N steps.", check="at_least_1", aliases=("logging_steps",))
+    log_steps: int = opt(1, "Write metrics every N steps (metrics.jsonl; a line on stderr when it is not a terminal).", check="at_least_1",
+                         aliases=("logging_steps",))
     save_steps: int = opt(0, "Checkpoint every N steps (0 = only at the end and --save-at).", check="nonnegative")
     save_at: str = opt("", "Extra checkpoint steps, comma-separated (early-exit checkpoints), e.g. 50,100,150.")
     save_total_limit: int = opt(0, "Keep at most N periodic checkpoints (0 = keep all; --save-at ones are always kept).", check="nonnegative")

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from irtrain.config import RankConfig, config_to_dict
+from irtrain.display import Phase
 from irtrain.errors import ConfigError, DataError, IrtrainIOError
 from irtrain.paths import OutLock, check_out_dir
 from irtrain.score import read_table_meta
@@ -251,7 +252,12 @@ class RankResult:
 
 def per_trace_tau(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """[T, M, M] tau-b within each trace (NaN where undefined)."""
-    return np.stack([kendall_tau_matrix(values[:, a:b])[0] for a, b in zip(starts[:-1], starts[1:])])
+    out = []
+    with Phase("rank: per-trace tau", len(starts) - 1, unit="traces", quiet_below=2.0) as progress:
+        for a, b in zip(starts[:-1], starts[1:]):
+            out.append(kendall_tau_matrix(values[:, a:b])[0])
+            progress.advance()
+    return np.stack(out)
 
 
 def rank_values(values: np.ndarray, starts: np.ndarray, *, bootstrap: int = 0, seed: int = 0) -> RankResult:
@@ -270,14 +276,16 @@ def rank_values(values: np.ndarray, starts: np.ndarray, *, bootstrap: int = 0, s
         n_tr = len(starts) - 1
         lens = np.diff(starts)
         pooled_bs, mean_bs = [], []
-        for _ in range(bootstrap):
-            pick = rng.integers(0, n_tr, n_tr)
-            idx = np.concatenate([np.arange(starts[i], starts[i] + lens[i]) for i in pick])
-            pooled_bs.append(kendall_tau_matrix(values[:, idx])[0])
-            tr = traces[pick]
-            k = np.isfinite(tr).sum(0)
-            with np.errstate(invalid="ignore"):
-                mean_bs.append(np.where(k > 0, np.nansum(tr, 0) / np.maximum(k, 1), np.nan))
+        with Phase("rank: bootstrap", bootstrap, unit="resamples", quiet_below=2.0) as progress:
+            for _ in range(bootstrap):
+                pick = rng.integers(0, n_tr, n_tr)
+                idx = np.concatenate([np.arange(starts[i], starts[i] + lens[i]) for i in pick])
+                pooled_bs.append(kendall_tau_matrix(values[:, idx])[0])
+                tr = traces[pick]
+                k = np.isfinite(tr).sum(0)
+                with np.errstate(invalid="ignore"):
+                    mean_bs.append(np.where(k > 0, np.nansum(tr, 0) / np.maximum(k, 1), np.nan))
+                progress.advance()
         lo, hi = (1 - CI) / 2 * 100, (1 + CI) / 2 * 100
         res.pooled_ci = (np.nanpercentile(pooled_bs, lo, axis=0), np.nanpercentile(pooled_bs, hi, axis=0))
         res.trace_mean_ci = (np.nanpercentile(mean_bs, lo, axis=0), np.nanpercentile(mean_bs, hi, axis=0))

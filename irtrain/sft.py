@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from irtrain.config import SFTConfig
+from irtrain.display import quiet_transformers
 from irtrain.errors import ConfigError, ShardError
 from irtrain.losses import KL_ESTIMATORS, SFT_LOSSES, delta_values, first_token_mask, reduce_tokens
 from irtrain.shards import IGNORE_INDEX, SFT_FORMATS, ShardSet
@@ -33,6 +34,7 @@ class SFTObjective(Objective):
     """
 
     name = "sft"
+    headline = ("loss", "lr", "grad_norm", "token_accuracy", "eval/pref_accuracy", "eval/pref_loss")
 
     def __init__(self, cfg: SFTConfig):
         self.cfg = cfg
@@ -111,4 +113,5 @@ class SFTObjective(Objective):
 
 def run(cfg: SFTConfig) -> TrainResult:
     """`irtrain sft`: train `cfg.model` on `cfg.data` (see `SFTConfig`)."""
-    return train(cfg, SFTObjective(cfg))
+    with quiet_transformers():  # its bars would break the display
+        return train(cfg, SFTObjective(cfg))

@@ -215,3 +215,21 @@ def test_stop_signal_sets_requested_and_restores_handlers():
         for s, h in saved.items():
             signal.signal(s, h)
     assert signal.getsignal(signal.SIGTERM) is saved[signal.SIGTERM]
+
+
+def test_stop_signal_before_the_loop_says_so(capfd):
+    """A signal while the run loads (StopSignal entered once, the loop not yet inside it) says
+    that the run stops after its first step; inside the loop, at the end of this step."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with StopSignal() as stop:
+            signal.raise_signal(signal.SIGTERM)
+            assert stop.requested
+        assert "SIGTERM before training started" in capfd.readouterr().err
+        with StopSignal() as stop, stop:
+            signal.raise_signal(signal.SIGINT)
+        err = capfd.readouterr().err
+        assert "SIGINT: a checkpoint is written at the end of this step" in err and "before" not in err
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)

@@ -103,6 +103,7 @@ def test_sigterm_writes_resumable_checkpoint(tiny_model_dir, data_dir, tmp_path)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert b"interrupted by signal" in err
+    assert b"sft done: stopped at step " in err and b"(interrupted)" in err  # the summary, with the checkpoint
     ckpts = sorted(out.glob("checkpoint-*"))
     assert len(ckpts) == 1
     k = int(ckpts[0].name.split("-")[1])

@@ -1,5 +1,5 @@
 """`irtrain.train.metrics`: metrics.jsonl (one JSON object per logged step, non-finite values
-as strings, trimmed on resume), `read_metrics`, and the progress bar's on/off."""
+as strings, trimmed on resume) and `read_metrics`. (The progress display: test_display.py.)"""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from irtrain.train.metrics import MetricsLog, Progress, read_metrics
+from irtrain.train.metrics import MetricsLog, read_metrics
 
 
 def test_jsonl_rows_and_non_finite_values(tmp_path):
@@ -63,25 +63,6 @@ def test_disabled_log_writes_nothing_and_keeps_what_is_there(tmp_path):
         log.log(2, {"loss": 3.0})
         log.close()
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
-
-
-def test_progress_disabled_writes_nothing(capfd):
-    p = Progress(10, 0, enabled=False, description="sft")
-    p.update(1, {"loss": 0.5, "lr": 1e-3})
-    p.close()
-    assert capfd.readouterr() == ("", "")
-
-
-def test_progress_enabled_draws_on_stderr_only(capfd):
-    """The bar goes to stderr (stdout stays free for a command's output), with the step count
-    and the headline metrics."""
-    p = Progress(10, 2, enabled=True, description="sft")
-    p.update(3, {"loss": 0.5, "lr": 1e-3, "not_headline": 7.0})
-    p.close()
-    out, err = capfd.readouterr()
-    assert out == ""
-    assert "sft" in err and "3/10" in err and "loss 0.5" in err and "lr 0.001" in err
-    assert "not_headline" not in err
 
 
 def test_a_torn_last_line_is_dropped_on_resume(tmp_path):

@@ -24,6 +24,7 @@ KTO (unpaired data) also needs `z` from mismatched pairs (`kto.py`). Joint SFT+D
 from __future__ import annotations
 
 from irtrain.config import DPOConfig
+from irtrain.display import quiet_transformers
 from irtrain.dpo.alternating import run_alternating
 from irtrain.dpo.data import batch_examples, check_preference_shards, example_groups
 from irtrain.dpo.joint import joint_config
@@ -42,9 +43,10 @@ def run(cfg: DPOConfig) -> TrainResult | list[TrainResult]:
     Returns the loop's `TrainResult` (out, steps, last_checkpoint, metrics); for the
     alternating schedule, the list of every stage's result.
     """
-    if cfg.alternate_with:
-        return run_alternating(cfg)
-    if cfg.joint_sft:
-        cfg = joint_config(cfg)
-        return train(cfg, PreferenceObjective(cfg, joint=True))
-    return train(cfg, PreferenceObjective(cfg))
+    with quiet_transformers():  # its bars would break the display
+        if cfg.alternate_with:
+            return run_alternating(cfg)
+        if cfg.joint_sft:
+            cfg = joint_config(cfg)
+            return train(cfg, PreferenceObjective(cfg, joint=True))
+        return train(cfg, PreferenceObjective(cfg))

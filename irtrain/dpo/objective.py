@@ -39,6 +39,8 @@ class PreferenceObjective(Objective):
     """
 
     name = "dpo"
+    headline = ("loss", "rewards/accuracies", "rewards/margins", "eval/rewards/accuracies", "lr", "grad_norm", "eval/loss",
+                "eval/rewards/margins")
 
     def __init__(self, cfg: DPOConfig, *, joint: bool = False, stage: int | None = None):
         self.cfg = cfg

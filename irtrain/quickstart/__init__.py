@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from irtrain.config import QuickstartConfig
+from irtrain.display import quiet_transformers
 from irtrain.errors import ConfigError
 from irtrain.quickstart.plan import MARKER, STAGES, Plan, Quickstart
 from irtrain.quickstart.stages import (
@@ -52,17 +53,6 @@ __all__ = [
     "stage_tokenizer", "stage_model", "stage_prepare", "stage_sft", "stage_dpo", "stage_evaluate", "stage_score",
     "stage_rank", "stage_report",
 ]
-
-
-def quiet_transformers() -> None:
-    """transformers' warnings and progress bars off (the stages print their own progress)."""
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - logging knobs moved
-        pass
 
 
 def run(cfg: QuickstartConfig, *, console: Any = None) -> Path:

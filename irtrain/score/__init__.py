@@ -65,6 +65,7 @@ from typing import Any
 import torch
 
 from irtrain.config import ScoreConfig, config_to_dict
+from irtrain.display import quiet_transformers
 from irtrain.durable import sweep_temps
 from irtrain.errors import ConfigError, DataError
 from irtrain.models import check_tokenizer, load_tokenizer, resolve_device, resolve_dtype, resolve_model
@@ -117,7 +118,7 @@ def run(cfg: ScoreConfig, *, console: Any = None) -> dict[str, Any]:
     console = console or Console(highlight=False)
     _check(cfg)
     models = resolve_models(cfg)
-    with Ranks() as ranks, contextlib.ExitStack() as held:
+    with Ranks() as ranks, contextlib.ExitStack() as held, quiet_transformers():  # its bars would break the display
         if not ranks.is_main:
             console = Console(quiet=True)
 

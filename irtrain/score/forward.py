@@ -17,6 +17,7 @@ import torch
 
 from irtrain.adapters import load_causal_lm
 from irtrain.config import ScoreConfig
+from irtrain.display import Phase
 from irtrain.errors import ConfigError, TokenizerError
 from irtrain.score.inputs import ScoredSegment
 from irtrain.score.parallel import ALL, Share
@@ -86,8 +87,6 @@ def score_model(path: Path, shards: ShardSet, segments: list[ScoredSegment], *, 
                 share: Share = ALL) -> ModelScores:
     """Run one model over every segment (or, for `share`, over its forwards): sequence
     log-probs and state values."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     model = load_model(path, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
                        attn_implementation=attn_implementation)
     vocab = int(model.get_output_embeddings().weight.shape[0])
@@ -98,9 +97,7 @@ def score_model(path: Path, shards: ShardSet, segments: list[ScoredSegment], *, 
     batches = [b for i, b in enumerate(_batches(segments, shards, cfg.batch_tokens)) if share.mine(i)]
     total = int(sum(int(shards.row_lengths[r]) for rows, _ in batches for r in rows))
     seen = 0
-    with Progress(TextColumn(f"[bold]score[/] {label}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
-                  TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
-        task = progress.add_task("", total=total)
+    with Phase(f"score {label}", total, unit="tokens", enabled=not console.quiet) as progress:
         for rows, segs in batches:
             batch = collate([shards.row(r) for r in rows])
             if int(batch.input_ids.max()) >= vocab:
@@ -127,7 +124,7 @@ def score_model(path: Path, shards: ShardSet, segments: list[ScoredSegment], *, 
                 off += n
             done[segs] = True
             seen += batch.num_tokens
-            progress.update(task, completed=seen)
+            progress.advance(batch.num_tokens)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()

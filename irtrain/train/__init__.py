@@ -7,7 +7,7 @@
 - `strategy.py`   single process vs DeepSpeed (the only module that imports deepspeed)
 - `checkpoint.py` atomic checkpoints, exact resume, SIGTERM/SIGINT
 - `reference.py`  precomputed reference log-probs cached beside the shards
-- `metrics.py`    metrics.jsonl and the rich progress bar
+- `metrics.py`    metrics.jsonl (the progress display: `irtrain.display`)
 - `trackers.py`   --report-to: TensorBoard, Trackio, W&B, MLflow, with TRL's metric names
 - `loop.py`       `train(cfg, objective)`: the loop itself, top to bottom
 """

@@ -217,8 +217,13 @@ class StopSignal:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is None:
             self.signum = signum
-            print(f"\n{signal.Signals(signum).name}: a checkpoint is written at the end of this step, then the run stops "
-                  "(further signals are ignored until then)", file=sys.stderr, flush=True)
+            name = signal.Signals(signum).name
+            if self._depth < 2:  # the loop enters it a second time: not yet there
+                print(f"\n{name} before training started (loading, reference pass): the run stops after its first step, "
+                      "with a checkpoint (further signals are ignored until then)", file=sys.stderr, flush=True)
+            else:
+                print(f"\n{name}: a checkpoint is written at the end of this step, then the run stops "
+                      "(further signals are ignored until then)", file=sys.stderr, flush=True)
 
     @property
     def requested(self) -> bool:

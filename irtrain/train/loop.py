@@ -8,6 +8,7 @@ anything is written lives in `check_run` below.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -20,6 +21,7 @@ import torch
 
 from irtrain.adapters import LoraSpec, apply_lora, lora_spec, merge_to, quantization_config
 from irtrain.config import TrainConfig, config_to_dict, config_to_toml
+from irtrain.display import Progress
 from irtrain.durable import io_error, publish, sweep_temps
 from irtrain.errors import ConfigError, ShardError, TrainingError
 from irtrain.evaluation import held_out_metrics, segment_logps_of
@@ -30,6 +32,7 @@ from irtrain.train.batching import Batch, DataUse, PackedData, plan_run, split_m
 from irtrain.train.checkpoint import (
     StopSignal,
     TrainState,
+    checkpoint_dir,
     latest_checkpoint,
     latest_verified_checkpoint,
     list_checkpoints,
@@ -39,7 +42,7 @@ from irtrain.train.checkpoint import (
     save_checkpoint,
 )
 from irtrain.train.memory import strategy_estimate
-from irtrain.train.metrics import MetricsLog, Progress
+from irtrain.train.metrics import MetricsLog
 from irtrain.train.objective import Objective, TrainContext
 from irtrain.train.reference import ReferenceLogps, References, eval_token_budget
 from irtrain.train.schedule import lr_at, warmup_steps
@@ -89,29 +92,28 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
         refs.release()
         model.train()
         log = open_log(cfg, strategy, run, state)
-        progress = Progress(total, state.step, enabled=strategy.is_main, description=objective.name)
+        progress = Progress(total, state.step, enabled=strategy.is_main, description=objective.name, headline=objective.headline)
         used = DataUse(cfg, data, plan, state.step)
         last_ckpt, metrics = run.resume_from, {}
-
-        def evaluate() -> dict[str, float]:
-            return evaluate_held_out(model, objective, ctx, run.eval_set, eval_ref)
+        evaluate = functools.partial(evaluate_held_out, model, objective, ctx, run.eval_set, eval_ref)
 
         def checkpoint(keep: bool) -> Path:
             own = objective.state_dict()
             if own:
                 state.extra["objective"] = own
-            path = save_checkpoint(out, state, model=model, tokenizer=run.tokenizer, strategy=strategy,
-                                   config=config_to_dict(cfg), keep=keep, base_identity=run.base_identity)
+            with progress.saving(checkpoint_dir(out, state.step).name):
+                path = save_checkpoint(out, state, model=model, tokenizer=run.tokenizer, strategy=strategy,
+                                       config=config_to_dict(cfg), keep=keep, base_identity=run.base_identity)
             if strategy.is_main:
                 prune_checkpoints(out, cfg.save_total_limit, protected=set(run.save_at))
             return path
 
         # ---------------------------------------------------------------- 3. the loop
         if state.step == 0 and run.eval_set is not None:
-            log.log(0, evaluate())
+            log.log(0, progress.note(0, evaluate()))
         t_start = time.perf_counter() - state.elapsed
         try:
-            with stop:
+            with stop, progress:
                 for step in range(state.step, total):
                     t0 = time.perf_counter()
                     lr = lr_at(step, total_steps=total, peak=cfg.lr, warmup=run.warmup, schedule=cfg.lr_schedule)
@@ -141,9 +143,9 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
                             f"stopped (--max-bad-steps {cfg.max_bad_steps}). Last good checkpoint: {kept if kept else 'none'}")
                     if (cfg.eval_steps > 0 and state.step % cfg.eval_steps == 0) or state.step == total:
                         metrics.update(evaluate())
-                    if state.step % max(1, cfg.log_steps) == 0 or state.step == total or metrics.get("skipped"):
+                    if logged := state.step % max(1, cfg.log_steps) == 0 or state.step == total or bool(metrics.get("skipped")):
                         log.log(state.step, metrics)
-                    progress.update(state.step, metrics)
+                    progress.update(state.step, metrics, line=logged)
 
                     # checkpoint: periodic, --save-at, the end; and on SIGTERM/SIGINT
                     periodic = cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.bad_in_row == 0
@@ -152,15 +154,14 @@ def train(cfg: TrainConfig, objective: Objective) -> TrainResult:
                         last_ckpt = checkpoint(keep=state.step in run.save_at)
                     stop_now = strategy.all_reduce(torch.tensor([1.0 if stop.requested else 0.0]), op="max").item() > 0
                     if stop_now and state.step < total:
-                        if not saved:  # a save step's checkpoint is this step's: not written twice
-                            last_ckpt = checkpoint(keep=True)
+                        last_ckpt = last_ckpt if saved else checkpoint(keep=True)  # a save step's checkpoint is not written twice
+                        progress.summary(out, last_ckpt, stopped="interrupted")
                         raise Interrupted(f"interrupted by signal at step {state.step}/{total}; checkpoint written to {last_ckpt}; "
                                           "rerun with --resume to continue")
         finally:
-            progress.close()
             # how the run ended, for the trackers (in a finally block, exc_info is the exception on its way out)
             log.close("FINISHED" if sys.exc_info()[0] is None else "KILLED" if stop.requested else "FAILED")
-        finish(cfg, strategy, run, last_ckpt)
+        finish(cfg, strategy, run, last_ckpt, progress)
     finally:
         stop.__exit__()
         if lock is not None:
@@ -351,11 +352,14 @@ def restore(resume_from: Path | None, strategy: Strategy, objective: Objective) 
     return state
 
 
-def finish(cfg: TrainConfig, strategy: Strategy, run: RunPlan, last_ckpt: Path | None) -> None:
-    """After the last step: with --merge-at-end, base + adapter written to OUT/merged/ (main rank)."""
+def finish(cfg: TrainConfig, strategy: Strategy, run: RunPlan, last_ckpt: Path | None, progress: Progress) -> None:
+    """After the last step: with --merge-at-end, base + adapter written to OUT/merged/ (main rank);
+    then the run's summary."""
     if cfg.merge_at_end and last_ckpt is not None and strategy.is_main:
-        merge_to(run.model_path, last_ckpt, run.out / "merged", tokenizer=run.tokenizer, trust_remote_code=cfg.trust_remote_code)
+        with progress.saving("merged/"):
+            merge_to(run.model_path, last_ckpt, run.out / "merged", tokenizer=run.tokenizer, trust_remote_code=cfg.trust_remote_code)
     strategy.teardown()
+    progress.summary(run.out, last_ckpt)
 
 
 def parse_save_at(spec: str, total: int) -> list[int]:

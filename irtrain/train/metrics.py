@@ -1,6 +1,6 @@
-"""Metrics out: one JSON object per logged step in ``OUT/metrics.jsonl``, the same step on the
-trackers of --report-to (trackers.py, TRL's names), and a `rich` progress bar with ETA and the
-headline metrics."""
+"""Metrics out: one JSON object per logged step in ``OUT/metrics.jsonl`` and the same step on the
+trackers of --report-to (trackers.py, TRL's names). (What the terminal or a log file shows is
+`irtrain.display`.)"""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,6 @@ from typing import Any
 from irtrain.durable import publish
 from irtrain.errors import IrtrainIOError
 from irtrain.train.trackers import Trackers
-
-HEADLINE = ("loss", "lr", "grad_norm", "tokens_per_s", "value/s0", "eval/pref_accuracy")
 
 
 def _clean(v: Any) -> Any:
@@ -79,38 +77,3 @@ def _rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
 def read_metrics(out: str | Path) -> list[dict[str, Any]]:
     """The rows of OUT/metrics.jsonl (a torn last line left out)."""
     return [row for _, row in _rows(Path(out) / "metrics.jsonl")]
-
-
-class Progress:
-    """A rich progress bar (main rank, stderr) with ETA and the headline metrics."""
-
-    def __init__(self, total: int, start: int, *, enabled: bool, description: str = "train"):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
-
-        console = Console(stderr=True)
-        self._p = RichProgress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=console,
-        )
-        self._task = self._p.add_task(description, total=total, completed=start, info="")
-        self._p.start()
-
-    def update(self, step: int, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        parts = []
-        for k in HEADLINE:
-            v = metrics.get(k)
-            if isinstance(v, (int, float)):
-                parts.append(f"{k} {v:.3g}")
-        self._p.update(self._task, completed=step, info="  ".join(parts))
-
-    def close(self) -> None:
-        if self.enabled:
-            self._p.stop()

@@ -64,10 +64,12 @@ Stats = dict[str, tuple[Any, Any]]
 
 class Objective:
     """Base class of the objectives (see the module docstring); `name` is used in messages
-    ("sft", "dpo"). Subclasses implement `check_data`, `step_denominator` and `micro_step`;
-    the other hooks default to doing nothing."""
+    ("sft", "dpo"); `headline` are the metrics the progress display shows, in order of
+    importance (those that do not fit are dropped; `irtrain.display`). Subclasses implement
+    `check_data`, `step_denominator` and `micro_step`; the other hooks default to doing nothing."""
 
     name = "objective"
+    headline: tuple[str, ...] = ("loss", "lr", "grad_norm", "eval/pref_accuracy", "eval/pref_loss")
 
     def check_data(self, sets: list[ShardSet]) -> None:
         """Raise `ShardError`/`ConfigError` if the shard sets are of the wrong kind."""

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from irtrain.adapters import AdaptersDisabled, peft_model_of
 from irtrain.config import TrainConfig
+from irtrain.display import Phase
 from irtrain.durable import publish, sweep_temps
 from irtrain.errors import CorruptCacheError, ReferenceMismatchError, ShardError
 from irtrain.losses import TokenStats, segment_sums
@@ -271,9 +272,12 @@ def compute_reference(model: Any, shards: ShardSet, key: ReferenceKey, path: Pat
     """Run the starting model over every row of `shards` (rows split over ranks) and write
     the cache file. Ranks write part files beside `path`; the main rank merges them."""
     parts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for i, tok, sums, counts in sequence_logps(model, shards, device=strategy.device, token_budget=token_budget,
-                                               world_size=strategy.world_size, rank=strategy.rank, autocast=strategy.autocast):
-        parts[i] = (tok, sums, counts)
+    mine = len(range(strategy.rank, len(shards), strategy.world_size))  # the main rank shows its share
+    with Phase(f"reference log-probs of {shards.path.name}", mine, enabled=strategy.is_main) as progress:
+        for i, tok, sums, counts in sequence_logps(model, shards, device=strategy.device, token_budget=token_budget,
+                                                   world_size=strategy.world_size, rank=strategy.rank, autocast=strategy.autocast):
+            parts[i] = (tok, sums, counts)
+            progress.advance()
     if strategy.world_size > 1:
         path.parent.mkdir(parents=True, exist_ok=True)
         part_file = path.parent / f".{path.name}.part{strategy.rank}.npz"
