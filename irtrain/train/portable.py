@@ -15,7 +15,7 @@ read through the same interface, so any checkpoint resumes on any layout: 2 rank
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from irtrain.errors import ConfigError
 
 PORTABLE = "portable"
 KEYS = ("exp_avg", "exp_avg_sq")   # torch AdamW's moments (DeepSpeed wraps the same optimizer)
@@ -127,3 +129,41 @@ def adamw_state(opt: torch.optim.Optimizer, named: Iterator[tuple[str, torch.nn.
             state[i] = {"step": torch.tensor(float(portable.step)),
                         **{k: v.to(p.device, p.dtype).reshape(p.shape) for k, v in m.items() if v is not None}}
     return {"state": state, "param_groups": sd["param_groups"]}
+
+
+# ---------------------------------------------------------------------------- ZeRO partitions
+# DeepSpeed's accessors (deepspeed.utils.safe_get/set_full_*) come from the strategy, the only
+# module that imports deepspeed; each maps a full tensor to and from this rank's partition.
+def write_portable(path: Path, named: list[tuple[str, Any]], step: int, *, enabled: bool,
+                   fp32: Callable[[Any], Tensor | None], moment: Callable[[Any, str], Tensor | None]) -> None:
+    """Gather each trainable parameter's fp32 weight and moments (collective: every rank calls
+    this) and write them on the main rank (`enabled`). No moments before Adam's first step."""
+    out = PortableWriter(path, step, enabled=enabled)
+    for name, p in named:
+        out.add(f"fp32/{name}", fp32(p))
+        for key in KEYS if step > 0 else ():
+            out.add(f"{key}/{name}", moment(p, key))
+    out.close()
+
+
+def init_adam_state(opt: torch.optim.Optimizer, step: int) -> None:
+    """Create torch AdamW's state (created lazily at its first step) as zeros at `step`, so that
+    ZeRO's per-parameter views of the moments exist to be set."""
+    for group in opt.param_groups:
+        for flat in group["params"]:
+            opt.state[flat] = {"step": torch.tensor(float(step)), **{k: torch.zeros_like(flat) for k in KEYS}}
+
+
+def set_portable(path: Path, named: list[tuple[str, Any]], portable: PortableState, *, device: torch.device,
+                 fp32: Callable[[Any, Tensor], None], moment: Callable[[Any, Tensor, str], None]) -> None:
+    """Set this rank's partition of each trainable parameter from the full tensors of `portable`
+    (local: no collective). A single-process checkpoint has no fp32 copy: the weights stay."""
+    for name, p in named:
+        value = portable.get("fp32", name)
+        if value is not None:
+            fp32(p, value.to(device))
+        for key in KEYS if portable.step > 0 else ():
+            value = portable.get(key, name)
+            if value is None:
+                raise ConfigError(f"{path}: the optimizer state has no {key} for {name}: not a checkpoint of this model")
+            moment(p, value.to(device), key)

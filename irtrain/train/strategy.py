@@ -33,7 +33,7 @@ from irtrain.config import TrainConfig
 from irtrain.errors import ConfigError
 from irtrain.models import resolve_device, resolve_dtype
 from irtrain.train.packed import default_attn_implementation
-from irtrain.train.portable import KEYS, PortableWriter, adamw_state, read_portable
+from irtrain.train.portable import adamw_state, init_adam_state, read_portable, set_portable, write_portable
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -54,6 +54,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def _group_order(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -363,9 +367,6 @@ class DeepSpeedStrategy(Strategy):
     def layout(self) -> dict[str, int]:
         return {"world_size": self.world_size, "zero_stage": self.stage}
 
-    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.unwrap(self.engine).named_parameters() if p.requires_grad]
-
     def _adam_step(self) -> int:
         """Adam's step count (0 before the first applied step: no moments exist yet)."""
         inner = self.engine.optimizer.optimizer
@@ -383,18 +384,13 @@ class DeepSpeedStrategy(Strategy):
         # Every rank writes its optimizer partition; the weights go to safetensors separately.
         # With LoRA only the adapters are trainable; the frozen base is not written again.
         self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False, exclude_frozen_parameters=self.cfg.lora_r > 0)
-        # ... and the same state world-size-free, gathered parameter by parameter (collective;
-        # the main rank writes it in bounded files): what resumes on another layout
+        # ... and the same state world-size-free (portable.py): what resumes on another layout
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         step = self._adam_step()
         self._link_moments()
-        out = PortableWriter(path, step, enabled=self.is_main)
-        for name, p in self._trainable():
-            out.add(f"fp32/{name}", safe_get_full_fp32_param(p))
-            for key in KEYS if step > 0 else ():
-                out.add(f"{key}/{name}", safe_get_full_optimizer_state(p, key))
-        out.close()
+        write_portable(path, _trainable(self.unwrap(self.engine)), step, enabled=self.is_main,
+                       fp32=safe_get_full_fp32_param, moment=safe_get_full_optimizer_state)
 
     def load_training_state(self, path: Path, same_layout: bool = True) -> None:
         """DeepSpeed's own partitions when the checkpoint was written by this layout (world size,
@@ -408,25 +404,13 @@ class DeepSpeedStrategy(Strategy):
             return
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        named = self._trainable()
-        portable = read_portable(path, [n for n, _ in _group_order(self.unwrap(self.engine))])
+        module = self.unwrap(self.engine)
+        portable = read_portable(path, [n for n, _ in _group_order(module)])
         if portable.step > 0:
-            # torch AdamW creates its state at the first step; create it now (zeros, then set)
-            # so that ZeRO's per-parameter views of the moments exist to be written
-            inner = self.engine.optimizer.optimizer
-            for group in inner.param_groups:
-                for flat in group["params"]:
-                    inner.state[flat] = {"step": torch.tensor(float(portable.step)), **{k: torch.zeros_like(flat) for k in KEYS}}
+            init_adam_state(self.engine.optimizer.optimizer, portable.step)
             self._link_moments()
-        for name, p in named:
-            fp32 = portable.get("fp32", name)
-            if fp32 is not None:
-                safe_set_full_fp32_param(p, fp32.to(self.device))
-            for key in KEYS if portable.step > 0 else ():
-                value = portable.get(key, name)
-                if value is None:
-                    raise ConfigError(f"{path}: the optimizer state has no {key} for {name}: not a checkpoint of this model")
-                safe_set_full_optimizer_state(p, value.to(self.device), key)
+        set_portable(path, _trainable(module), portable, device=self.device, fp32=safe_set_full_fp32_param,
+                     moment=safe_set_full_optimizer_state)
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         if self.stage == 3:
