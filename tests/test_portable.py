@@ -116,8 +116,9 @@ def test_adamw_state_and_zero_style_setting(tiny_model_dir, tmp_path):
     assert sorted(sd["state"]) == list(range(len(named)))
     assert float(sd["state"][0]["step"]) == 2.0
 
-    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))])
-    init_adam_state(opt, 5)
+    flats = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))]
+    opt = torch.optim.AdamW(flats)
+    init_adam_state(opt, flats, 5)
     assert [float(s["step"]) for s in opt.state.values()] == [5.0, 5.0]
     assert all(torch.equal(s["exp_avg"], torch.zeros_like(s["exp_avg"])) for s in opt.state.values())
 

@@ -146,12 +146,12 @@ def write_portable(path: Path, named: list[tuple[str, Any]], step: int, *, enabl
     out.close()
 
 
-def init_adam_state(opt: torch.optim.Optimizer, step: int) -> None:
-    """Create torch AdamW's state (created lazily at its first step) as zeros at `step`, so that
-    ZeRO's per-parameter views of the moments exist to be set."""
-    for group in opt.param_groups:
-        for flat in group["params"]:
-            opt.state[flat] = {"step": torch.tensor(float(step)), **{k: torch.zeros_like(flat) for k in KEYS}}
+def init_adam_state(opt: torch.optim.Optimizer, flats: list[Tensor], step: int) -> None:
+    """Create torch AdamW's state of the tensors it steps (`flats`, ZeRO's flat fp32 partitions;
+    torch creates it lazily at the first step) as zeros at `step`, so that ZeRO's
+    per-parameter views of the moments exist to be set."""
+    for flat in flats:
+        opt.state[flat] = {"step": torch.tensor(float(step)), **{k: torch.zeros_like(flat) for k in KEYS}}
 
 
 def set_portable(path: Path, named: list[tuple[str, Any]], portable: PortableState, *, device: torch.device,

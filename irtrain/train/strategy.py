@@ -407,7 +407,10 @@ class DeepSpeedStrategy(Strategy):
         module = self.unwrap(self.engine)
         portable = read_portable(path, [n for n, _ in _group_order(module)])
         if portable.step > 0:
-            init_adam_state(self.engine.optimizer.optimizer, portable.step)
+            zero, inner = self.engine.optimizer, self.engine.optimizer.optimizer
+            # the tensors AdamW steps: ZeRO-3 puts its partitions into the groups only during a step
+            flats = list(zero.fp32_partitioned_groups_flat) if self.stage == 3 else [p for g in inner.param_groups for p in g["params"]]
+            init_adam_state(inner, flats, portable.step)
             self._link_moments()
         set_portable(path, _trainable(module), portable, device=self.device, fp32=safe_set_full_fp32_param,
                      moment=safe_set_full_optimizer_state)
