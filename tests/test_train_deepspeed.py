@@ -152,12 +152,15 @@ def test_zero3_runs_exit_cleanly(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     data = make_sft_shards(AutoTokenizer.from_pretrained(str(tiny_model_dir)), tmp_path / "data", n=16, max_len=128)
+    bad = []
     for i in range(20):
         cmd = _launch("torchrun", tmp_path / f"run{i}", data, tiny_model_dir, steps=1)
         cmd[cmd.index("zero2")] = "zero3"
         proc = subprocess.run(cmd, env=cpu_dist_env(), capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "terminate called" not in proc.stderr
+        if proc.returncode != 0 or "terminate called" in proc.stderr:
+            bad.append((i, proc.returncode, proc.stderr[-1500:]))
+        shutil.rmtree(tmp_path / f"run{i}")
+    assert not bad, f"{len(bad)} of 20 runs did not exit cleanly: {bad}"
 
 
 # --------------------------------------------------------------------------- resume across layouts
