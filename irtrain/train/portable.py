@@ -8,7 +8,7 @@ ranks with the same ZeRO stage. Beside them every DeepSpeed checkpoint holds ``p
                                         per trainable parameter (full shape, float32);
                                         metadata {"step": Adam's step count}
 
-written by the main rank in files of at most `CHUNK_BYTES` (its memory stays bounded).
+written by the main rank in files of about `CHUNK_BYTES` (its memory stays bounded).
 A single-process checkpoint's ``optimizer.pt`` (torch AdamW, parameters by position) is
 read through the same interface, so any checkpoint resumes on any layout: 2 ranks -> 1,
 1 -> 2, ZeRO-2 -> ZeRO-3, DeepSpeed -> one process and back.
