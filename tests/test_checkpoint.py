@@ -21,13 +21,18 @@ from irtrain.train.checkpoint import (
     STATE,
     StopSignal,
     TrainState,
+    agreed_checkpoint,
     checkpoint_dir,
+    file_rank,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     read_state,
+    same_layout,
     save_checkpoint,
+    saved_layout,
+    verify_checkpoint,
 )
 from irtrain.train.strategy import Strategy
 
@@ -157,6 +162,51 @@ def test_state_weights_optimizer_and_rng_round_trip(tiny_model_dir, tmp_path):
     for k in opt1["state"]:
         for name, v in opt1["state"][k].items():
             assert torch.equal(v, opt2["state"][k][name]), (k, name)
+
+
+def test_rank_files_are_verified_by_their_rank(tiny_model_dir, tmp_path):
+    """A rank's own files (rng-<r>.pt, DeepSpeed's *zero_pp_rank_<r>_*) are checked by that rank
+    only; shared files by every rank; `rank=None` checks everything. The layout is recorded."""
+    assert [file_rank(n) for n in ["rng-0.pt", "rng-12.pt", "deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                   "deepspeed/bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt",
+                                   "deepspeed/zero_pp_rank_2_mp_rank_00_model_states.pt"]] == [0, 12, 1, 3, 2]
+    assert [file_rank(n) for n in ["deepspeed/mp_rank_00_model_states.pt", "model.safetensors",
+                                   "portable/optimizer-00001.safetensors"]] == [None, None, None]
+    cfg, strategy, model = _strategy_and_model(tiny_model_dir)
+    _train_step(model, strategy)
+    path = save_checkpoint(tmp_path, TrainState(step=1), model=model, tokenizer=None, strategy=strategy, config=config_to_dict(cfg))
+    _, payload = read_state(path)
+    assert payload["layout"] == {"world_size": 1, "zero_stage": 0} and "rng-0.pt" in payload["files"]
+    # as if rank 1 had written a partition: its hash recorded, then the file damaged
+    part = path / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    part.parent.mkdir()
+    part.write_bytes(b"partition of rank 1")
+    from irtrain.shards import file_sha256
+
+    payload["files"][part.relative_to(path).as_posix()] = file_sha256(part)
+    (path / STATE).write_text(json.dumps(payload), encoding="utf-8")
+    assert verify_checkpoint(path) is None and verify_checkpoint(path, rank=1) is None
+    part.write_bytes(b"partition of rank 1, damaged")
+    assert "zero_pp_rank_1" in verify_checkpoint(path)
+    assert "zero_pp_rank_1" in verify_checkpoint(path, rank=1)
+    assert verify_checkpoint(path, rank=0) is None  # rank 0 does not read it
+    (path / "rng-0.pt").write_bytes(b"x")
+    assert "rng-0.pt" in verify_checkpoint(path, rank=0) and "rng-0.pt" not in verify_checkpoint(path, rank=1)
+    # one process: the agreed checkpoint is the newest that verifies
+    assert agreed_checkpoint(tmp_path, strategy)[0] is None
+
+
+def test_layouts_old_and_new():
+    """A checkpoint's layout: recorded, or (older checkpoints) read from its world size and
+    --deepspeed; a DeepSpeed JSON config of unknown stage counts as the same stage."""
+    assert saved_layout({"layout": {"world_size": 2, "zero_stage": 3}}) == {"world_size": 2, "zero_stage": 3}
+    assert saved_layout({"world_size": 2, "config": {"deepspeed": "zero2"}}) == {"world_size": 2, "zero_stage": 2}
+    assert saved_layout({"world_size": 1, "config": {"deepspeed": ""}}) == {"world_size": 1, "zero_stage": 0}
+    assert saved_layout({"world_size": 4, "config": {"deepspeed": "ds.json"}}) == {"world_size": 4, "zero_stage": -1}
+    assert same_layout({"world_size": 4, "zero_stage": -1}, {"world_size": 4, "zero_stage": 2})
+    assert not same_layout({"world_size": 4, "zero_stage": -1}, {"world_size": 2, "zero_stage": 2})
+    assert not same_layout({"world_size": 1, "zero_stage": 0}, {"world_size": 1, "zero_stage": 2})
+    assert not same_layout({"world_size": 2, "zero_stage": 2}, {"world_size": 2, "zero_stage": 3})
 
 
 class _RunsCode:

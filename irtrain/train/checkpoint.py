@@ -7,18 +7,27 @@ A checkpoint is a directory ``OUT/checkpoint-<step:07d>/``::
         + irtrain_base.json                                      # the base it trains on (hash)
     tokenizer.json, tokenizer_config.json, ...                   # the model's tokenizer
     optimizer.pt  (single process)  |  deepspeed/ (DeepSpeed: per-rank optimizer partitions)
+                                       + portable/ (the same state world-size-free, portable.py)
     rng.pt        torch CPU (+ CUDA) RNG states, per rank (rng-<rank>.pt)
-    trainer_state.json   step, data position, token counters, bad-step counters, config
+    trainer_state.json   step, data position, token counters, bad-step counters, config, layout
 
 It is written under ``.checkpoint-<step>.tmp``, fsynced and renamed when complete, so a
 directory named ``checkpoint-*`` is always whole; trainer_state.json records the sha256 of
-every other file, checked before a checkpoint is resumed (`verify_checkpoint`). Everything is loaded with
-``torch.load(weights_only=True)`` or as JSON/safetensors.
+every other file, checked before a checkpoint is resumed (`verify_checkpoint`). A rank's own
+files (``rng-<r>.pt``, DeepSpeed's ``*zero_pp_rank_<r>_*``) are hashed by the rank that wrote
+them and verified by the rank that reads them; the checkpoint to resume is agreed by all ranks
+(`agreed_checkpoint`). Everything is loaded with ``torch.load(weights_only=True)`` or as
+JSON/safetensors.
+
+The data position is global (the step index into the plan of global rows, batching.py), so
+a checkpoint resumes on any world size at the same global example; the optimizer state
+follows the layout it was written by, or its world-size-free copy when that differs.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -36,6 +45,13 @@ from irtrain.shards import file_sha256
 
 PREFIX = "checkpoint-"
 STATE = "trainer_state.json"
+_RANK_FILE = re.compile(r"(?:^|/)(?:rng-(\d+)\.pt|[^/]*zero_pp_rank_(\d+)_[^/]*)$")
+
+
+def file_rank(name: str) -> int | None:
+    """The rank that writes and reads the checkpoint file `name` (None: shared, read by all)."""
+    m = _RANK_FILE.search(name)
+    return None if m is None else int(m.group(1) or m.group(2))
 
 
 @dataclass
@@ -72,14 +88,34 @@ def latest_checkpoint(out: Path) -> Path | None:
     return cks[-1] if cks else None
 
 
-def latest_verified_checkpoint(out: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest checkpoint that verifies, and the newer ones skipped with the reason."""
+def latest_verified_checkpoint(out: Path, rank: int | None = None) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that verifies (for `rank`: the files it reads), and the newer ones
+    skipped with the reason."""
     skipped: list[tuple[Path, str]] = []
     for ckpt in reversed(list_checkpoints(out)):
-        why = verify_checkpoint(ckpt)
+        why = verify_checkpoint(ckpt, rank)
         if why is None:
             return ckpt, skipped
         skipped.append((ckpt, why))
+    return None, skipped
+
+
+def agreed_checkpoint(out: Path, strategy: Any) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """`latest_verified_checkpoint` decided by all ranks together: each rank verifies the files
+    it reads, and the newest checkpoint that verifies on every rank is the one all resume
+    (a damaged rank file makes all ranks fall back alike, never some of them)."""
+    if strategy.world_size == 1:
+        return latest_verified_checkpoint(out)
+    # one list for all: the ranks may list the directory at different moments
+    names = strategy.broadcast_object([c.name for c in list_checkpoints(out)] if strategy.is_main else None)
+    local = {n: verify_checkpoint(out / n, strategy.rank) for n in names}
+    every = strategy.all_gather_object(local)
+    skipped: list[tuple[Path, str]] = []
+    for n in reversed(names):
+        bad = [f"rank {r}: {why}" for r, res in enumerate(every) if (why := res[n]) is not None]
+        if not bad:
+            return out / n, skipped
+        skipped.append((out / n, "; ".join(bad)))
     return None, skipped
 
 
@@ -112,9 +148,14 @@ def write_checkpoint(out: Path, state: TrainState, *, model: Any, tokenizer: Any
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / f"rng-{strategy.rank}.pt")
     strategy.barrier()
+    # every rank hashes the files it wrote itself (in parallel, and seen where they were written)
+    per_rank = strategy.all_gather_object(checksums(tmp, rank=strategy.rank, shared=False))
     if strategy.is_main:
-        payload = {"state": asdict(state), "config": config, "world_size": strategy.world_size, "keep": keep,
-                   "files": checksums(tmp)}
+        files = checksums(tmp, rank=None, shared=True)
+        for part in per_rank:
+            files.update(part)
+        payload = {"state": asdict(state), "config": config, "world_size": strategy.world_size, "layout": strategy.layout,
+                   "keep": keep, "files": dict(sorted(files.items()))}
         (tmp / STATE).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
         publish(tmp, final)  # fsynced, then renamed; an existing checkpoint of this step is replaced atomically
     strategy.barrier()
@@ -139,20 +180,31 @@ def save_checkpoint(out: Path, state: TrainState, **kwargs: Any) -> Path:
                              f"({str(e).splitlines()[0][:120]}); {free / 2**20:.0f} MiB free on that disk") from None
 
 
-def checksums(path: Path) -> dict[str, str]:
-    """sha256 of every file of a checkpoint directory but trainer_state.json, by relative path."""
-    return {p.relative_to(path).as_posix(): file_sha256(p) for p in sorted(path.rglob("*"))
-            if p.is_file() and p.name != STATE}
+def checksums(path: Path, rank: int | None = None, shared: bool = True) -> dict[str, str]:
+    """sha256 of the files of a checkpoint directory but trainer_state.json, by relative path:
+    the shared ones (`shared`) and those of `rank` (None: of every rank)."""
+    out = {}
+    for p in sorted(path.rglob("*")):
+        if not p.is_file() or p.name == STATE:
+            continue
+        name = p.relative_to(path).as_posix()
+        owner = file_rank(name)
+        if (shared and owner is None) or (owner is not None and (rank is None or owner == rank)):
+            out[name] = file_sha256(p)
+    return out
 
 
-def verify_checkpoint(path: Path) -> str | None:
+def verify_checkpoint(path: Path, rank: int | None = None) -> str | None:
     """Why the checkpoint at `path` cannot be used (None: it is complete and every file matches
-    the checksum recorded when it was written)."""
+    the checksum recorded when it was written). `rank`: only the files that rank reads (the
+    shared ones and its own); None: every file."""
     try:
         _, payload = read_state(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{STATE} is unreadable ({type(e).__name__})"
     for name, digest in (payload.get("files") or {}).items():
+        if rank is not None and file_rank(name) not in (None, rank):
+            continue
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
@@ -170,7 +222,7 @@ def load_checkpoint(path: Path, *, strategy: Any) -> TrainState:
     """Restore optimizer state and RNG from `path` (the weights are loaded by the caller
     with `from_pretrained(path)` before `strategy.setup`). Returns the saved state."""
     state, payload = read_state(path)
-    strategy.load_training_state(path)
+    strategy.load_training_state(path, same_layout=same_layout(saved_layout(payload), strategy.layout))
     rng_file = path / f"rng-{strategy.rank}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=True)
@@ -178,6 +230,21 @@ def load_checkpoint(path: Path, *, strategy: Any) -> TrainState:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+def saved_layout(payload: dict[str, Any]) -> dict[str, int]:
+    """The layout (world size, ZeRO stage; 0: no DeepSpeed) a checkpoint was written by."""
+    if "layout" in payload:
+        return dict(payload["layout"])
+    spec = (payload.get("config") or {}).get("deepspeed") or ""
+    stage = {"zero1": 1, "zero2": 2, "zero3": 3}.get(spec, -1 if spec else 0)  # -1: a JSON file, stage unknown
+    return {"world_size": int(payload.get("world_size") or 1), "zero_stage": stage}
+
+
+def same_layout(saved: dict[str, int], now: dict[str, int]) -> bool:
+    """Whether optimizer state written by layout `saved` is readable as it is by layout `now`."""
+    stage_ok = saved["zero_stage"] == now["zero_stage"] or (saved["zero_stage"] == -1 and now["zero_stage"] > 0)
+    return saved["world_size"] == now["world_size"] and stage_ok
 
 
 def prune_checkpoints(out: Path, limit: int, protected: set[int]) -> None:

@@ -32,18 +32,21 @@ from irtrain.train.batching import Batch, DataUse, PackedData, plan_run, split_m
 from irtrain.train.checkpoint import (
     StopSignal,
     TrainState,
+    agreed_checkpoint,
     checkpoint_dir,
     latest_checkpoint,
-    latest_verified_checkpoint,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
     read_state,
+    same_layout,
     save_checkpoint,
+    saved_layout,
 )
 from irtrain.train.memory import strategy_estimate
 from irtrain.train.metrics import MetricsLog
 from irtrain.train.objective import Objective, TrainContext
+from irtrain.train.portable import has_portable
 from irtrain.train.reference import ReferenceLogps, References, eval_token_budget
 from irtrain.train.schedule import lr_at, warmup_steps
 from irtrain.train.strategy import Strategy, make_strategy
@@ -289,7 +292,7 @@ def check_run(cfg: TrainConfig, objective: Objective, strategy: Strategy) -> Run
     data = PackedData(sets)
     plan = plan_run(cfg, data)
     save_at = parse_save_at(cfg.save_at, len(plan))
-    resume_from = find_resume(out, cfg, strategy.world_size) if cfg.resume else None
+    resume_from = find_resume(out, cfg, strategy) if cfg.resume else None
     if not cfg.resume and list_checkpoints(out):
         raise ConfigError(f"--out {out} already holds checkpoints of a run: pass --resume to continue it, or pick another --out")
     base_identity = {"base_model": lora.base_name, "model_hash": model_hash(model_path)} if lora and strategy.is_main else None
@@ -377,11 +380,13 @@ def parse_save_at(spec: str, total: int) -> list[int]:
     return sorted(set(steps))
 
 
-def find_resume(out: Path, cfg: TrainConfig, world_size: int = 1) -> Path | None:
-    """The newest checkpoint that is complete and verifies (a damaged newer one is skipped, with
-    a note saying why), after checking the run it belongs to is this one."""
-    ckpt, skipped = latest_verified_checkpoint(out)
-    for bad, why in skipped:
+def find_resume(out: Path, cfg: TrainConfig, strategy: Strategy) -> Path | None:
+    """The newest checkpoint that is complete and verifies on every rank (a damaged newer one is
+    skipped by all ranks, with a note saying why), after checking the run it belongs to is this
+    one. A checkpoint of another layout (world size, ZeRO stage, DeepSpeed or not) resumes from
+    its world-size-free optimizer state; one without it is refused, saying what to do."""
+    ckpt, skipped = agreed_checkpoint(out, strategy)
+    for bad, why in skipped if strategy.is_main else ():
         print(f"note: --resume skips {bad}: {why}", file=sys.stderr)
     if ckpt is None:
         if skipped:
@@ -393,10 +398,13 @@ def find_resume(out: Path, cfg: TrainConfig, world_size: int = 1) -> Path | None
     changed = [k for k in _RESUME_FIXED if k in saved and saved[k] != now[k]]
     if changed:
         raise ConfigError(f"--resume: {ckpt} was made with a different {', '.join(changed)}; these must match to resume exactly")
-    saved_world, saved_ds = payload.get("world_size") or 1, saved.get("deepspeed")
-    if (saved_world, bool(saved_ds)) != (world_size, bool(cfg.deepspeed)):
-        was = f"{saved_world} DeepSpeed process(es)" if saved_ds else "a single process without DeepSpeed"
-        this = f"{world_size} DeepSpeed process(es)" if cfg.deepspeed else "a single process without DeepSpeed"
-        raise ConfigError(f"--resume: {ckpt} was written by {was}, this run is {this}: its optimizer state is partitioned that way. "
-                          f"Resume it as it was written, or start a new run from its weights (--model {ckpt}, fresh optimizer)")
+    was, now = saved_layout(payload), strategy.layout
+    if not same_layout(was, now) and not has_portable(ckpt):
+        def say(layout: dict[str, int]) -> str:
+            if not layout["zero_stage"]:
+                return "a single process without DeepSpeed"
+            return f"{layout['world_size']} DeepSpeed process(es)" + (f" (ZeRO-{layout['zero_stage']})" if layout["zero_stage"] > 0 else "")
+        raise ConfigError(f"--resume: {ckpt} was written by {say(was)}, this run is {say(now)}, and it holds no world-size-free "
+                          f"optimizer state (written before irtrain saved one): resume it as it was written, or start a new run "
+                          f"from its weights (--model {ckpt}, fresh optimizer)")
     return ckpt

@@ -34,6 +34,7 @@ from irtrain.errors import ConfigError
 from irtrain.extras import require
 from irtrain.models import resolve_device, resolve_dtype
 from irtrain.train.packed import default_attn_implementation
+from irtrain.train.portable import adamw_state, init_adam_state, read_portable, set_portable, write_portable
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -54,6 +55,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _group_order(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) in the order of the AdamW groups (how optimizer.pt numbers them)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(names[id(p)], p) for g in _param_groups(model, 0.0) for p in g["params"]]
 
 
 def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -159,14 +170,35 @@ class Strategy:
     def broadcast_object(self, obj: Any) -> Any:
         return obj
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
     # ------------------------------------------------------------------ checkpoints
+    @property
+    def layout(self) -> dict[str, int]:
+        """How this run partitions its optimizer state (a checkpoint of another layout is
+        resumed from its world-size-free state, portable.py)."""
+        return {"world_size": 1, "zero_stage": 0}
+
     def save_training_state(self, path: Path) -> None:
         """Optimizer state (everything but the weights, which go to safetensors)."""
         torch.save(self._opt().state_dict(), path / "optimizer.pt")
 
-    def load_training_state(self, path: Path) -> None:
-        state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
-        self._opt().load_state_dict(state)
+    def load_training_state(self, path: Path, same_layout: bool = True) -> None:
+        """The optimizer state of `path`: its optimizer.pt, or the world-size-free state a
+        DeepSpeed run wrote (fp32 master weights into the parameters, Adam's moments)."""
+        if (path / "optimizer.pt").is_file():
+            state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+            self._opt().load_state_dict(state)
+            return
+        named = _group_order(self.model)
+        portable = read_portable(path, [n for n, _ in named])
+        with torch.no_grad():
+            for name, p in named:
+                fp32 = portable.get("fp32", name)
+                if fp32 is not None:
+                    p.copy_(fp32.reshape(p.shape))
+        self._opt().load_state_dict(adamw_state(self._opt(), named, portable))
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         """The model's full state dict on the main rank (None: use the module's own)."""
@@ -327,17 +359,62 @@ class DeepSpeedStrategy(Strategy):
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    @property
+    def layout(self) -> dict[str, int]:
+        return {"world_size": self.world_size, "zero_stage": self.stage}
+
+    def _adam_step(self) -> int:
+        """Adam's step count (0 before the first applied step: no moments exist yet)."""
+        inner = self.engine.optimizer.optimizer
+        local = max((float(st["step"]) for st in inner.state.values() if "step" in st), default=0.0)
+        return int(self.all_reduce(torch.tensor([local], dtype=torch.float64), op="max").item())
+
+    def _link_moments(self) -> None:
+        # ZeRO-1/2 link each parameter's view of the Adam moments once, after the first step of
+        # the first group, when a second group (no decay) has no state yet: link again, now
+        if self.stage in (1, 2):
+            self.engine.optimizer._hp_optimizer_states_linked = False
+            self.engine.optimizer._lazy_init_hp_params_optimizer_state()
+
     def save_training_state(self, path: Path) -> None:
         # Every rank writes its optimizer partition; the weights go to safetensors separately.
         # With LoRA only the adapters are trainable; the frozen base is not written again.
         self.engine.save_checkpoint(str(path), tag="deepspeed", save_latest=False, exclude_frozen_parameters=self.cfg.lora_r > 0)
+        # ... and the same state world-size-free (portable.py): what resumes on another layout
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    def load_training_state(self, path: Path) -> None:
-        load_path, _ = self.engine.load_checkpoint(
-            str(path), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False,
-            load_module_strict=self.cfg.lora_r == 0)
-        if load_path is None:
-            raise ConfigError(f"{path}: no DeepSpeed state to resume from")
+        step = self._adam_step()
+        self._link_moments()
+        write_portable(path, _trainable(self.unwrap(self.engine)), step, enabled=self.is_main,
+                       fp32=safe_get_full_fp32_param, moment=safe_get_full_optimizer_state)
+
+    def load_training_state(self, path: Path, same_layout: bool = True) -> None:
+        """DeepSpeed's own partitions when the checkpoint was written by this layout (world size,
+        ZeRO stage); otherwise its world-size-free state (portable.py), set partition-wise."""
+        if same_layout and (path / "deepspeed").is_dir():
+            load_path, _ = self.engine.load_checkpoint(
+                str(path), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=False,
+                load_module_strict=self.cfg.lora_r == 0)
+            if load_path is None:
+                raise ConfigError(f"{path}: no DeepSpeed state to resume from")
+            return
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        module = self.unwrap(self.engine)
+        portable = read_portable(path, [n for n, _ in _group_order(module)])
+        if portable.step > 0:
+            zero, inner = self.engine.optimizer, self.engine.optimizer.optimizer
+            # the tensors AdamW steps: ZeRO-3 puts its partitions into the groups only during a step
+            flats = list(zero.fp32_partitioned_groups_flat) if self.stage == 3 else [p for g in inner.param_groups for p in g["params"]]
+            init_adam_state(inner, flats, portable.step)
+            self._link_moments()
+        set_portable(path, _trainable(module), portable, device=self.device, fp32=safe_set_full_fp32_param,
+                     moment=safe_set_full_optimizer_state)
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         if self.stage == 3:
