@@ -20,6 +20,8 @@ distribution there: p = 1, as scipy). Inputs are converted to float64 (integers 
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 
@@ -69,3 +71,12 @@ def kendall_tau_matrix(m: npt.ArrayLike, method: str = "auto", *, variant: str =
     """
     _check(method, variant, alternative)
     return _rust.kendall_tau_matrix(_as_float64(m, 2, "m"), method, variant, alternative)
+
+
+def format_pvalue(p: float) -> str:
+    """A p-value for a table: ``3.2e-12`` (two significant digits, scientific); one that
+    underflowed to 0 (below the smallest float64) as ``< 1e-300``, never ``0``; NaN as ``—``."""
+    p = float(p)
+    if not math.isfinite(p):
+        return "—"
+    return "< 1e-300" if p == 0.0 else f"{p:.1e}"

@@ -86,6 +86,7 @@ def score_model(path: Path, shards: ShardSet, segments: list[ScoredSegment], *, 
                 share: Share = ALL) -> ModelScores:
     """Run one model over every segment (or, for `share`, over its forwards): sequence
     log-probs and state values."""
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     model = load_model(path, device=device, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
@@ -98,7 +99,7 @@ def score_model(path: Path, shards: ShardSet, segments: list[ScoredSegment], *, 
     batches = [b for i, b in enumerate(_batches(segments, shards, cfg.batch_tokens)) if share.mine(i)]
     total = int(sum(int(shards.row_lengths[r]) for rows, _ in batches for r in rows))
     seen = 0
-    with Progress(TextColumn(f"[bold]score[/] {label}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+    with Progress(TextColumn(f"[bold]score[/] {escape(label)}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                   TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("", total=total)
         for rows, segs in batches:
