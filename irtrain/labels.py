@@ -41,14 +41,16 @@ def parse_labels(given: list[str]) -> list[str]:
 
 
 def assign_labels(given: list[str], entries: list[tuple[str, list[str]]], *, what: str,
-                  defaults: list[str] | None = None) -> list[str]:
-    """A label per entry ``(name, paths that name it)``: `defaults` (else `default_labels`
-    of the names), replaced by ``given`` (``--labels``): a plain list, in order, one per
-    entry; or ``label=path`` pairs, a path being one of an entry's paths (compared resolved)
-    or its name. A one-line `ConfigError` for a wrong count, a path that names nothing, or
-    labels that clash."""
+                  recorded: list[str | None] | None = None) -> list[str]:
+    """A label per entry ``(name, paths that name it)``: by default the `recorded` one (a
+    score table's), else `default_label` of the name (where two defaults meet: the names);
+    replaced by ``given`` (``--labels``): a plain list, in order, one per entry; or
+    ``label=path`` pairs, a path being one of an entry's paths (compared resolved) or its
+    name. A one-line `ConfigError` for a wrong count, a path that names nothing, or labels
+    that clash."""
     names = [n for n, _ in entries]
-    labels = list(defaults) if defaults is not None else default_labels(names)
+    labels = [r or d for r, d in zip(recorded or [None] * len(names), default_labels(names))]
+    labels = [n if labels.count(lab) > 1 else lab for n, lab in zip(names, labels)]
     items = parse_labels(given)
     if not items:
         return labels

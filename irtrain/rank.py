@@ -43,7 +43,7 @@ import numpy as np
 
 from irtrain.config import RankConfig, config_to_dict
 from irtrain.errors import ConfigError, DataError, IrtrainIOError
-from irtrain.labels import assign_labels, default_label
+from irtrain.labels import assign_labels
 from irtrain.paths import OutLock, check_out_dir
 from irtrain.score import read_table_meta
 from irtrain.stats import format_pvalue, kendall_tau_matrix
@@ -72,7 +72,9 @@ def run(cfg: RankConfig, *, console: Any = None) -> dict[str, Any]:
     tables = resolve_tables(cfg.tables)
     loaded = [load_table(label, path) for label, path in tables]
     check_compatible(loaded)
-    shown = display_labels(cfg.labels, loaded)
+    # shown labels: --labels, else the one score recorded, else run@step; files keep the names
+    shown = assign_labels(cfg.labels, [(t.label, [str(t.path), str(t.path.parent)]) for t in loaded], what="table",
+                          recorded=[t.meta.get("label") for t in loaded])
     aligned = align(loaded, intersect=cfg.intersect)
     result = rank_values(aligned.values, aligned.trace_starts, bootstrap=cfg.bootstrap, seed=cfg.seed)
     out = check_out_dir(Path(cfg.out))
@@ -187,17 +189,6 @@ def load_table(label: str, path: Path) -> Table:
     if frame.select(pl.struct(list(KEY)).is_duplicated().any()).item():
         raise DataError("the same (example_id, part, step) appears twice", path=str(path))
     return Table(label=label, path=path, meta=meta, frame=frame.sort(list(KEY)))
-
-
-def display_labels(given: list[str], tables: list[Table]) -> list[str]:
-    """The label shown for each table: ``--labels`` (in order, or ``label=path`` with the
-    table's file, its directory or its name), else the label `irtrain score` recorded in
-    the table, else ``run@step`` (`irtrain.labels.default_label`); where two defaults
-    meet, the tables' names."""
-    defaults = [str(t.meta.get("label") or default_label(t.label)) for t in tables]
-    defaults = [t.label if defaults.count(d) > 1 else d for t, d in zip(tables, defaults)]
-    return assign_labels(given, [(t.label, [str(t.path), str(t.path.parent)]) for t in tables], what="table",
-                         defaults=defaults)
 
 
 def check_compatible(tables: list[Table]) -> None:

@@ -32,7 +32,9 @@ def test_labels_in_order_and_by_path(tmp_path):
     # label=path: the path resolved (relative or absolute), or the table's name; others keep their default
     assert assign_labels([f"S={tmp_path}/./sft"], entries, what="model") == ["base", "S"]
     assert assign_labels(["S=sft-checkpoint-0000200"], entries, what="model") == ["base", "S"]
-    assert assign_labels([], entries, what="model", defaults=["u", "v"]) == ["u", "v"]
+    # labels a score table recorded come first; two that meet give way to the names
+    assert assign_labels([], entries, what="model", recorded=["u", None]) == ["u", "sft@200"]
+    assert assign_labels([], entries, what="model", recorded=["u", "u"]) == ["base", "sft-checkpoint-0000200"]
 
 
 @pytest.mark.parametrize("given, message", [

@@ -197,13 +197,10 @@ _CAPTION = {"value/s0": "V(s0): mean value at s_0", "logp_mean": "logp/tok: mean
 
 def model_labels(models: dict[str, dict[str, Any]]) -> list[str]:
     """The display label of each model of a summary: the one recorded (``--labels``), else
-    ``run@step`` (`irtrain.labels.default_label`); a label two models share falls back to
-    the table names of both."""
-    from irtrain.labels import default_labels
+    ``run@step`` (`irtrain.labels`); a label two models share gives way to their names."""
+    from irtrain.labels import assign_labels
 
-    names = list(models)
-    labels = [str(m.get("label") or d) for m, d in zip(models.values(), default_labels(names))]
-    return [n if labels.count(lab) > 1 else lab for n, lab in zip(names, labels)]
+    return assign_labels([], [(n, []) for n in models], what="model", recorded=[m.get("label") for m in models.values()])
 
 
 def print_summary(summary: dict[str, Any], console: Any) -> None:
