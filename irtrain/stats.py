@@ -7,7 +7,7 @@ p-value to the last bit). The default, ``method="auto"``, is scipy's default: th
 null distribution when neither variable has ties and n ≤ 33, or when at most one pair is
 discordant (or concordant); the asymptotic normal approximation otherwise. ``"exact"``
 costs O(n·c) (c ≤ n(n−1)/4: seconds at n in the low thousands, as in scipy) and refuses
-data with ties; ``"asymptotic"`` is always the normal approximation.
+data with ties, and beyond 2**27 terms of the distribution (n of about 23,000 and more); ``"asymptotic"`` is always the normal approximation.
 
 Edge cases follow scipy: fewer than two observations, or a constant variable, give
 ``(nan, nan)``; a NaN in the input gives ``(nan, nan)`` (scipy's default

@@ -186,6 +186,10 @@ def test_exact_with_ties_and_unknown_options_are_clear_errors():
         sps.kendalltau([1, 2, 2, 3], [1, 2, 3, 4], method="exact")
     with pytest.raises(DataError, match="ties found"):
         kendall_tau_matrix([[1, 2, 3, 4], [1, 1, 2, 3]], "exact")
+    # the exact distribution of 30,000 observations would need ~2e8 terms (scipy: as many floats)
+    rng = np.random.default_rng(0)
+    with pytest.raises(DataError, match="the exact method at n = 30000 needs .* terms"):
+        kendall_tau(np.arange(30_000.0), rng.permutation(30_000).astype(float), "exact")
     with pytest.raises(ConfigError, match="method = 'fast' is not one of: auto, asymptotic, exact"):
         kendall_tau([1, 2, 3], [1, 2, 3], "fast")
     with pytest.raises(ConfigError, match="alternative"):

@@ -261,7 +261,7 @@ fn finish(n: usize, xt: Ties, yt: Ties, c: PairCounts, opts: Options) -> Result<
         Method::Asymptotic => false,
     };
     if exact {
-        return Ok(KendallTau { tau, pvalue: exact_pvalue(n, tot - c.discordant, opts.alternative) });
+        return Ok(KendallTau { tau, pvalue: exact_pvalue(n, tot - c.discordant, opts.alternative)? });
     }
     let nf = n as f64;
     let m = nf * (nf - 1.0);
@@ -289,11 +289,18 @@ fn finish(n: usize, xt: Ties, yt: Ties, c: PairCounts, opts: Options) -> Result<
 /// of n with k inversions (k ≤ c, the nearer tail; the distribution is symmetric) by the
 /// recurrence M(j, k) = Σ_{i<j} M(j−1, k−i) — a running sum less the sum j back — in
 /// float64, summed as numpy sums (pairwise) and divided by n! (for n ≥ 171, where n!
-/// overflows, each step is divided by j instead). O(n·c) time, c ≤ n(n−1)/4.
-pub fn exact_pvalue(n: u64, concordant: u64, alternative: Alternative) -> f64 {
+/// overflows, each step is divided by j instead). O(n·c) time, c ≤ n(n−1)/4, and c + 1
+/// floats: more than `EXACT_MAX_C` is an error (scipy would run out of memory there).
+pub fn exact_pvalue(n: u64, concordant: u64, alternative: Alternative) -> Result<f64> {
     let tot = n * n.saturating_sub(1) / 2;
     let in_right_tail = concordant >= tot - concordant.min(tot);
     let c = concordant.min(tot - concordant.min(tot));
+    if c > EXACT_MAX_C {
+        return Err(CoreError::Input(format!(
+            "kendall_tau: the exact method at n = {n} needs {c} terms of the null distribution (at most \
+             {EXACT_MAX_C}); use method \"auto\" or \"asymptotic\""
+        )));
+    }
     let (mut prob, p_mass_at_c);
     if n <= 1 {
         (prob, p_mass_at_c) = (1.0, 1.0);
@@ -341,8 +348,11 @@ pub fn exact_pvalue(n: u64, concordant: u64, alternative: Alternative) -> f64 {
             prob = 1.0 - prob / 2.0 + p_mass_at_c;
         }
     }
-    prob.clamp(0.0, 1.0)
+    Ok(prob.clamp(0.0, 1.0))
 }
+
+/// Most terms of the exact null distribution `exact_pvalue` computes (1 GiB of f64; n ≈ 23,000).
+pub const EXACT_MAX_C: u64 = 1 << 27;
 
 /// n! rounded to the nearest f64 (ties to even), as Python's `float(math.factorial(n))`;
 /// infinite from 171 on. Exact in base-2⁶⁴ limbs, rounded once.
@@ -1287,10 +1297,12 @@ mod tests {
             (300, 0, 0.0, 0.0, 1.0),
         ] {
             for (alt, want) in [(TwoSided, two), (Less, less), (Greater, greater)] {
-                assert_eq!(exact_pvalue(n, c, alt), want, "n={n} c={c} {alt:?}");
+                assert_eq!(exact_pvalue(n, c, alt).unwrap(), want, "n={n} c={c} {alt:?}");
             }
         }
-        assert_eq!(exact_pvalue(2, 1, TwoSided), 1.0);
+        assert_eq!(exact_pvalue(2, 1, TwoSided).unwrap(), 1.0);
+        // too many terms: an error, not an allocation of terabytes
+        assert!(exact_pvalue(1_000_000, 250_000_000_000, TwoSided).is_err());
     }
 
     #[test]
@@ -1303,7 +1315,7 @@ mod tests {
         let x: Vec<f64> = (0..100).map(f64::from).collect();
         let mut y = x.clone();
         y.swap(0, 1);
-        assert_eq!(kendall_tau(&x, &y, auto).unwrap().pvalue, exact_pvalue(100, 4949, Alternative::TwoSided));
+        assert_eq!(kendall_tau(&x, &y, auto).unwrap().pvalue, exact_pvalue(100, 4949, Alternative::TwoSided).unwrap());
         // with a tie: asymptotic; `Exact` refuses
         y[5] = y[6];
         assert_eq!(kendall_tau(&x, &y, auto).unwrap(), kendall_tau(&x, &y, ASY).unwrap());
