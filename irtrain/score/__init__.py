@@ -12,7 +12,9 @@ is defined in `irtrain.score.steps`.
 
 Output, in ``--out``: one Parquet table per model, ``<name>.parquet`` (a run's checkpoint
 named ``<run>-checkpoint-<step>``, any other model by its directory; `inputs.table_names`),
-one row per state:
+one row per state (what the terminal table shows instead of the name is the model's label:
+``--labels``, else ``run@step``, `irtrain.labels`; recorded as ``label`` in the table's
+metadata and ``summary.json``, never in the file names):
 
 =================  =========================================================================
 example_id, part   the source example (0-based over the inputs) and its segment: 0 = the
