@@ -3,8 +3,11 @@
     python bench/kendall.py                 # the BENCHMARKS.md table (a few minutes)
     python bench/kendall.py --quick         # small sizes, a smoke run
 
-Cases: one pair of n = 1e6 and 1e7 observations, without ties (continuous) and with ties
-(integers in 0..99), and a 16 x 16 matrix over rows of 1e6 (scipy: the 120 pairs in a loop).
+Both sides use their default method (scipy's `method="auto"`: at these sizes the asymptotic
+p-value; the exact one for the short traces). Cases: one pair of n = 1e6 and 1e7 observations,
+without ties (continuous) and with ties (integers in 0..99), a 16 x 16 matrix over rows of 1e6
+(scipy: the 120 pairs in a loop), and 10^4 short traces (pairs of n = 6 without ties: the
+exact null distribution, rank's per-trace case), one call per trace on both sides.
 Each time is the median of `--repeats` runs (scipy's matrix loop: `--matrix-repeats`), as
 wall-clock seconds and as CPU seconds of the process (all threads). On a shared machine the
 wall-clock ratio depends on how many cores the run gets; the CPU ratio is irtrain's work
@@ -41,7 +44,7 @@ def timed(fn, repeats: int):
 def scipy_tau(x, y):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        r = sps.kendalltau(x, y, method="asymptotic")
+        r = sps.kendalltau(x, y)  # scipy's default, method="auto"
     return float(r.statistic), float(r.pvalue)
 
 
@@ -94,6 +97,11 @@ def main() -> None:
     t_sp, (tau_s, _) = timed(lambda: scipy_matrix(m), args.matrix_repeats)
     assert np.abs(tau - tau_s).max() <= 1e-12
     report(f"matrix 16x16, n={mat_n:.0e}", t_ir, t_sp)
+    traces = rng.standard_normal((1_000 if args.quick else 10_000, 2, 6))
+    t_ir, ir = timed(lambda: [kendall_tau(a, b) for a, b in traces], args.repeats)
+    t_sp, sp = timed(lambda: [scipy_tau(a, b) for a, b in traces], args.repeats)
+    assert all(abs(u[0] - v[0]) <= 1e-12 and abs(u[1] - v[1]) <= 1e-15 * v[1] for u, v in zip(ir, sp))
+    report(f"{len(traces):.0e} traces of n=6 (exact)", t_ir, t_sp)
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
     info = {"cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
             "repeats": args.repeats, "matrix_repeats": args.matrix_repeats, "rows": rows}

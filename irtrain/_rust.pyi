@@ -88,7 +88,16 @@ def write_shards(
 ) -> str: ...
 
 # --------------------------------------------------------------------------- statistics (irtrain.stats)
-def kendall_tau(x: npt.NDArray[np.float64], y: npt.NDArray[np.float64]) -> tuple[float, float]: ...
+def kendall_tau(
+    x: npt.NDArray[np.float64],
+    y: npt.NDArray[np.float64],
+    method: str = "auto",
+    variant: str = "b",
+    alternative: str = "two-sided",
+) -> tuple[float, float]: ...
 def kendall_tau_matrix(
     m: npt.NDArray[np.float64],
+    method: str = "auto",
+    variant: str = "b",
+    alternative: str = "two-sided",
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

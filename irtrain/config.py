@@ -247,6 +247,9 @@ class ScoreConfig(_Validated):
     max_len: int = opt(4096, "Longest sequence scored; longer ones are an error.", check="at_least_2")
     device: str = opt("auto", "Device (auto, cpu, cuda).")
     trust_remote_code: bool = opt(False, "Allow the model's custom code from the hub.")
+    labels: list[str] = opt([], "Names shown for the models: one per model in order (--model first, then checkpoints by step), "
+                                "or label=path pairs (default: run@step for a run's checkpoint, e.g. sft@200). "
+                                "Table file names stay <run>-checkpoint-<step>.")
 
 
 @dataclass
@@ -258,6 +261,8 @@ class RankConfig(_Validated):
     intersect: bool = opt(False, "Keep only states present in every table (otherwise a missing state is an error).")
     bootstrap: int = opt(0, "Bootstrap resamples (over traces) for 95% confidence intervals (0 = none).", check="nonnegative")
     seed: int = opt(0, "Seed of the bootstrap.")
+    labels: list[str] = opt([], "Names shown for the tables: one per table in order, or label=path pairs (a path may be a "
+                                "table's name; default: the label score gave, else run@step for a run's checkpoint).")
 
 
 @dataclass

@@ -335,10 +335,11 @@ class Phase:
     def __enter__(self) -> Phase:
         self._t0 = self._said = time.perf_counter()
         if self.console is not None and self.console.is_terminal:
+            from rich.markup import escape
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
-            self._bar = RichProgress(TextColumn(f"[bold]{self.label}[/]"), BarColumn(), MofNCompleteColumn(),
+            self._bar = RichProgress(TextColumn(f"[bold]{escape(self.label)}[/]"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn(self.unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
                                      console=self.console, transient=True, redirect_stdout=_on_terminal(sys.stdout))
             self._task = self._bar.add_task("", total=self.total)

@@ -4,19 +4,27 @@ Reads two or more score tables (`irtrain score`), aligns their states by
 ``(example_id, part, step)`` and computes Kendall's τ-b between every pair of models'
 values V(s) (FORMULAS.md, "Value ranking"; Rust, `irtrain.stats`):
 
-- **pooled**: over all aligned states at once, with its asymptotic p-value;
-- **per trace**: within each response (``(example_id, part)``), then the mean and median
-  over traces (traces whose τ is undefined, e.g. all values equal, are left out and
-  counted);
+- **pooled**: over all aligned states at once, with its p-value;
+- **per trace**: within each response (``(example_id, part)``), with its p-value, then the
+  mean and median over traces (traces whose τ is undefined, e.g. all values equal, are left
+  out and counted);
 - ``--bootstrap N``: 95% percentile intervals of both, resampling traces with replacement.
 
 Traces of fewer than 3 states (a response of one step: s_0 and its end) carry little of
 the per-trace τ (with 2 states it is ±1 or undefined); how many there are is printed and
 recorded (``short_traces``).
 
+p-values are scipy's default (`irtrain.stats.kendall_tau`, ``method="auto"``): two-sided,
+from the exact null distribution when neither model ties two states and there are at most
+33 (the per-trace case), from the normal approximation otherwise.
+
 Outputs, in ``--out``: ``tau_matrix.parquet`` (pooled τ, one row per model, one column per
 model), ``tau_pairs.parquet`` (every statistic per ordered pair of models),
-``tau_heatmap.png``, ``summary.json``; and a table in the terminal.
+``tau_traces.parquet`` (τ and p-value per trace and pair of models), ``tau_heatmap.png``,
+``summary.json``; and a table in the terminal. Models are keyed by their table names in the
+files; what the table, the heatmap and ``summary.json``'s ``labels`` show is each model's
+label (``--labels``, else the one `irtrain score` recorded, else ``run@step``:
+`irtrain.labels`).
 
 Bad input is a one-line error: fewer than two tables, a file that is not a score table,
 an empty table, NaN values, tables of different states (examples, steps, tokens) or step delimiter or
@@ -36,9 +44,10 @@ import numpy as np
 from irtrain.config import RankConfig, config_to_dict
 from irtrain.display import Phase
 from irtrain.errors import ConfigError, DataError, IrtrainIOError
+from irtrain.labels import assign_labels
 from irtrain.paths import OutLock, check_out_dir
 from irtrain.score import read_table_meta
-from irtrain.stats import kendall_tau_matrix
+from irtrain.stats import format_pvalue, kendall_tau_matrix
 
 KEY = ("example_id", "part", "step")
 TRACE = ("example_id", "part")
@@ -64,6 +73,9 @@ def run(cfg: RankConfig, *, console: Any = None) -> dict[str, Any]:
     tables = resolve_tables(cfg.tables)
     loaded = [load_table(label, path) for label, path in tables]
     check_compatible(loaded)
+    # shown labels: --labels, else the one score recorded, else run@step; files keep the names
+    shown = assign_labels(cfg.labels, [(t.label, [str(t.path), str(t.path.parent)]) for t in loaded], what="table",
+                          recorded=[t.meta.get("label") for t in loaded])
     aligned = align(loaded, intersect=cfg.intersect)
     result = rank_values(aligned.values, aligned.trace_starts, bootstrap=cfg.bootstrap, seed=cfg.seed)
     out = check_out_dir(Path(cfg.out))
@@ -73,6 +85,7 @@ def run(cfg: RankConfig, *, console: Any = None) -> dict[str, Any]:
         summary = {
             "irtrain_rank": 1,
             "models": {t.label: str(t.path) for t in loaded},
+            "labels": dict(zip(labels, shown)),
             "data_hash": loaded[0].meta.get("data_hash"),
             "states": int(aligned.values.shape[1]), "traces": len(aligned.trace_starts) - 1,
             "short_traces": int((np.diff(aligned.trace_starts) < SHORT).sum()),
@@ -81,13 +94,15 @@ def run(cfg: RankConfig, *, console: Any = None) -> dict[str, Any]:
             "tau_pooled": _nested(labels, result.tau), "pvalue_pooled": _nested(labels, result.pvalue),
             "tau_trace_mean": _nested(labels, result.trace_mean), "tau_trace_median": _nested(labels, result.trace_median),
             "traces_used": _nested(labels, result.traces_used),
-            "files": {"matrix": "tau_matrix.parquet", "pairs": "tau_pairs.parquet", "heatmap": "tau_heatmap.png"},
+            "files": {"matrix": "tau_matrix.parquet", "pairs": "tau_pairs.parquet", "traces": "tau_traces.parquet",
+                      "heatmap": "tau_heatmap.png"},
         }
         if result.pooled_ci is not None and result.trace_mean_ci is not None:
             summary["tau_pooled_ci"] = _nested(labels, np.stack([result.pooled_ci[0], result.pooled_ci[1]], -1))
             summary["tau_trace_mean_ci"] = _nested(labels, np.stack([result.trace_mean_ci[0], result.trace_mean_ci[1]], -1))
-        write_outputs(out, labels, result, summary, states=int(aligned.values.shape[1]))
-        print_table(labels, result, summary, console)
+        write_outputs(out, labels, result, summary, states=int(aligned.values.shape[1]), shown=shown,
+                      trace_keys=aligned.trace_keys)
+        print_table(shown, result, summary, console)
         return summary
 
 
@@ -199,6 +214,7 @@ class Aligned:
     values: np.ndarray  # [M, n] float64, states sorted by KEY
     trace_starts: np.ndarray  # [T+1] offsets of the traces in the state order
     dropped: int  # states left out by --intersect (over all tables)
+    trace_keys: np.ndarray | None = None  # [T, 2] (example_id, part) of each trace
 
 
 def align(tables: list[Table], *, intersect: bool) -> Aligned:
@@ -223,7 +239,7 @@ def align(tables: list[Table], *, intersect: bool) -> Aligned:
     trace = common.select(TRACE).to_numpy()
     change = np.flatnonzero((trace[1:] != trace[:-1]).any(axis=1)) + 1
     starts = np.concatenate([[0], change, [common.height]]).astype(np.int64)
-    return Aligned(values=values, trace_starts=starts, dropped=int(dropped))
+    return Aligned(values=values, trace_starts=starts, dropped=int(dropped), trace_keys=trace[starts[:-1]])
 
 
 def _missing(tables: list[Table], t: Table) -> tuple[str, tuple[int, int, int]]:
@@ -246,31 +262,35 @@ class RankResult:
     trace_mean: np.ndarray  # mean over traces of the per-trace tau-b
     trace_median: np.ndarray
     traces_used: np.ndarray  # traces with a defined tau, per pair
+    trace_tau: np.ndarray  # [T, M, M] tau-b within each trace (NaN where undefined)
+    trace_pvalue: np.ndarray  # [T, M, M] its p-value (scipy's default: exact for a short trace without ties)
     pooled_ci: tuple[np.ndarray, np.ndarray] | None = None
     trace_mean_ci: tuple[np.ndarray, np.ndarray] | None = None
 
 
-def per_trace_tau(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """[T, M, M] tau-b within each trace (NaN where undefined)."""
-    out = []
+def per_trace_tau(values: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[T, M, M] tau-b within each trace (NaN where undefined) and its p-value, each trace as
+    ``scipy.stats.kendalltau``'s default computes it."""
+    per = []
     with Phase("rank: per-trace tau", len(starts) - 1, unit="traces", quiet_below=2.0) as progress:
         for a, b in zip(starts[:-1], starts[1:]):
-            out.append(kendall_tau_matrix(values[:, a:b])[0])
+            per.append(kendall_tau_matrix(values[:, a:b]))
             progress.advance()
-    return np.stack(out)
+    return np.stack([t for t, _ in per]), np.stack([p for _, p in per])
 
 
 def rank_values(values: np.ndarray, starts: np.ndarray, *, bootstrap: int = 0, seed: int = 0) -> RankResult:
     """Pooled and per-trace Kendall tau-b between the rows of `values` [M, n] (states in
     trace order, traces at `starts`), with bootstrap intervals over traces."""
     tau, p = kendall_tau_matrix(values)
-    traces = per_trace_tau(values, starts)
+    traces, trace_p = per_trace_tau(values, starts)
     ok = np.isfinite(traces)
     used = ok.sum(0)
     with np.errstate(invalid="ignore"):
         mean = np.where(used > 0, np.nansum(traces, 0) / np.maximum(used, 1), np.nan)
     median = _nanmedian(traces)
-    res = RankResult(tau=tau, pvalue=p, trace_mean=mean, trace_median=median, traces_used=used)
+    res = RankResult(tau=tau, pvalue=p, trace_mean=mean, trace_median=median, traces_used=used, trace_tau=traces,
+                     trace_pvalue=trace_p)
     if bootstrap:
         rng = np.random.default_rng(seed)
         n_tr = len(starts) - 1
@@ -313,7 +333,8 @@ def _nested(labels: list[str], m: np.ndarray) -> dict[str, dict[str, Any]]:
     return {a: {b: clean(m[i, j]) for j, b in enumerate(labels)} for i, a in enumerate(labels)}
 
 
-def write_outputs(out: Path, labels: list[str], r: RankResult, summary: dict[str, Any], *, states: int) -> None:
+def write_outputs(out: Path, labels: list[str], r: RankResult, summary: dict[str, Any], *, states: int,
+                  shown: list[str] | None = None, trace_keys: np.ndarray | None = None) -> None:
     import polars as pl
 
     matrix = pl.DataFrame({"model": labels, **{b: r.tau[:, j] for j, b in enumerate(labels)}})
@@ -337,13 +358,30 @@ def write_outputs(out: Path, labels: list[str], r: RankResult, summary: dict[str
                 rows["tau_pooled_hi"].append(float(r.pooled_ci[1][i, j]))
                 rows["tau_trace_mean_lo"].append(float(r.trace_mean_ci[0][i, j]))
                 rows["tau_trace_mean_hi"].append(float(r.trace_mean_ci[1][i, j]))
+    traces = _trace_rows(labels, r, trace_keys)
     try:
         _atomic(out / "tau_matrix.parquet", lambda p: matrix.write_parquet(p))
         _atomic(out / "tau_pairs.parquet", lambda p: pl.DataFrame(rows).write_parquet(p))
-        _atomic(out / "tau_heatmap.png", lambda p: heatmap(labels, r.tau, p, states=states))
+        _atomic(out / "tau_traces.parquet", lambda p: traces.write_parquet(p))
+        _atomic(out / "tau_heatmap.png", lambda p: heatmap(shown or labels, r.tau, p, states=states))
         _atomic(out / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8"))
     except OSError as e:
         raise IrtrainIOError(f"{out}: cannot write the rank outputs: {e}") from None
+
+
+def _trace_rows(labels: list[str], r: RankResult, trace_keys: np.ndarray | None) -> Any:
+    """One row per trace and pair of models (a < b): its keys, states, tau-b and p-value."""
+    import polars as pl
+
+    t, m = r.trace_tau.shape[:2]
+    keys = np.full((t, 2), -1, dtype=np.int64) if trace_keys is None else np.asarray(trace_keys, dtype=np.int64)
+    i, j = np.triu_indices(m, 1)
+    k = len(i)
+    return pl.DataFrame({
+        "example_id": np.repeat(keys[:, 0], k), "part": np.repeat(keys[:, 1], k).astype(np.int32),
+        "model_a": [labels[a] for a in i] * t, "model_b": [labels[b] for b in j] * t,
+        "tau": r.trace_tau[:, i, j].reshape(-1), "pvalue": r.trace_pvalue[:, i, j].reshape(-1),
+    })
 
 
 def _atomic(path: Path, write: Any) -> None:
@@ -382,21 +420,32 @@ def heatmap(labels: list[str], tau: np.ndarray, path: Path, *, states: int) -> N
 
 
 def print_table(labels: list[str], r: RankResult, summary: dict[str, Any], console: Any) -> None:
+    """Every pair of models in one table, whole at 80 columns: labels wrap rather than being
+    cut, intervals go on a second line, p-values are written ``3.2e-12`` (``< 1e-300`` for
+    one below the float range)."""
+    from rich import box
     from rich.table import Table as RichTable
 
+    pairs = [(i, j) for i in range(len(labels)) for j in range(i + 1, len(labels))]
+    used = {int(r.traces_used[i, j]) for i, j in pairs}
+    # the traces with a defined tau: a column only where pairs differ (saves the width otherwise)
+    per_pair = len(used) > 1
+    note = "" if per_pair or not used else f"; trace τ over {used.pop()} of {summary['traces']} traces"
     t = RichTable(title=f"Kendall τ-b of V(s): {summary['states']} states in {summary['traces']} traces",
-                  title_justify="left")
-    for col in ("model A", "model B", "pooled τ", "p", "per-trace mean", "median", "traces"):
-        t.add_column(col, justify="left" if col.startswith("model") else "right")
-    for i in range(len(labels)):
-        for j in range(i + 1, len(labels)):
-            pooled = _f(r.tau[i, j])
-            mean = _f(r.trace_mean[i, j])
-            if r.pooled_ci is not None and r.trace_mean_ci is not None:
-                pooled += f" [{_f(r.pooled_ci[0][i, j])}, {_f(r.pooled_ci[1][i, j])}]"
-                mean += f" [{_f(r.trace_mean_ci[0][i, j])}, {_f(r.trace_mean_ci[1][i, j])}]"
-            t.add_row(labels[i], labels[j], pooled, f"{r.pvalue[i, j]:.2g}", mean, _f(r.trace_median[i, j]),
-                      str(int(r.traces_used[i, j])))
+                  title_justify="left", caption=f"p: two-sided, pooled states (per trace: tau_traces.parquet){note}",
+                  caption_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for col in ("model A", "model B"):
+        t.add_column(col, overflow="fold")
+    for col in ("pooled τ", "p", "trace τ mean", "median") + (("traces",) if per_pair else ()):
+        t.add_column(col, justify="right", no_wrap=True)
+    for i, j in pairs:
+        pooled = _f(r.tau[i, j])
+        mean = _f(r.trace_mean[i, j])
+        if r.pooled_ci is not None and r.trace_mean_ci is not None:
+            pooled += f"\n[{_f(r.pooled_ci[0][i, j])}, {_f(r.pooled_ci[1][i, j])}]"
+            mean += f"\n[{_f(r.trace_mean_ci[0][i, j])}, {_f(r.trace_mean_ci[1][i, j])}]"
+        t.add_row(labels[i], labels[j], pooled, format_pvalue(r.pvalue[i, j]), mean, _f(r.trace_median[i, j]),
+                  *((str(int(r.traces_used[i, j])),) if per_pair else ()))
     console.print(t)
     if summary["short_traces"]:
         console.print(f"{summary['short_traces']} of {summary['traces']} traces have fewer than {SHORT} states (one step: "

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from irtrain.cli.main import app
 from irtrain.config import RankConfig
 from irtrain.errors import ConfigError, DataError
-from irtrain.rank import rank_values, run
+from irtrain.rank import print_table, rank_values, run
 from irtrain.score import write_table
 from irtrain.shards import Segment, write_shard_set
 
@@ -105,12 +105,36 @@ def test_two_checkpoints_scored_and_ranked_through_the_cli(tmp_path, trace_shard
     assert "fewer than 3 states" not in res.output
     lo, hi = summary["tau_pooled_ci"][labels[0]][labels[2]]
     assert lo <= hi
+    # shown as run@step (the files keep the table names), whole in the 80-column table
+    shown = [f"{run_name}@0", f"{run_name}@0-2", f"{run_name}@4"]
+    assert list(summary["labels"].values()) == shown and list(summary["labels"]) == labels
+    for label in shown:
+        assert label in res.output
+    # per-trace tau and p-value: scipy's default on the trace's states (5 states, no ties: exact)
+    traces = pl.read_parquet(ranked / "tau_traces.parquet")
+    assert traces.height == 8 * 3 and traces.columns == ["example_id", "part", "model_a", "model_b", "tau", "pvalue"]
+    for row in traces.filter(pl.col("model_b") == labels[2]).iter_rows(named=True):
+        sel = [values[n].filter((pl.col("example_id") == row["example_id"]) & (pl.col("part") == row["part"]))["value"]
+               .to_numpy() for n in (row["model_a"], row["model_b"])]
+        want = sps.kendalltau(*sel)
+        assert len(sel[0]) == 5 and row["tau"] == pytest.approx(want.statistic, abs=1e-12)
+        assert row["pvalue"] == pytest.approx(want.pvalue, rel=1e-15)
+    # --labels, by path (a table file) and by table name
+    res = runner.invoke(app, ["rank", str(scores), "--out", str(tmp_path / "rank2"), "--labels",
+                              f"init={scores / (labels[0] + '.parquet')}", "--labels", f"trained={labels[2]}"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "rank2" / "summary.json").read_text())
+    assert list(summary["labels"].values()) == ["init", shown[1], "trained"]
+    res = runner.invoke(app, ["rank", str(scores), "--out", str(tmp_path / "rank3"), "--labels", "a,b"])
+    assert res.exit_code == 1 and "--labels: 2 label(s) for 3 table(s)" in res.output
 
 
 # --------------------------------------------------------------------------- statistics
 def test_pooled_and_per_trace_tau_match_scipy():
+    # p-values as scipy's default computes them: per trace (2 to 8 states) exact where neither
+    # model ties, asymptotic where the rounded row does; pooled asymptotic
     rng = np.random.default_rng(0)
-    lens = rng.integers(3, 9, size=25)  # scipy divides by zero at n = 2 (see test_stats)
+    lens = rng.integers(2, 9, size=25)
     starts = np.concatenate([[0], np.cumsum(lens)])
     base = rng.standard_normal(starts[-1])
     values = np.stack([base, base + 0.5 * rng.standard_normal(len(base)), np.round(rng.standard_normal(len(base)))])
@@ -119,20 +143,57 @@ def test_pooled_and_per_trace_tau_match_scipy():
     def ktau(a, b):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return sps.kendalltau(a, b, method="asymptotic")
+            return sps.kendalltau(a, b)
 
+    exact = 0
     for i in range(3):
         for j in range(3):
             s = ktau(values[i], values[j])
             assert r.tau[i, j] == pytest.approx(s.statistic, abs=1e-12)
             assert r.pvalue[i, j] == pytest.approx(s.pvalue, rel=1e-9)
-            per = np.array([ktau(values[i, a:b], values[j, a:b]).statistic for a, b in zip(starts[:-1], starts[1:])])
-            per = per[np.isfinite(per)]
-            assert r.traces_used[i, j] == len(per)
-            assert r.trace_mean[i, j] == pytest.approx(per.mean(), abs=1e-12)
-            assert r.trace_median[i, j] == pytest.approx(np.median(per), abs=1e-12)
+            per = [ktau(values[i, a:b], values[j, a:b]) for a, b in zip(starts[:-1], starts[1:])]
+            for k, want in enumerate(per):
+                if np.isnan(want.statistic):
+                    assert np.isnan(r.trace_tau[k, i, j]) and np.isnan(r.trace_pvalue[k, i, j])
+                    continue
+                assert r.trace_tau[k, i, j] == pytest.approx(want.statistic, abs=1e-12)
+                assert r.trace_pvalue[k, i, j] == pytest.approx(want.pvalue, rel=1e-9)
+                exact += i != j and 2 not in (i, j)
+            taus = np.array([p.statistic for p in per])
+            taus = taus[np.isfinite(taus)]
+            assert r.traces_used[i, j] == len(taus)
+            assert r.trace_mean[i, j] == pytest.approx(taus.mean(), abs=1e-12)
+            assert r.trace_median[i, j] == pytest.approx(np.median(taus), abs=1e-12)
+    assert exact == 2 * 25
+    # at n = 2 scipy's default gives p = 1 (exact), not the asymptotic 0.317
+    two = int(np.flatnonzero(lens == 2)[0])
+    assert r.trace_pvalue[two, 0, 1] == 1.0
 
 
+def test_table_is_whole_at_80_columns():
+    from rich.console import Console
+
+    rng = np.random.default_rng(1)
+    starts = np.arange(0, 41 * 5, 5)
+    x = rng.standard_normal(starts[-1])
+    values = np.stack([x, x + rng.standard_normal(len(x)), rng.standard_normal(len(x)), x])
+    r = rank_values(values, starts, bootstrap=20, seed=0)
+    r.pvalue[0, 3] = r.pvalue[3, 0] = 0.0  # underflowed (tau = 1 over 205 states)
+    labels = ["base", "sft@200", "dpo@200", "dpo-lora@1200"]
+    console = Console(width=80, record=True)
+    print_table(labels, r, {"states": 205, "traces": 41, "short_traces": 0}, console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    lines = text.splitlines()
+    for a, b in [(0, 1), (0, 2), (1, 2), (2, 3)]:
+        row = next(k for k, line in enumerate(lines) if line.split()[:2] == [labels[a], labels[b]])
+        cells = lines[row].split()
+        assert cells[2] == f"{r.tau[a, b]:.3f}" and cells[3] == f"{r.pvalue[a, b]:.1e}"
+        assert cells[4] == f"{r.trace_mean[a, b]:.3f}" and cells[5] == f"{r.trace_median[a, b]:.3f}"
+        ci = f"[{r.pooled_ci[0][a, b]:.3f}, {r.pooled_ci[1][a, b]:.3f}]"
+        assert ci in lines[row + 1]
+    assert "e-" in text and "< 1e-300" in text  # scientific; an underflow is never printed as 0
+    assert "…" not in text and "trace τ over 40 of 41 traces" in " ".join(text.split())
 def test_bootstrap_is_seeded_and_brackets_the_estimate():
     rng = np.random.default_rng(1)
     starts = np.arange(0, 41 * 5, 5)

@@ -77,3 +77,54 @@ def chat_shards_dir(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("shared") / "shards"
     write_shard_set(out, "chat", [segs[:2], segs[2:]], max_len=512)
     return str(out)
+
+
+def test_labels_run_at_step_one_table_whole_at_80_columns(tmp_path, runs, chat_shards_dir):
+    from rich.console import Console
+
+    from irtrain.score.table import _fmt, print_summary
+
+    out = tmp_path / "scores"
+    console = Console(width=80, record=True)
+    run(ScoreConfig(data=chat_shards_dir, checkpoints=str(runs / "sft"), out=str(out)), console=console)
+    summary = run(ScoreConfig(data=chat_shards_dir, checkpoints=str(runs / "dpo"), out=str(out)), console=console)
+    names = ["sft-checkpoint-0000002", "dpo-checkpoint-0000002"]  # file names unchanged
+    assert list(summary["tables"]) == names and all((out / f"{n}.parquet").is_file() for n in names)
+    assert [m["label"] for m in summary["models"].values()] == ["sft@2", "dpo@2"]
+    console = Console(width=80, record=True)
+    print_summary(summary, console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
+    rows = [line.split() for line in text.splitlines() if line.split()[:1] in (["sft@2"], ["dpo@2"])]
+    assert len(rows) == 2  # one table, a row per model
+    for cells, m in zip(rows, summary["models"].values()):
+        assert cells[1:] == [_fmt(m[k], k) for k in ("responses", "states", "value/s0", "logp_mean", "tokens_per_second")]
+    # rank shows the labels score recorded
+    ranked = rank(RankConfig(tables=[str(out)], out=str(tmp_path / "rank")), console=Console(width=80, record=True))
+    assert ranked["labels"] == dict(zip(names, ["sft@2", "dpo@2"]))
+
+
+def test_labels_flag_in_order_and_by_path(tmp_path, runs, chat_shards_dir):
+    from typer.testing import CliRunner
+
+    from irtrain.cli.main import app
+
+    out = tmp_path / "scores"
+    base = runs / "sft" / "checkpoint-0000002"
+    res = CliRunner().invoke(app, ["score", chat_shards_dir, "--model", str(base), "--checkpoints", str(runs / "dpo"),
+                                   "--out", str(out), "--labels", "base,tuned"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["tables"]) == ["sft-checkpoint-0000002", "dpo-checkpoint-0000002"]  # file names unchanged
+    assert [m["label"] for m in summary["models"].values()] == ["base", "tuned"]
+    assert "base" in res.output and "tuned" in res.output
+    from irtrain.score import read_table_meta
+
+    assert read_table_meta(out / "dpo-checkpoint-0000002.parquet")["label"] == "tuned"
+    # label=path names some models, the others keep run@step
+    summary = run(ScoreConfig(data=chat_shards_dir, checkpoints=str(runs / "dpo"), model=str(base), out=str(out),
+                              labels=[f"init={base}"]))
+    assert [m["label"] for m in summary["models"].values()] == ["init", "dpo@2"]
+    res = CliRunner().invoke(app, ["score", chat_shards_dir, "--checkpoints", str(runs / "dpo"), "--out", str(out),
+                                   "--labels", "a,b"])
+    assert res.exit_code == 1 and "--labels: 2 label(s) for 1 model(s) (dpo-checkpoint-0000002)" in res.output

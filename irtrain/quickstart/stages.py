@@ -125,11 +125,19 @@ def stage_evaluate(q: Quickstart) -> None:
 
 def stage_score(q: Quickstart) -> None:
     """`irtrain score` of every model on the held-out traces (one table per model)."""
-    tables = {}
+    from rich.console import Console
+
+    from irtrain.score.table import print_summary
+
+    tables, scored, summary = {}, {}, None
     for name, path in models(q).items():
         out = q.p["scores"] / name.replace("@", "-")  # rank labels a one-table directory by its name
-        score.run(ScoreConfig(data=str(q.shards["heldout"]), model=str(path), out=str(out)))
+        summary = score.run(ScoreConfig(data=str(q.shards["heldout"]), model=str(path), out=str(out), labels=[name]),
+                            console=Console(quiet=True))
         tables[name] = str(out)
+        scored[name] = next(iter(summary["models"].values()))
+    if summary is not None:  # one table of every model, not one per score run
+        print_summary({**summary, "models": scored}, q.console)
     q.results["scores"] = tables
 
 

@@ -12,7 +12,9 @@ is defined in `irtrain.score.steps`.
 
 Output, in ``--out``: one Parquet table per model, ``<name>.parquet`` (a run's checkpoint
 named ``<run>-checkpoint-<step>``, any other model by its directory; `inputs.table_names`),
-one row per state:
+one row per state (what the terminal table shows instead of the name is the model's label:
+``--labels``, else ``run@step``, `irtrain.labels`; recorded as ``label`` in the table's
+metadata and ``summary.json``, never in the file names):
 
 =================  =========================================================================
 example_id, part   the source example (0-based over the inputs) and its segment: 0 = the
@@ -68,6 +70,7 @@ from irtrain.config import ScoreConfig, config_to_dict
 from irtrain.display import quiet_transformers
 from irtrain.durable import sweep_temps
 from irtrain.errors import ConfigError, DataError
+from irtrain.labels import assign_labels
 from irtrain.models import check_tokenizer, load_tokenizer, resolve_device, resolve_dtype, resolve_model
 from irtrain.paths import OutLock
 from irtrain.score.forward import ModelScores, load_model, score_model
@@ -118,6 +121,10 @@ def run(cfg: ScoreConfig, *, console: Any = None) -> dict[str, Any]:
     console = console or Console(highlight=False)
     _check(cfg)
     models = resolve_models(cfg)
+    # display labels (--labels, else run@step); table file names stay as `table_names` gives them
+    labels = dict(zip((n for n, _ in models), assign_labels(
+        cfg.labels, [(n, [str(p)] + ([cfg.model] if k == 0 and cfg.model else [])) for k, (n, p) in enumerate(models)],
+        what="model")))
     with Ranks() as ranks, contextlib.ExitStack() as held, quiet_transformers():  # its bars would break the display
         if not ranks.is_main:
             console = Console(quiet=True)
@@ -130,10 +137,11 @@ def run(cfg: ScoreConfig, *, console: Any = None) -> dict[str, Any]:
             return str(out)
 
         out = Path(ranks.on_main(take_out))
-        return _score(cfg, models, out, console, ranks)
+        return _score(cfg, models, labels, out, console, ranks)
 
 
-def _score(cfg: ScoreConfig, models: list[tuple[str, Path]], out: Path, console: Any, ranks: Ranks) -> dict[str, Any]:
+def _score(cfg: ScoreConfig, models: list[tuple[str, Path]], labels: dict[str, str], out: Path, console: Any,
+           ranks: Ranks) -> dict[str, Any]:
     tok_dir = Path(cfg.tokenizer) if cfg.tokenizer else models[0][1]
     shards = ShardSet(Path(ranks.on_main(lambda: str(resolve_data(cfg, tok_dir, out, console).path))))
     tokenizer = load_tokenizer(tok_dir)
@@ -183,9 +191,9 @@ def _score(cfg: ScoreConfig, models: list[tuple[str, Path]], out: Path, console:
                 "data_hash": shards.content_hash, "states_hash": states_id, "data_format": shards.format,
                 "data_path": str(shards.path),
                 "step_delimiter": delimiter, "value_temperature": cfg.value_temperature, "beta": cfg.beta,
-                "ref_model": cfg.ref_model}
+                "ref_model": cfg.ref_model, "label": labels[name]}
         write_table(frame, out / f"{name}.parquet", meta)
-        return model_summary(frame, path, time.perf_counter() - started, res.tokens)
+        return {"label": labels[name], **model_summary(frame, path, time.perf_counter() - started, res.tokens)}
 
     def record(entries: list[tuple[str, dict[str, Any]]]) -> None:
         for name, entry in entries:
@@ -200,14 +208,14 @@ def _score(cfg: ScoreConfig, models: list[tuple[str, Path]], out: Path, console:
             if mine is not None:
                 name, path = models[mine]
                 started = time.perf_counter()
-                entry = (name, write(name, path, scores(path, name), started))
+                entry = (name, write(name, path, scores(path, labels[name]), started))
             done = ranks.gather(entry)
             if done is not None:
                 record([e for e in done if e is not None])
     else:  # every model on every rank, each rank its share of the forwards
         for name, path in models:
             started = time.perf_counter()
-            parts = ranks.gather(scores(path, name, ranks.share))
+            parts = ranks.gather(scores(path, labels[name], ranks.share))
             if parts is not None:
                 record([(name, write(name, path, merge_parts(parts), started))])
     if ranks.is_main:

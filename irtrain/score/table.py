@@ -187,22 +187,43 @@ def model_summary(frame: Any, path: Path, seconds: float, tokens: int) -> dict[s
     return s
 
 
+#: (summary key, column header): short headers, so that the table stays whole at 80 columns
+_COLUMNS = (("responses", "resp."), ("states", "states"), ("value/s0", "V(s0)"), ("logp_mean", "logp/tok"),
+            ("reward", "reward"), ("eval/pref_accuracy", "pref acc"), ("tokens_per_second", "tok/s"))
+_CAPTION = {"value/s0": "V(s0): mean value at s_0", "logp_mean": "logp/tok: mean log-prob per response token",
+            "reward": "reward: mean beta*log(pi/pi_ref)", "eval/pref_accuracy": "pref acc: held-out preference accuracy",
+            "tokens_per_second": "tok/s: tokens scored per second"}
+
+
+def model_labels(models: dict[str, dict[str, Any]]) -> list[str]:
+    """The display label of each model of a summary: the one recorded (``--labels``), else
+    ``run@step`` (`irtrain.labels`); a label two models share gives way to their names."""
+    from irtrain.labels import assign_labels
+
+    return assign_labels([], [(n, []) for n in models], what="model", recorded=[m.get("label") for m in models.values()])
+
+
 def print_summary(summary: dict[str, Any], console: Any) -> None:
-    """The summary as a table in the terminal."""
+    """The summary as one table in the terminal, every model a row, whole at 80 columns."""
+    from rich import box
     from rich.table import Table
 
-    keys = ["responses", "states", "value/s0", "logp_mean", "reward", "eval/pref_accuracy", "tokens_per_second"]
-    keys = [k for k in keys if any(k in m for m in summary["models"].values())]
-    t = Table(title=f"score ({summary['data']['format']}, {summary['data']['segments']} responses)", title_justify="left")
-    t.add_column("model")
-    for k in keys:
-        t.add_column(k, justify="right")
-    for name, m in summary["models"].items():
-        t.add_row(name, *(_fmt(m.get(k)) for k in keys))
+    models = summary["models"]
+    cols = [(k, h) for k, h in _COLUMNS if any(k in m for m in models.values())]
+    t = Table(title=f"score ({summary['data']['format']}, {summary['data']['segments']} responses)", title_justify="left",
+              caption="; ".join(_CAPTION[k] for k, _ in cols if k in _CAPTION), caption_justify="left",
+              box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    t.add_column("model", overflow="fold")  # a long label wraps, whole, never "checkpoin…"
+    for _, header in cols:
+        t.add_column(header, justify="right", no_wrap=True)
+    for label, m in zip(model_labels(models), models.values()):
+        t.add_row(label, *(_fmt(m.get(k), k) for k, _ in cols))
     console.print(t)
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: Any, key: str = "") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "—"
+    if key == "tokens_per_second":
+        return f"{v:.0f}"
     return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,6 +1,8 @@
-//! Kendall's τ-b with ties, in O(n log n) (Knight 1966), and its p-value by the
-//! asymptotic normal approximation — the numbers of
-//! `scipy.stats.kendalltau(x, y, method="asymptotic")` (FORMULAS.md, "Value ranking").
+//! Kendall's τ-b (or τ-c) with ties, in O(n log n) (Knight 1966), and its p-value — the
+//! numbers of `scipy.stats.kendalltau(x, y, method=…, variant=…, alternative=…)`
+//! (FORMULAS.md, "Value ranking"). `Method::Auto` (scipy's default) takes the exact null
+//! distribution when neither variable has ties and n ≤ 33 or at most one pair is discordant
+//! (or concordant), the asymptotic normal approximation otherwise (`exact_pvalue`).
 //!
 //! τ_b = (n_c − n_d) / sqrt((n_0 − n_1)(n_0 − n_2)), n_0 = n(n−1)/2, n_1 and n_2 the
 //! pairs tied in x and in y. Two ways to the same counts, by input:
@@ -22,7 +24,8 @@
 //!
 //! Edge cases, as scipy: fewer than two observations or a constant variable give
 //! (NaN, NaN); a NaN anywhere gives (NaN, NaN) (scipy's default `nan_policy="propagate"`);
-//! −0.0 ties with 0.0. One deviation: for n = 2 scipy's asymptotic branch divides
+//! −0.0 ties with 0.0; `Method::Exact` on data with ties is an error. One deviation: for
+//! n = 2 scipy's asymptotic branch (`Method::Asymptotic`; auto takes the exact one) divides
 //! 0 by 0 (a Python `ZeroDivisionError`); that variance term, x₀·y₀/(9m(n−2)), has
 //! x₀ = Σ c(c−1)(c−2) = 0 for every n = 2 input, and is taken as zero here.
 use std::sync::OnceLock;
@@ -42,6 +45,42 @@ impl KendallTau {
     const NAN: KendallTau = KendallTau { tau: f64::NAN, pvalue: f64::NAN };
 }
 
+/// How the p-value is computed (scipy's `method`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Method {
+    /// Exact without ties when n ≤ 33 or min(discordant, concordant) ≤ 1; else asymptotic.
+    #[default]
+    Auto,
+    Asymptotic,
+    /// The exact null distribution; data with ties is an error.
+    Exact,
+}
+
+/// τ-b (ties in the normalisation) or Stuart's τ-c (scipy's `variant`); same p-value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Variant {
+    #[default]
+    B,
+    C,
+}
+
+/// The alternative hypothesis (scipy's `alternative`): τ ≠ 0, τ < 0, τ > 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Alternative {
+    #[default]
+    TwoSided,
+    Less,
+    Greater,
+}
+
+/// What to compute; the default is scipy's default (auto, τ-b, two-sided).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    pub method: Method,
+    pub variant: Variant,
+    pub alternative: Alternative,
+}
+
 /// At most this many distinct values make a variable "small" (hash-ranked).
 const SMALL_DISTINCT: usize = 1 << 10;
 /// Largest contingency table (cells) the few-values path builds.
@@ -49,8 +88,8 @@ const TABLE_MAX: usize = 1 << 18;
 /// Work below this many observations is not split across threads.
 const PAR_CUTOFF: usize = 1 << 15;
 
-/// τ-b and p-value of two equally long samples.
-pub fn kendall_tau(x: &[f64], y: &[f64]) -> Result<KendallTau> {
+/// τ and p-value of two equally long samples.
+pub fn kendall_tau(x: &[f64], y: &[f64], opts: Options) -> Result<KendallTau> {
     if x.len() != y.len() {
         return Err(CoreError::Input(format!(
             "kendall_tau: x and y must have the same length, got {} and {}",
@@ -71,7 +110,7 @@ pub fn kendall_tau(x: &[f64], y: &[f64]) -> Result<KendallTau> {
     if let (Some(a), Some(b)) = (&sx, &sy) {
         if a.distinct() * b.distinct() <= TABLE_MAX {
             let c = table_counts(&a.ranks, a.distinct(), &b.ranks, b.distinct());
-            return Ok(finish(x.len(), a.ties(), b.ties(), c));
+            return finish(x.len(), a.ties(), b.ties(), c, opts);
         }
     }
     let rank = |s: Option<SmallRanks>, v: &[f64]| s.map_or_else(|| Ranked::sorted(v), Ranked::from_small);
@@ -80,12 +119,12 @@ pub fn kendall_tau(x: &[f64], y: &[f64]) -> Result<KendallTau> {
     } else {
         (rank(sx, x), rank(sy, y))
     };
-    Ok(finish(x.len(), a.ties, b.ties, ranked_counts(&a, &b)))
+    finish(x.len(), a.ties, b.ties, ranked_counts(&a, &b), opts)
 }
 
-/// τ-b and p-value for every pair of rows of a row-major `[n_vars, n_obs]` matrix
+/// τ and p-value for every pair of rows of a row-major `[n_vars, n_obs]` matrix
 /// (rows are variables). Returns two row-major `[n_vars, n_vars]` symmetric matrices.
-pub fn kendall_tau_matrix(data: &[f64], n_vars: usize, n_obs: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+pub fn kendall_tau_matrix(data: &[f64], n_vars: usize, n_obs: usize, opts: Options) -> Result<(Vec<f64>, Vec<f64>)> {
     if n_vars.checked_mul(n_obs) != Some(data.len()) {
         return Err(CoreError::Input(format!(
             "kendall_tau_matrix: {} values do not make a [{n_vars}, {n_obs}] matrix",
@@ -104,10 +143,10 @@ pub fn kendall_tau_matrix(data: &[f64], n_vars: usize, n_obs: usize) -> Result<(
     let results: Vec<KendallTau> = pairs
         .par_iter()
         .map(|&(i, j)| match (&rows[i], &rows[j]) {
-            (Some(a), Some(b)) => finish(n_obs, a.ties, b.ties, ranked_counts(a, b)),
-            _ => KendallTau::NAN,
+            (Some(a), Some(b)) => finish(n_obs, a.ties, b.ties, ranked_counts(a, b), opts),
+            _ => Ok(KendallTau::NAN),
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let mut tau = vec![f64::NAN; n_vars * n_vars];
     let mut p = vec![f64::NAN; n_vars * n_vars];
     for (&(i, j), r) in pairs.iter().zip(&results) {
@@ -153,11 +192,14 @@ struct Ties {
     v0: f64,
     /// Σ c(c−1)(2c+5) (in f64, as scipy).
     v1: f64,
+    /// Number of groups: distinct values (τ-c).
+    groups: u64,
 }
 
 impl Ties {
     fn add_group(&mut self, c: u64) {
         let cf = c as f64;
+        self.groups += 1;
         self.pairs += c * c.saturating_sub(1) / 2;
         self.v0 += cf * (cf - 1.0) * (cf - 2.0);
         self.v1 += cf * (cf - 1.0) * (2.0 * cf + 5.0);
@@ -188,17 +230,39 @@ struct PairCounts {
     joint_ties: u64,
 }
 
-/// τ-b and p-value from the counts, with scipy's arithmetic in scipy's order.
-fn finish(n: usize, xt: Ties, yt: Ties, c: PairCounts) -> KendallTau {
+/// τ and p-value from the counts, with scipy's arithmetic in scipy's order.
+fn finish(n: usize, xt: Ties, yt: Ties, c: PairCounts, opts: Options) -> Result<KendallTau> {
     let n = n as u64;
     let tot = n * n.saturating_sub(1) / 2;
     if xt.pairs == tot || yt.pairs == tot {
-        return KendallTau::NAN; // n < 2, or a constant variable
+        return Ok(KendallTau::NAN); // n < 2, or a constant variable
     }
     let con_minus_dis =
         tot as i128 - xt.pairs as i128 - yt.pairs as i128 + c.joint_ties as i128 - 2 * c.discordant as i128;
     let cmd = con_minus_dis as f64;
-    let tau = (cmd / ((tot - xt.pairs) as f64).sqrt() / ((tot - yt.pairs) as f64).sqrt()).clamp(-1.0, 1.0);
+    let tau = match opts.variant {
+        Variant::B => cmd / ((tot - xt.pairs) as f64).sqrt() / ((tot - yt.pairs) as f64).sqrt(),
+        Variant::C => {
+            // 2(P − Q) / (n²(m − 1)/m), m the fewer distinct values of the two
+            let m = xt.groups.min(yt.groups);
+            2.0 * cmd / ((n as u128 * n as u128 * (m - 1) as u128) as f64 / m as f64)
+        }
+    }
+    .clamp(-1.0, 1.0);
+    let no_ties = xt.pairs == 0 && yt.pairs == 0;
+    let exact = match opts.method {
+        Method::Exact if !no_ties => {
+            return Err(CoreError::Input(
+                "kendall_tau: ties found, the exact method cannot be used (use method \"auto\" or \"asymptotic\")".into(),
+            ))
+        }
+        Method::Exact => true,
+        Method::Auto => no_ties && (n <= 33 || c.discordant.min(tot - c.discordant) <= 1),
+        Method::Asymptotic => false,
+    };
+    if exact {
+        return Ok(KendallTau { tau, pvalue: exact_pvalue(n, tot - c.discordant, opts.alternative)? });
+    }
     let nf = n as f64;
     let m = nf * (nf - 1.0);
     let xy_pairs = 2u128
@@ -210,7 +274,149 @@ fn finish(n: usize, xt: Ties, yt: Ties, c: PairCounts) -> KendallTau {
     let third = if v0 == 0.0 { 0.0 } else { v0 / (9.0 * m * (nf - 2.0)) };
     let var = (m * (2.0 * nf + 5.0) - xt.v1 - yt.v1) / 18.0 + xy_pairs / m + third;
     let z = cmd / var.sqrt();
-    KendallTau { tau, pvalue: erfc(z.abs() * std::f64::consts::FRAC_1_SQRT_2) }
+    let pvalue = match opts.alternative {
+        Alternative::TwoSided => erfc(z.abs() * std::f64::consts::FRAC_1_SQRT_2),
+        Alternative::Less => ndtr(z),
+        Alternative::Greater => ndtr(-z),
+    };
+    Ok(KendallTau { tau, pvalue })
+}
+
+// ------------------------------------------------------------------ the exact null distribution
+
+/// The exact p-value of `c` concordant pairs among n observations without ties, as scipy's
+/// `_mstats_basic._kendall_p_exact` computes it (Kendall 1970): the counts of permutations
+/// of n with k inversions (k ≤ c, the nearer tail; the distribution is symmetric) by the
+/// recurrence M(j, k) = Σ_{i<j} M(j−1, k−i) — a running sum less the sum j back — in
+/// float64, summed as numpy sums (pairwise) and divided by n! (for n ≥ 171, where n!
+/// overflows, each step is divided by j instead). O(n·c) time, c ≤ n(n−1)/4, and c + 1
+/// floats: more than `EXACT_MAX_C` is an error (scipy would run out of memory there).
+pub fn exact_pvalue(n: u64, concordant: u64, alternative: Alternative) -> Result<f64> {
+    let tot = n * n.saturating_sub(1) / 2;
+    let in_right_tail = concordant >= tot - concordant.min(tot);
+    let c = concordant.min(tot - concordant.min(tot));
+    if c > EXACT_MAX_C {
+        return Err(CoreError::Input(format!(
+            "kendall_tau: the exact method at n = {n} needs {c} terms of the null distribution (at most \
+             {EXACT_MAX_C}); use method \"auto\" or \"asymptotic\""
+        )));
+    }
+    let (mut prob, p_mass_at_c);
+    if n <= 1 {
+        (prob, p_mass_at_c) = (1.0, 1.0);
+    } else if n == 2 {
+        (prob, p_mass_at_c) = (1.0, 0.5);
+    } else if c == 0 {
+        prob = if n < 171 { 2.0 / factorial(n) } else { 0.0 };
+        p_mass_at_c = prob / 2.0;
+    } else if c == 1 {
+        prob = if n < 172 { 2.0 / factorial(n - 1) } else { 0.0 };
+        p_mass_at_c = (n - 1) as f64 / factorial(n);
+    } else if 4 * c == n * (n - 1) && alternative == Alternative::TwoSided {
+        (prob, p_mass_at_c) = (1.0, f64::NAN); // the middle of the distribution; not needed
+    } else {
+        let c = c as usize;
+        let mut new = vec![0.0f64; c + 1];
+        new[0] = 1.0;
+        new[1] = 1.0;
+        for j in 3..=n as usize {
+            let mut run = 0.0;
+            for v in new.iter_mut() {
+                run += *v;
+                *v = if n < 171 { run } else { run / j as f64 };
+            }
+            // new[j:] -= new[:c+1-j] (numpy reads the right side before writing: descend)
+            for k in (j..=c).rev() {
+                new[k] -= new[k - j];
+            }
+        }
+        if n < 171 {
+            let f = factorial(n);
+            prob = 2.0 * pairwise_sum(&new) / f;
+            p_mass_at_c = new[c] / f;
+        } else {
+            prob = pairwise_sum(&new);
+            p_mass_at_c = new[c] / 2.0;
+        }
+    }
+    if alternative != Alternative::TwoSided {
+        // the one-sided p-value is half the two-sided one when c lies on the side the
+        // alternative predicts; otherwise the complement, with the mass at c added back
+        if in_right_tail == (alternative == Alternative::Greater) {
+            prob /= 2.0;
+        } else {
+            prob = 1.0 - prob / 2.0 + p_mass_at_c;
+        }
+    }
+    Ok(prob.clamp(0.0, 1.0))
+}
+
+/// Most terms of the exact null distribution `exact_pvalue` computes (1 GiB of f64; n ≈ 23,000).
+pub const EXACT_MAX_C: u64 = 1 << 27;
+
+/// n! rounded to the nearest f64 (ties to even), as Python's `float(math.factorial(n))`;
+/// infinite from 171 on. Exact in base-2⁶⁴ limbs, rounded once.
+fn factorial(n: u64) -> f64 {
+    let mut limbs: Vec<u64> = vec![1]; // little-endian
+    for k in 2..=n {
+        let mut carry = 0u128;
+        for l in limbs.iter_mut() {
+            let v = u128::from(*l) * u128::from(k) + carry;
+            *l = v as u64;
+            carry = v >> 64;
+        }
+        if carry > 0 {
+            limbs.push(carry as u64);
+        }
+    }
+    let top = limbs.len() - 1;
+    if top == 0 {
+        return limbs[0] as f64; // `as` rounds to nearest, ties to even
+    }
+    let (hi, next) = (limbs[top], limbs[top - 1]);
+    let lz = hi.leading_zeros();
+    let bits = 64 * top as i32 + (64 - lz as i32);
+    // the 64 leading bits, and whether any bit below them is set
+    let lead = if lz == 0 { hi } else { (hi << lz) | (next >> (64 - lz)) };
+    let below = if lz == 0 { next } else { next << lz };
+    let sticky = below != 0 || limbs[..top - 1].iter().any(|&l| l != 0);
+    let mut mant = lead >> 11;
+    let rest = lead & 0x7ff;
+    if rest > 0x400 || (rest == 0x400 && (sticky || mant & 1 == 1)) {
+        mant += 1; // 2⁵³ at most: still exact
+    }
+    let e = bits - 53;
+    if e > 1023 {
+        return f64::INFINITY;
+    }
+    mant as f64 * f64::from_bits(((1023 + e) as u64) << 52)
+}
+
+/// Σ v as numpy's `np.sum` adds a contiguous float64 array (pairwise, 8 accumulators in
+/// blocks of up to 128), so that the exact p-value is scipy's to the last bit.
+fn pairwise_sum(v: &[f64]) -> f64 {
+    let n = v.len();
+    if n < 8 {
+        return v.iter().fold(0.0, |s, &x| s + x);
+    }
+    if n <= 128 {
+        let mut r = [0.0f64; 8];
+        r.copy_from_slice(&v[..8]);
+        let full = n - n % 8;
+        for chunk in v[8..full].chunks_exact(8) {
+            for (a, &b) in r.iter_mut().zip(chunk) {
+                *a += b;
+            }
+        }
+        let mut res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for &x in &v[full..] {
+            res += x;
+        }
+        return res;
+    }
+    let mut half = n / 2;
+    half -= half % 8;
+    pairwise_sum(&v[..half]) + pairwise_sum(&v[half..])
 }
 
 // ------------------------------------------------------------------ few distinct values
@@ -741,6 +947,17 @@ fn blocked_inversions(src: &[u32], bits: u32) -> u64 {
 
 // ------------------------------------------------------------------ normal tail
 
+/// Φ(a), the standard normal CDF, for the one-sided asymptotic p-values (scipy's
+/// `special.ndtr`), from `erfc` on the side where it does not cancel.
+pub fn ndtr(a: f64) -> f64 {
+    let x = a * std::f64::consts::FRAC_1_SQRT_2;
+    if x < 0.0 {
+        0.5 * erfc(-x)
+    } else {
+        1.0 - 0.5 * erfc(x)
+    }
+}
+
 /// Complementary error function, for the p-value 2·Φ(−|z|) = erfc(|z|/√2).
 /// A power series for erf below 2 (all terms positive: no cancellation), a
 /// continued fraction (modified Lentz) above; relative error ~1e-14.
@@ -793,6 +1010,9 @@ pub fn erfc(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The brute force below computes the asymptotic p-value (scipy's `method="asymptotic"`).
+    const ASY: Options = Options { method: Method::Asymptotic, variant: Variant::B, alternative: Alternative::TwoSided };
 
     /// The O(n²) definition, counted pair by pair, with scipy's formulas.
     fn brute(x: &[f64], y: &[f64]) -> KendallTau {
@@ -900,9 +1120,9 @@ mod tests {
             for (lx, ly) in [(0, 0), (2, 2), (3, 10), (50, 50), (0, 3), (2000, 4), (2000, 2000), (1, 5)] {
                 let (x, y) = sample(&mut rng, n, lx, ly);
                 let want = brute(&x, &y);
-                let got = kendall_tau(&x, &y).unwrap();
+                let got = kendall_tau(&x, &y, ASY).unwrap();
                 assert!(close(got, want), "n={n} levels=({lx},{ly}): {got:?} vs {want:?}");
-                let (tau, p) = kendall_tau_matrix(&[x, y].concat(), 2, n).unwrap();
+                let (tau, p) = kendall_tau_matrix(&[x, y].concat(), 2, n, ASY).unwrap();
                 let got = KendallTau { tau: tau[1], pvalue: p[1] };
                 assert!(close(got, want), "matrix n={n} levels=({lx},{ly}): {got:?} vs {want:?}");
             }
@@ -925,20 +1145,20 @@ mod tests {
         data.extend(nan_row);
         data.extend(vec![2.0; n]);
         let v = levels.len() + 2;
-        let (tau, p) = kendall_tau_matrix(&data, v, n).unwrap();
+        let (tau, p) = kendall_tau_matrix(&data, v, n, ASY).unwrap();
         for i in 0..v {
             for j in 0..v {
                 let (xi, xj) = (&data[i * n..(i + 1) * n], &data[j * n..(j + 1) * n]);
                 let want = brute(xi, xj);
                 let got = KendallTau { tau: tau[i * v + j], pvalue: p[i * v + j] };
                 assert!(close(got, want), "({i},{j}): {got:?} vs {want:?}");
-                assert!(close(kendall_tau(xi, xj).unwrap(), want), "scalar ({i},{j})");
+                assert!(close(kendall_tau(xi, xj, ASY).unwrap(), want), "scalar ({i},{j})");
             }
         }
-        assert!(kendall_tau_matrix(&data, v, n + 1).is_err());
-        let (t, _) = kendall_tau_matrix(&[], 0, 10).unwrap();
+        assert!(kendall_tau_matrix(&data, v, n + 1, ASY).is_err());
+        let (t, _) = kendall_tau_matrix(&[], 0, 10, ASY).unwrap();
         assert!(t.is_empty());
-        let (t, _) = kendall_tau_matrix(&[], 3, 0).unwrap();
+        let (t, _) = kendall_tau_matrix(&[], 3, 0, ASY).unwrap();
         assert!(t.iter().all(|x| x.is_nan()));
     }
 
@@ -1033,18 +1253,18 @@ mod tests {
     #[test]
     fn kendall_edge_cases() {
         let nan = |r: KendallTau| r.tau.is_nan() && r.pvalue.is_nan();
-        assert!(nan(kendall_tau(&[], &[]).unwrap()));
-        assert!(nan(kendall_tau(&[1.0], &[2.0]).unwrap()));
-        assert!(nan(kendall_tau(&[1.0, 2.0, 3.0], &[4.0, 4.0, 4.0]).unwrap()));
-        assert!(nan(kendall_tau(&[5.0; 10], &[5.0; 10]).unwrap()));
-        assert!(nan(kendall_tau(&[1.0, f64::NAN, 3.0], &[1.0, 2.0, 3.0]).unwrap()));
-        assert!(kendall_tau(&[1.0, 2.0], &[1.0]).is_err());
+        assert!(nan(kendall_tau(&[], &[], ASY).unwrap()));
+        assert!(nan(kendall_tau(&[1.0], &[2.0], ASY).unwrap()));
+        assert!(nan(kendall_tau(&[1.0, 2.0, 3.0], &[4.0, 4.0, 4.0], ASY).unwrap()));
+        assert!(nan(kendall_tau(&[5.0; 10], &[5.0; 10], ASY).unwrap()));
+        assert!(nan(kendall_tau(&[1.0, f64::NAN, 3.0], &[1.0, 2.0, 3.0], ASY).unwrap()));
+        assert!(kendall_tau(&[1.0, 2.0], &[1.0], ASY).is_err());
         // n = 2: var = 1, z = ±1
-        let r = kendall_tau(&[1.0, 2.0], &[2.0, 1.0]).unwrap();
+        let r = kendall_tau(&[1.0, 2.0], &[2.0, 1.0], ASY).unwrap();
         assert_eq!(r.tau, -1.0);
         assert!((r.pvalue - 0.31731050786291415).abs() < 1e-15);
         // −0.0 ties with 0.0; infinities order
-        let r = kendall_tau(&[0.0, -0.0, 1.0], &[1.0, 2.0, 3.0]).unwrap();
+        let r = kendall_tau(&[0.0, -0.0, 1.0], &[1.0, 2.0, 3.0], ASY).unwrap();
         assert!((r.tau - 0.816496580927726).abs() < 1e-15);
         let big: Vec<f64> = (0..3000).map(|i| i as f64).collect();
         let mut x = big.clone();
@@ -1052,9 +1272,83 @@ mod tests {
         x[1] = 0.0;
         x[2] = f64::NEG_INFINITY;
         x[2999] = f64::INFINITY;
-        assert!(close(kendall_tau(&x, &big).unwrap(), brute(&x, &big)));
-        let r = kendall_tau(&[f64::NEG_INFINITY, -1e300, 0.0, 1e-300, f64::INFINITY], &[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+        assert!(close(kendall_tau(&x, &big, ASY).unwrap(), brute(&x, &big)));
+        let r = kendall_tau(&[f64::NEG_INFINITY, -1e300, 0.0, 1e-300, f64::INFINITY], &[1.0, 2.0, 3.0, 4.0, 5.0], ASY).unwrap();
         assert!((r.tau - 1.0).abs() < 1e-15); // 10/√10/√10 rounds below 1, in scipy too
+    }
+
+    #[test]
+    fn kendall_exact_pvalue_is_scipys_to_the_bit() {
+        // reference: scipy.stats._mstats_basic._kendall_p_exact(n, c, alternative), scipy 1.17.1
+        use Alternative::*;
+        for (n, c, two, less, greater) in [
+            (3u64, 3u64, 0.3333333333333333, 1.0, 0.16666666666666666),
+            (3, 2, 1.0, 0.8333333333333333, 0.5),
+            (4, 3, 1.0, 0.625, 0.625),
+            (5, 7, 0.48333333333333334, 0.8833333333333333, 0.24166666666666667),
+            (10, 30, 0.21637345679012346, 0.9221290784832452, 0.10818672839506173),
+            (10, 20, 0.7274895282186948, 0.3637447641093474, 0.6996731701940035),
+            (20, 100, 0.7732194749063227, 0.6376818897363592, 0.38660973745316135),
+            (33, 300, 0.2736433388865907, 0.8698668013177696, 0.13682166944329535),
+            (33, 264, 1.0, 0.5061305884936991, 0.5061305884936987),
+            (40, 1, 9.804939513027087e-47, 4.902469756513544e-47, 1.0),
+            (40, 0, 2.451234878256772e-48, 1.225617439128386e-48, 1.0),
+            (200, 10000, 0.9167913467388841, 0.5424416799857379, 0.45839567336944204),
+            (300, 0, 0.0, 0.0, 1.0),
+        ] {
+            for (alt, want) in [(TwoSided, two), (Less, less), (Greater, greater)] {
+                assert_eq!(exact_pvalue(n, c, alt).unwrap(), want, "n={n} c={c} {alt:?}");
+            }
+        }
+        assert_eq!(exact_pvalue(2, 1, TwoSided).unwrap(), 1.0);
+        // too many terms: an error, not an allocation of terabytes
+        assert!(exact_pvalue(1_000_000, 250_000_000_000, TwoSided).is_err());
+    }
+
+    #[test]
+    fn kendall_auto_takes_the_exact_distribution_without_ties() {
+        let auto = Options::default();
+        // n = 2: exact p = 1 (the asymptotic one is erfc(1/√2)); n = 3 monotone: 2/3! = 1/3
+        assert_eq!(kendall_tau(&[1.0, 2.0], &[3.0, 4.0], auto).unwrap().pvalue, 1.0);
+        assert_eq!(kendall_tau(&[1.0, 2.0, 3.0], &[1.0, 2.0, 3.0], auto).unwrap().pvalue, 1.0 / 3.0);
+        // n = 100 without ties, all concordant but one pair: still exact (2/99!)
+        let x: Vec<f64> = (0..100).map(f64::from).collect();
+        let mut y = x.clone();
+        y.swap(0, 1);
+        assert_eq!(kendall_tau(&x, &y, auto).unwrap().pvalue, exact_pvalue(100, 4949, Alternative::TwoSided).unwrap());
+        // with a tie: asymptotic; `Exact` refuses
+        y[5] = y[6];
+        assert_eq!(kendall_tau(&x, &y, auto).unwrap(), kendall_tau(&x, &y, ASY).unwrap());
+        let exact = Options { method: Method::Exact, ..auto };
+        assert!(kendall_tau(&x, &y, exact).is_err());
+        assert!(kendall_tau_matrix(&[x.clone(), y].concat(), 2, 100, exact).is_err());
+        // τ-c: 2(P − Q)/(n²(m − 1)/m)
+        let c = Options { variant: Variant::C, ..auto };
+        let r = kendall_tau(&[1.0, 1.0, 2.0, 3.0], &[1.0, 2.0, 2.0, 3.0], c).unwrap();
+        assert!((r.tau - 2.0 * 4.0 / (16.0 * 2.0 / 3.0)).abs() < 1e-15, "{r:?}");
+    }
+
+    #[test]
+    fn kendall_factorial_is_correctly_rounded() {
+        // reference: float(math.factorial(n))
+        for (n, want) in [(0u64, 1.0), (1, 1.0), (20, 2432902008176640000.0), (21, 5.109094217170944e+19),
+            (22, 1.1240007277776077e+21), (23, 2.585201673888498e+22), (25, 1.5511210043330986e+25),
+            (33, 8.683317618811886e+36), (170, 7.257415615307999e+306)] {
+            assert_eq!(factorial(n), want, "{n}!");
+        }
+        assert_eq!(factorial(171), f64::INFINITY);
+    }
+
+    #[test]
+    fn kendall_pairwise_sum_orders_as_numpy() {
+        // a big value first, so the order of the additions shows in the rounding;
+        // reference: float(np.sum(v)) (numpy 2.4), which differs from a left-to-right sum
+        for (n, want) in [(0usize, 0.0), (1, 1e16), (7, 1.0000000000000012e16), (8, 1.000000000000001e16),
+            (9, 1.0000000000000012e16), (100, 1.000000000000059e16), (128, 1.0000000000000938e16),
+            (129, 1.0000000000000952e16), (300, 1.0000000000004782e16)] {
+            let v: Vec<f64> = (0..n).map(|i| if i == 0 { 1e16 } else { 1.0 + i as f64 * 0.1 }).collect();
+            assert_eq!(pairwise_sum(&v), want, "n={n}");
+        }
     }
 
     #[test]

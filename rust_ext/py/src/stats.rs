@@ -2,7 +2,8 @@
 //! the GIL is released around the O(n log n) work. Reached through `irtrain.stats`.
 use std::borrow::Cow;
 
-use irtrain_core::{kendall, CoreError};
+use irtrain_core::kendall::{self, Alternative, Method, Options, Variant};
+use irtrain_core::CoreError;
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
@@ -16,23 +17,64 @@ fn values<'a, D: numpy::ndarray::Dimension>(a: &'a numpy::PyReadonlyArray<'_, f6
     }
 }
 
-/// Kendall tau-b and its two-sided asymptotic p-value of two equally long 1-D float64 arrays.
+/// scipy's spelling of the options (`method`, `variant`, `alternative`).
+fn options(method: &str, variant: &str, alternative: &str) -> PyResult<Options> {
+    let bad = |what: &str, v: &str, ok: &str| to_pyerr(CoreError::Input(format!("kendall_tau: {what} {v:?} is not one of {ok}")));
+    Ok(Options {
+        method: match method {
+            "auto" => Method::Auto,
+            "asymptotic" => Method::Asymptotic,
+            "exact" => Method::Exact,
+            _ => return Err(bad("method", method, "auto, asymptotic, exact")),
+        },
+        variant: match variant {
+            "b" => Variant::B,
+            "c" => Variant::C,
+            _ => return Err(bad("variant", variant, "b, c")),
+        },
+        alternative: match alternative {
+            "two-sided" => Alternative::TwoSided,
+            "less" => Alternative::Less,
+            "greater" => Alternative::Greater,
+            _ => return Err(bad("alternative", alternative, "two-sided, less, greater")),
+        },
+    })
+}
+
+/// Kendall tau and its p-value of two equally long 1-D float64 arrays (scipy's options).
 #[pyfunction]
-fn kendall_tau(py: Python<'_>, x: PyReadonlyArray1<'_, f64>, y: PyReadonlyArray1<'_, f64>) -> PyResult<(f64, f64)> {
+#[pyo3(signature = (x, y, method = "auto", variant = "b", alternative = "two-sided"))]
+fn kendall_tau(
+    py: Python<'_>,
+    x: PyReadonlyArray1<'_, f64>,
+    y: PyReadonlyArray1<'_, f64>,
+    method: &str,
+    variant: &str,
+    alternative: &str,
+) -> PyResult<(f64, f64)> {
+    let opts = options(method, variant, alternative)?;
     let (xs, ys) = (values(&x), values(&y));
-    let r = py.detach(|| kendall::kendall_tau(&xs, &ys)).map_err(to_pyerr)?;
+    let r = py.detach(|| kendall::kendall_tau(&xs, &ys, opts)).map_err(to_pyerr)?;
     Ok((r.tau, r.pvalue))
 }
 
-/// Kendall tau-b and p-value between every pair of rows of a 2-D float64 array.
+/// The tau and p-value matrices, `[n_vars, n_vars]` each.
+type Square<'py> = (Bound<'py, PyArray2<f64>>, Bound<'py, PyArray2<f64>>);
+
+/// Kendall tau and p-value between every pair of rows of a 2-D float64 array.
 #[pyfunction]
+#[pyo3(signature = (m, method = "auto", variant = "b", alternative = "two-sided"))]
 fn kendall_tau_matrix<'py>(
     py: Python<'py>,
     m: PyReadonlyArray2<'py, f64>,
-) -> PyResult<(Bound<'py, PyArray2<f64>>, Bound<'py, PyArray2<f64>>)> {
+    method: &str,
+    variant: &str,
+    alternative: &str,
+) -> PyResult<Square<'py>> {
+    let opts = options(method, variant, alternative)?;
     let (n_vars, n_obs) = (m.shape()[0], m.shape()[1]);
     let data = values(&m);
-    let (tau, p) = py.detach(|| kendall::kendall_tau_matrix(&data, n_vars, n_obs)).map_err(to_pyerr)?;
+    let (tau, p) = py.detach(|| kendall::kendall_tau_matrix(&data, n_vars, n_obs, opts)).map_err(to_pyerr)?;
     let square = |v: Vec<f64>| {
         PyArray1::from_vec(py, v)
             .reshape([n_vars, n_vars])
