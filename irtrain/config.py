@@ -296,9 +296,9 @@ def _coerce(name: str, tp: Any, value: Any, where: str) -> Any:
         if typing.get_origin(base) is list:
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v]
-            elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-                value = [p for v in value for p in v.split(",") if p]  # --flag a,b --flag c
             item = (typing.get_args(base) or (str,))[0]
+            if item is float and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+                value = [p for v in value for p in v.split(",") if p]  # --weights 0.7,0.3 (or repeated)
             return [float(v) if item is float else str(v) for v in value]
         if base is bool:
             if isinstance(value, str):
