@@ -318,7 +318,7 @@ def test_kto_z_from_mismatched_pairs(tiny_model_dir, unpaired_dir, tok, tmp_path
     policy = load_model(tiny_model_dir)
     obj, ctx = set_up(cfg, policy)
     assert obj.kto_refs is not None and list((tmp_path / "refs").glob("kto-mismatched-*.safetensors"))
-    rows, _ = plan_micro_batches(cfg, ctx.data.lengths, 1, 0)[0]
+    rows, _ = plan_micro_batches(cfg, ctx.data, 1, 0)[0]
     b = ctx.data.batch(rows)
     ex = batch_examples(b, [True], obj.row_lengths)
     segs = ex.groups[1][:, 0]
