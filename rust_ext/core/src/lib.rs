@@ -10,6 +10,8 @@ pub mod pack;
 pub mod prepare;
 pub mod rows;
 pub mod shard;
+// score's states
+pub mod steps;
 pub mod template;
 pub mod tokenize;
 
