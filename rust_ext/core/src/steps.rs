@@ -78,7 +78,10 @@ impl StepSplitter {
             special[id as usize] = t.special;
         }
         // the unknown token stands for content it could not encode, never for the turn's end
-        if let Some(unk) = spec["model"]["unk_token"].as_str().and_then(|u| tok.token_to_id(u)) {
+        if let Some(unk) = spec["model"]["unk_token"]
+            .as_str()
+            .and_then(|u| tok.token_to_id(u))
+        {
             special[unk as usize] = false;
         }
         let pieces = byte_level(&spec).then(|| {
@@ -98,7 +101,11 @@ impl StepSplitter {
                 })
                 .collect()
         });
-        Ok(Self { tok, pieces, special })
+        Ok(Self {
+            tok,
+            pieces,
+            special,
+        })
     }
 
     /// Whether token bytes come from the byte alphabet (else incremental decoding).
@@ -111,7 +118,12 @@ impl StepSplitter {
         if let Some(table) = &self.pieces {
             let known: Option<Vec<Vec<u8>>> = ids
                 .iter()
-                .map(|&i| table.get(i as usize).and_then(|p| p.as_deref()).map(<[u8]>::to_vec))
+                .map(|&i| {
+                    table
+                        .get(i as usize)
+                        .and_then(|p| p.as_deref())
+                        .map(<[u8]>::to_vec)
+                })
                 .collect();
             if let Some(p) = known {
                 return Ok(p);
@@ -183,20 +195,30 @@ impl StepSplitter {
     /// is trained; its first token must not be (`s_0` is the one before).
     pub fn split(&self, arrays: &[Arrays<'_>], delimiter: &[u8]) -> Result<Split> {
         if delimiter.is_empty() {
-            return Err(CoreError::Input("the step delimiter must not be empty".into()));
+            return Err(CoreError::Input(
+                "the step delimiter must not be empty".into(),
+            ));
         }
         let mut spans = Vec::new(); // (segment index, ids, labels)
         let mut n = 0i64;
         for &(ids, labels, offsets) in arrays {
             if ids.len() != labels.len() {
-                return Err(CoreError::Input("input_ids and labels differ in length".into()));
+                return Err(CoreError::Input(
+                    "input_ids and labels differ in length".into(),
+                ));
             }
             for w in offsets.windows(2) {
                 let (a, b) = (w[0], w[1]);
                 if a < 0 || b < a || b as usize > ids.len() {
-                    return Err(CoreError::Input(format!("segment {n}: offsets {a}..{b} are not inside the tokens")));
+                    return Err(CoreError::Input(format!(
+                        "segment {n}: offsets {a}..{b} are not inside the tokens"
+                    )));
                 }
-                spans.push((n, &ids[a as usize..b as usize], &labels[a as usize..b as usize]));
+                spans.push((
+                    n,
+                    &ids[a as usize..b as usize],
+                    &labels[a as usize..b as usize],
+                ));
                 n += 1;
             }
         }
@@ -218,7 +240,10 @@ impl StepSplitter {
                 Ok(Some((seg, states, terminal)))
             })
             .collect();
-        let mut out = Split { offsets: vec![0], ..Split::default() };
+        let mut out = Split {
+            offsets: vec![0],
+            ..Split::default()
+        };
         for r in per {
             if let Some((seg, states, terminal)) = r? {
                 out.segment.push(seg);
@@ -286,7 +311,10 @@ fn find(text: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     if from + needle.len() > text.len() {
         return None;
     }
-    text[from..].windows(needle.len()).position(|w| w == needle).map(|p| p + from)
+    text[from..]
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p + from)
 }
 
 /// Whether the tokenizer decodes through the byte-level alphabet (its decoder, or
@@ -294,7 +322,9 @@ fn find(text: &[u8], needle: &[u8], from: usize) -> Option<usize> {
 fn byte_level(spec: &Json) -> bool {
     let dec = &spec["decoder"];
     dec["type"] == "ByteLevel"
-        || dec["decoders"].as_array().is_some_and(|d| d.iter().any(|x| x["type"] == "ByteLevel"))
+        || dec["decoders"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|x| x["type"] == "ByteLevel"))
 }
 
 /// GPT-2's byte-to-unicode table: the char each byte is written as in the vocabulary.
@@ -302,8 +332,9 @@ fn byte_chars() -> [char; 256] {
     let mut out = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable =
-            (b'!' as u32..=b'~' as u32).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable = (b'!' as u32..=b'~' as u32).contains(&b)
+            || (0xA1..=0xAC).contains(&b)
+            || (0xAE..=0xFF).contains(&b);
         out[b as usize] = if printable {
             char::from_u32(b).unwrap()
         } else {
@@ -324,7 +355,10 @@ mod tests {
 
     #[test]
     fn step_ends_on_hand_made_pieces() {
-        assert_eq!(step_ends(&p(&["a", "\n", "\nb", "c\n\n", "\n\n", "d"]), b"\n\n"), vec![2, 4, 5]);
+        assert_eq!(
+            step_ends(&p(&["a", "\n", "\nb", "c\n\n", "\n\n", "d"]), b"\n\n"),
+            vec![2, 4, 5]
+        );
         assert_eq!(step_ends(&p(&["\n\n", "x"]), b"\n\n"), vec![1]);
         assert_eq!(step_ends(&p(&["x\n\n"]), b"\n\n"), vec![0]);
         assert_eq!(step_ends(&p(&["x", "y"]), b"\n\n"), vec![1]);
@@ -339,9 +373,15 @@ mod tests {
         // "x", <|im_end|>, "\n": the special one; the newline after it is no state
         assert_eq!(end_of_turn(&p(&["x", "<e>", "\n"]), sp(&[1])), Some(1));
         // <|end|>, "\n", <|endoftext|>: the first one closes the turn
-        assert_eq!(end_of_turn(&p(&["x", "<a>", "\n", "<b>"]), sp(&[1, 3])), Some(1));
+        assert_eq!(
+            end_of_turn(&p(&["x", "<a>", "\n", "<b>"]), sp(&[1, 3])),
+            Some(1)
+        );
         // a special token inside the content is content
-        assert_eq!(end_of_turn(&p(&["<a>", "x", "\n\n", "<b>"]), sp(&[0, 3])), Some(3));
+        assert_eq!(
+            end_of_turn(&p(&["<a>", "x", "\n\n", "<b>"]), sp(&[0, 3])),
+            Some(3)
+        );
         assert_eq!(end_of_turn(&p(&["x", "\n"]), sp(&[])), None);
         assert_eq!(end_of_turn(&p(&["<a>"]), sp(&[0])), Some(0));
     }
@@ -356,7 +396,10 @@ mod tests {
         let ids = tok.encode(text, false).unwrap().get_ids().to_vec();
         let pieces = s.token_bytes(&ids).unwrap();
         assert_eq!(pieces.concat(), text.as_bytes());
-        assert_eq!(s.incremental_token_bytes(&ids).unwrap().concat(), text.as_bytes());
+        assert_eq!(
+            s.incremental_token_bytes(&ids).unwrap().concat(),
+            text.as_bytes()
+        );
         let (ends, terminal) = s.response_states(&ids, b"\n\n").unwrap();
         let eot = pieces.iter().position(|x| x == b"<|im_end|>").unwrap();
         assert!(terminal && *ends.last().unwrap() == eot && ends[ends.len() - 2] == eot - 1);
@@ -369,10 +412,15 @@ mod tests {
         let out = s.split(&[(&all, &labels, &offsets)], b"\n\n").unwrap();
         assert_eq!(out.segment, vec![1]);
         assert_eq!(out.states[0], 0);
-        assert_eq!(out.states[1..], ends.iter().map(|&e| e as i64 + 1).collect::<Vec<_>>()[..]);
+        assert_eq!(
+            out.states[1..],
+            ends.iter().map(|&e| e as i64 + 1).collect::<Vec<_>>()[..]
+        );
         assert_eq!(out.terminal, vec![true]);
         assert!(s.split(&[(&all, &labels, &offsets)], b"").is_err());
         let trained_first = [2i64, all.len() as i64];
-        assert!(s.split(&[(&all, &labels, &trained_first)], b"\n\n").is_err());
+        assert!(s
+            .split(&[(&all, &labels, &trained_first)], b"\n\n")
+            .is_err());
     }
 }

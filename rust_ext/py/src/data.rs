@@ -418,7 +418,9 @@ pub struct PyStepSplitter {
 }
 
 /// A 1-D array's values, borrowed when contiguous.
-fn slice_of<'a, T: numpy::Element + Copy>(a: &'a PyReadonlyArray1<'_, T>) -> std::borrow::Cow<'a, [T]> {
+fn slice_of<'a, T: numpy::Element + Copy>(
+    a: &'a PyReadonlyArray1<'_, T>,
+) -> std::borrow::Cow<'a, [T]> {
     match a.as_slice() {
         Ok(s) => std::borrow::Cow::Borrowed(s),
         Err(_) => std::borrow::Cow::Owned(a.as_array().iter().copied().collect()),
@@ -430,7 +432,9 @@ impl PyStepSplitter {
     /// From the JSON text of the tokenizer (`backend_tokenizer.to_str()`).
     #[new]
     fn new(py: Python<'_>, tokenizer_json: &str) -> PyResult<Self> {
-        let inner = py.detach(|| StepSplitter::from_json(tokenizer_json)).map_err(to_pyerr)?;
+        let inner = py
+            .detach(|| StepSplitter::from_json(tokenizer_json))
+            .map_err(to_pyerr)?;
         Ok(Self { inner })
     }
 
@@ -441,9 +445,15 @@ impl PyStepSplitter {
     }
 
     /// The exact bytes each token contributes to the decoded text.
-    fn token_bytes<'py>(&self, py: Python<'py>, ids: PyReadonlyArray1<'py, u32>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    fn token_bytes<'py>(
+        &self,
+        py: Python<'py>,
+        ids: PyReadonlyArray1<'py, u32>,
+    ) -> PyResult<Vec<Bound<'py, PyBytes>>> {
         let ids = slice_of(&ids);
-        let pieces = py.detach(|| self.inner.token_bytes(&ids)).map_err(to_pyerr)?;
+        let pieces = py
+            .detach(|| self.inner.token_bytes(&ids))
+            .map_err(to_pyerr)?;
         Ok(pieces.iter().map(|p| PyBytes::new(py, p)).collect())
     }
 
@@ -454,12 +464,24 @@ impl PyStepSplitter {
     fn split<'py>(
         &self,
         py: Python<'py>,
-        arrays: Vec<(PyReadonlyArray1<'py, u32>, PyReadonlyArray1<'py, i32>, PyReadonlyArray1<'py, i64>)>,
+        arrays: Vec<(
+            PyReadonlyArray1<'py, u32>,
+            PyReadonlyArray1<'py, i32>,
+            PyReadonlyArray1<'py, i64>,
+        )>,
         delimiter: &[u8],
     ) -> PyResult<Bound<'py, PyDict>> {
-        let held: Vec<_> = arrays.iter().map(|(i, l, o)| (slice_of(i), slice_of(l), slice_of(o))).collect();
-        let views: Vec<(&[u32], &[i32], &[i64])> = held.iter().map(|(i, l, o)| (&i[..], &l[..], &o[..])).collect();
-        let out = py.detach(|| self.inner.split(&views, delimiter)).map_err(to_pyerr)?;
+        let held: Vec<_> = arrays
+            .iter()
+            .map(|(i, l, o)| (slice_of(i), slice_of(l), slice_of(o)))
+            .collect();
+        let views: Vec<(&[u32], &[i32], &[i64])> = held
+            .iter()
+            .map(|(i, l, o)| (&i[..], &l[..], &o[..]))
+            .collect();
+        let out = py
+            .detach(|| self.inner.split(&views, delimiter))
+            .map_err(to_pyerr)?;
         let d = PyDict::new(py);
         d.set_item("segment", PyArray1::from_vec(py, out.segment))?;
         d.set_item("offsets", PyArray1::from_vec(py, out.offsets))?;
