@@ -62,8 +62,18 @@ def ref_incremental_token_bytes(tokenizer, ids: list[int]) -> list[bytes]:
     return pieces
 
 
+def _spec(tokenizer) -> dict:
+    key = id(tokenizer)  # the tests' tokenizers live as long as the module
+    if key not in _SPECS:
+        _SPECS[key] = json.loads(tokenizer.backend_tokenizer.to_str())
+    return _SPECS[key]
+
+
+_SPECS: dict[int, dict] = {}
+
+
 def _byte_decoder(tokenizer) -> dict[str, int] | None:
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec = _spec(tokenizer)
     dec = spec.get("decoder") or {}
     if "ByteLevel" not in [dec.get("type")] + [d.get("type") for d in dec.get("decoders", []) or []]:
         return None
@@ -127,7 +137,7 @@ def ref_states(tokenizer, ids: list[int], labels: list[int], delimiter: bytes) -
 
 def _unk_id(tokenizer) -> int | None:
     """The model's unknown token (content it could not encode, never the end of a turn)."""
-    unk = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("unk_token")
+    unk = _spec(tokenizer)["model"].get("unk_token")
     return tokenizer.convert_tokens_to_ids(unk) if unk else None
 
 

@@ -207,11 +207,10 @@ def read_segments(shards: ShardSet, tokenizer: Any, delimiter: str, *, max_len: 
         arrays.append((a["input_ids"], a["labels"], so))
         row0 += sh.num_rows
     found = split_states(tokenizer, arrays, delimiter)
-    seg = np.concatenate(where) if where else np.zeros((0, 5), np.int64)
-    off = found.offsets
-    return [ScoredSegment(example=int(seg[g, 3]), part=int(seg[g, 4]), row=int(seg[g, 0]), start=int(seg[g, 1]),
-                          length=int(seg[g, 2]), states=found.states[off[i]:off[i + 1]], terminal=bool(found.terminal[i]))
-            for i, g in enumerate(found.segment.tolist())]
+    seg = (np.concatenate(where) if where else np.zeros((0, 5), np.int64))[found.segment].tolist()
+    states = np.split(found.states, found.offsets[1:-1]) if len(found.segment) else []
+    return [ScoredSegment(example=ex, part=part, row=row, start=start, length=n, states=st, terminal=term)
+            for (row, start, n, ex, part), st, term in zip(seg, states, found.terminal.tolist())]
 
 
 def states_hash(shards: ShardSet, segments: list[ScoredSegment]) -> str:

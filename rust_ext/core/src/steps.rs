@@ -24,6 +24,8 @@
 //! belongs to the token completing it). The Python reference of all of this is
 //! in `tests/test_score_steps.py`.
 use rayon::prelude::*;
+use std::sync::OnceLock;
+
 use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
@@ -34,7 +36,10 @@ const IGNORE_INDEX: i32 = -100;
 
 /// Splits responses into states for one tokenizer; built once per vocabulary.
 pub struct StepSplitter {
-    tok: Tokenizer,
+    json: String,
+    /// the `tokenizers` tokenizer, for incremental decoding: loaded when first needed
+    /// (never, for a byte-level vocabulary whose every id is in the table)
+    tok: OnceLock<std::result::Result<Tokenizer, String>>,
     /// byte-level BPE: each id's bytes; None where an id is not in the byte
     /// alphabet (its segment then decodes incrementally, as any tokenizer)
     pieces: Option<Vec<Option<Box<[u8]>>>>,
@@ -57,55 +62,135 @@ pub struct Split {
 /// One shard's flat arrays: token ids, labels, and the `[S + 1]` segment offsets into them.
 pub type Arrays<'a> = (&'a [u32], &'a [i32], &'a [i64]);
 
+/// Tokens' bytes, flat: token k is `text[ends[k - 1]..ends[k]]`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pieces {
+    pub text: Vec<u8>,
+    pub ends: Vec<usize>,
+}
+
+impl Pieces {
+    pub fn from_pieces(pieces: &[Vec<u8>]) -> Self {
+        let mut out = Self::default();
+        for p in pieces {
+            out.push(p);
+        }
+        out
+    }
+
+    fn push(&mut self, p: &[u8]) {
+        self.text.extend_from_slice(p);
+        self.ends.push(self.text.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn piece(&self, k: usize) -> &[u8] {
+        &self.text[if k == 0 { 0 } else { self.ends[k - 1] }..self.ends[k]]
+    }
+
+    pub fn to_vecs(&self) -> Vec<Vec<u8>> {
+        (0..self.len()).map(|k| self.piece(k).to_vec()).collect()
+    }
+}
+
 impl StepSplitter {
     /// From the JSON text of a tokenizer (`tokenizer.json`, or transformers'
-    /// `backend_tokenizer.to_str()`).
+    /// `backend_tokenizer.to_str()`): the vocabulary, the added tokens and the decoder
+    /// are read from it; the `tokenizers` crate loads it only for incremental decoding.
     pub fn from_json(json: &str) -> Result<Self> {
-        let tok: Tokenizer = json
-            .parse()
-            .map_err(|e| CoreError::Tokenizer(format!("cannot load the tokenizer: {e}")))?;
         let spec: Json = serde_json::from_str(json)
             .map_err(|e| CoreError::Tokenizer(format!("cannot read the tokenizer's JSON: {e}")))?;
-        let added = tok.get_added_tokens_decoder();
-        let size = tok
-            .get_vocab(true)
-            .values()
-            .chain(added.keys())
+        let bad =
+            |what: &str| CoreError::Tokenizer(format!("the tokenizer's JSON has no valid {what}"));
+        let mut added: Vec<(u32, &str, bool)> = Vec::new(); // (id, content, special)
+        for t in spec["added_tokens"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice)
+        {
+            let id = t["id"].as_u64().ok_or_else(|| bad("added token id"))? as u32;
+            let content = t["content"]
+                .as_str()
+                .ok_or_else(|| bad("added token content"))?;
+            added.push((id, content, t["special"].as_bool().unwrap_or(false)));
+        }
+        // BPE and WordPiece: {token: id}; any other model gets no table (incremental decoding)
+        let vocab: Vec<(&str, u32)> = spec["model"]["vocab"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(t, id)| Some((t.as_str(), id.as_u64()? as u32)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut this = Self {
+            json: json.to_owned(),
+            tok: OnceLock::new(),
+            pieces: None,
+            special: Vec::new(),
+        };
+        let size = vocab
+            .iter()
+            .map(|v| v.1)
+            .chain(added.iter().map(|a| a.0))
             .max()
-            .map_or(0, |&m| m as usize + 1);
-        let mut special = vec![false; size];
-        for (&id, t) in &added {
-            special[id as usize] = t.special;
+            .map_or(0, |m| m as usize + 1);
+        let size = if vocab.is_empty() {
+            size.max(this.tokenizer()?.get_vocab_size(true))
+        } else {
+            size
+        };
+        this.special = vec![false; size];
+        for &(id, _, special) in &added {
+            this.special[id as usize] = special;
         }
         // the unknown token stands for content it could not encode, never for the turn's end
-        if let Some(unk) = spec["model"]["unk_token"]
-            .as_str()
-            .and_then(|u| tok.token_to_id(u))
-        {
-            special[unk as usize] = false;
+        if let Some(unk) = spec["model"]["unk_token"].as_str() {
+            let id = added
+                .iter()
+                .find(|a| a.1 == unk)
+                .map(|a| a.0)
+                .or_else(|| vocab.iter().find(|v| v.0 == unk).map(|v| v.1));
+            if let Some(id) = id {
+                this.special[id as usize] = false;
+            }
         }
-        let pieces = byte_level(&spec).then(|| {
+        if byte_level(&spec) && !vocab.is_empty() {
             let mut table = [None::<u8>; 0x180];
             for (b, c) in byte_chars().iter().enumerate() {
                 table[*c as usize] = Some(b as u8);
             }
-            (0..size as u32)
-                .map(|id| match added.get(&id) {
-                    Some(t) => Some(t.content.as_bytes().into()),
-                    None => tok.id_to_token(id).and_then(|t| {
-                        t.chars()
-                            .map(|c| table.get(c as usize).copied().flatten())
-                            .collect::<Option<Vec<u8>>>()
-                            .map(Vec::into_boxed_slice)
-                    }),
-                })
-                .collect()
-        });
-        Ok(Self {
-            tok,
-            pieces,
-            special,
-        })
+            let mut pieces: Vec<Option<Box<[u8]>>> = vec![None; size];
+            for &(t, id) in &vocab {
+                pieces[id as usize] = t
+                    .chars()
+                    .map(|c| table.get(c as usize).copied().flatten())
+                    .collect::<Option<Vec<u8>>>()
+                    .map(Vec::into_boxed_slice);
+            }
+            for &(id, content, _) in &added {
+                pieces[id as usize] = Some(content.as_bytes().into()); // added tokens as their content
+            }
+            this.pieces = Some(pieces);
+        }
+        Ok(this)
+    }
+
+    fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tok
+            .get_or_init(|| {
+                self.json
+                    .parse()
+                    .map_err(|e| format!("cannot load the tokenizer: {e}"))
+            })
+            .as_ref()
+            .map_err(|e| CoreError::Tokenizer(e.clone()))
     }
 
     /// Whether token bytes come from the byte alphabet (else incremental decoding).
@@ -115,21 +200,29 @@ impl StepSplitter {
 
     /// The exact bytes each token of `ids` contributes to the decoded text.
     pub fn token_bytes(&self, ids: &[u32]) -> Result<Vec<Vec<u8>>> {
+        Ok(self.pieces_of(ids)?.to_vecs())
+    }
+
+    fn pieces_of(&self, ids: &[u32]) -> Result<Pieces> {
         if let Some(table) = &self.pieces {
-            let known: Option<Vec<Vec<u8>>> = ids
-                .iter()
-                .map(|&i| {
-                    table
-                        .get(i as usize)
-                        .and_then(|p| p.as_deref())
-                        .map(<[u8]>::to_vec)
-                })
-                .collect();
-            if let Some(p) = known {
-                return Ok(p);
+            let mut out = Pieces {
+                text: Vec::with_capacity(ids.len() * 4),
+                ends: Vec::with_capacity(ids.len()),
+            };
+            let all = ids.iter().all(
+                |&i| match table.get(i as usize).and_then(|p| p.as_deref()) {
+                    Some(p) => {
+                        out.push(p);
+                        true
+                    }
+                    None => false,
+                },
+            );
+            if all {
+                return Ok(out);
             }
         }
-        self.incremental_token_bytes(ids)
+        Ok(Pieces::from_pieces(&self.incremental_token_bytes(ids)?))
     }
 
     /// Per-token bytes by incremental decoding: two decodes of a small window that
@@ -141,7 +234,7 @@ impl StepSplitter {
             if a == b {
                 return Ok(Vec::new());
             }
-            self.tok
+            self.tokenizer()?
                 .decode(&ids[a..b], false)
                 .map(|s| s.chars().collect())
                 .map_err(|e| CoreError::Tokenizer(format!("cannot decode tokens: {e}")))
@@ -180,10 +273,15 @@ impl StepSplitter {
     /// into it: the end of every step, then the end-of-turn token; and whether
     /// that last one is there.
     pub fn response_states(&self, resp: &[u32], delimiter: &[u8]) -> Result<(Vec<usize>, bool)> {
-        let pieces = self.token_bytes(resp)?;
+        let pieces = self.pieces_of(resp)?;
         let eot = end_of_turn(&pieces, |k| self.is_special(resp[k]));
         let content = eot.unwrap_or(pieces.len());
-        let mut ends = step_ends(&pieces[..content], delimiter);
+        let text_end = if content == 0 {
+            0
+        } else {
+            pieces.ends[content - 1]
+        };
+        let mut ends = step_ends(&pieces.text[..text_end], &pieces.ends[..content], delimiter);
         if let Some(e) = eot {
             ends.push(e);
         }
@@ -258,33 +356,27 @@ impl StepSplitter {
 
 /// Index of the end-of-turn token: the first special token of the trailing run
 /// of special and whitespace-only tokens; None when that run has no special token.
-pub fn end_of_turn(pieces: &[Vec<u8>], special: impl Fn(usize) -> bool) -> Option<usize> {
+pub fn end_of_turn(pieces: &Pieces, special: impl Fn(usize) -> bool) -> Option<usize> {
     let mut eot = None;
     for k in (0..pieces.len()).rev() {
         if special(k) {
             eot = Some(k);
-        } else if !pieces[k].iter().all(u8::is_ascii_whitespace) {
+        } else if !pieces.piece(k).iter().all(u8::is_ascii_whitespace) {
             break;
         }
     }
     eot
 }
 
-/// Index (into `pieces`) of the token that ends each step: never empty for
-/// non-empty pieces, strictly increasing, the last is `pieces.len() - 1`.
-pub fn step_ends(pieces: &[Vec<u8>], delimiter: &[u8]) -> Vec<usize> {
-    if pieces.is_empty() {
+/// Index of the token that ends each step, for tokens whose bytes are `text`
+/// (token k ends at byte `ends[k]`): never empty for a non-empty text of tokens,
+/// strictly increasing, the last is `ends.len() - 1`.
+pub fn step_ends(text: &[u8], ends: &[usize], delimiter: &[u8]) -> Vec<usize> {
+    if ends.is_empty() {
         return Vec::new();
     }
-    let text: Vec<u8> = pieces.concat();
-    let mut ends = Vec::with_capacity(pieces.len()); // byte end of each token
-    let mut at = 0usize;
-    for p in pieces {
-        at += p.len();
-        ends.push(at);
-    }
     let d = delimiter.len();
-    let last = pieces.len() - 1;
+    let last = ends.len() - 1;
     let mut out: Vec<usize> = Vec::new();
     let push = |t: usize, out: &mut Vec<usize>| {
         if out.last() != Some(&t) {
@@ -292,7 +384,7 @@ pub fn step_ends(pieces: &[Vec<u8>], delimiter: &[u8]) -> Vec<usize> {
         }
     };
     let mut i = 0usize;
-    while let Some(j) = find(&text, delimiter, i) {
+    while let Some(j) = find(text, delimiter, i) {
         let mut e = j + d;
         while text[e..].starts_with(delimiter) {
             e += d; // a run of delimiters is one boundary
@@ -308,6 +400,23 @@ pub fn step_ends(pieces: &[Vec<u8>], delimiter: &[u8]) -> Vec<usize> {
 }
 
 fn find(text: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    let (first, rest) = needle.split_first()?;
+    let mut at = from;
+    while at + needle.len() <= text.len() {
+        let k = text[at..=text.len() - needle.len()]
+            .iter()
+            .position(|b| b == first)?
+            + at;
+        if text[k + 1..].starts_with(rest) {
+            return Some(k);
+        }
+        at = k + 1;
+    }
+    None
+}
+
+#[cfg(test)]
+fn find_naive(text: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     if from + needle.len() > text.len() {
         return None;
     }
@@ -349,22 +458,49 @@ fn byte_chars() -> [char; 256] {
 mod tests {
     use super::*;
 
-    fn p(s: &[&str]) -> Vec<Vec<u8>> {
-        s.iter().map(|x| x.as_bytes().to_vec()).collect()
+    fn p(s: &[&str]) -> Pieces {
+        Pieces::from_pieces(&s.iter().map(|x| x.as_bytes().to_vec()).collect::<Vec<_>>())
+    }
+
+    fn ends_of(s: &[&str], delimiter: &[u8]) -> Vec<usize> {
+        let q = p(s);
+        step_ends(&q.text, &q.ends, delimiter)
+    }
+
+    #[test]
+    fn find_agrees_with_a_naive_search() {
+        let text = b"aab\n\n\nxx\n\nab\naa\n";
+        for needle in [
+            &b"\n\n"[..],
+            b"a",
+            b"ab",
+            b"\n",
+            b"xx\n",
+            b"zz",
+            b"aab\n\n\nxx\n\nab\naa\n",
+        ] {
+            for from in 0..=text.len() {
+                assert_eq!(
+                    find(text, needle, from),
+                    find_naive(text, needle, from),
+                    "{needle:?} {from}"
+                );
+            }
+        }
     }
 
     #[test]
     fn step_ends_on_hand_made_pieces() {
         assert_eq!(
-            step_ends(&p(&["a", "\n", "\nb", "c\n\n", "\n\n", "d"]), b"\n\n"),
+            ends_of(&["a", "\n", "\nb", "c\n\n", "\n\n", "d"], b"\n\n"),
             vec![2, 4, 5]
         );
-        assert_eq!(step_ends(&p(&["\n\n", "x"]), b"\n\n"), vec![1]);
-        assert_eq!(step_ends(&p(&["x\n\n"]), b"\n\n"), vec![0]);
-        assert_eq!(step_ends(&p(&["x", "y"]), b"\n\n"), vec![1]);
-        assert_eq!(step_ends(&p(&["x\n\ny"]), b"\n\n"), vec![0]);
-        assert_eq!(step_ends(&p(&["s1 ", "##", "s2", "##"]), b"##"), vec![1, 3]);
-        assert!(step_ends(&[], b"\n\n").is_empty());
+        assert_eq!(ends_of(&["\n\n", "x"], b"\n\n"), vec![1]);
+        assert_eq!(ends_of(&["x\n\n"], b"\n\n"), vec![0]);
+        assert_eq!(ends_of(&["x", "y"], b"\n\n"), vec![1]);
+        assert_eq!(ends_of(&["x\n\ny"], b"\n\n"), vec![0]);
+        assert_eq!(ends_of(&["s1 ", "##", "s2", "##"], b"##"), vec![1, 3]);
+        assert!(ends_of(&[], b"\n\n").is_empty());
     }
 
     #[test]
