@@ -62,6 +62,9 @@ pub struct Split {
 /// One shard's flat arrays: token ids, labels, and the `[S + 1]` segment offsets into them.
 pub type Arrays<'a> = (&'a [u32], &'a [i32], &'a [i64]);
 
+/// One segment's (index, states, terminal).
+type SegmentStates = (i64, Vec<i64>, bool);
+
 /// Tokens' bytes, flat: token k is `text[ends[k - 1]..ends[k]]`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Pieces {
@@ -320,7 +323,7 @@ impl StepSplitter {
                 n += 1;
             }
         }
-        let per: Vec<Result<Option<(i64, Vec<i64>, bool)>>> = spans
+        let per: Vec<Result<Option<SegmentStates>>> = spans
             .par_iter()
             .map(|&(seg, ids, labels)| {
                 let resp: Vec<usize> = (0..ids.len()).filter(|&t| labels[t] != IGNORE_INDEX).collect();
