@@ -5,7 +5,7 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["__version__", "Encoder", "Preparer", "detect_format", "kendall_tau", "kendall_tau_matrix", "pack_bfd", "write_shards"]
+__all__ = ["__version__", "Encoder", "Preparer", "StepSplitter", "detect_format", "kendall_tau", "kendall_tau_matrix", "pack_bfd", "write_shards"]
 __version__: str
 
 # --------------------------------------------------------------------------- data path (irtrain.data)
@@ -74,6 +74,22 @@ class Preparer:
     def finish(self) -> str: ...
 
 def detect_format(line: str, columns: list[tuple[str, str]] = ...) -> str: ...
+
+# --------------------------------------------------------------------------- score states (irtrain.score.steps)
+@final
+class StepSplitter:
+    """score's states (`rust_ext/core/src/steps.rs`) for one tokenizer (its JSON text)."""
+
+    def __new__(cls, tokenizer_json: str) -> StepSplitter: ...
+    @property
+    def byte_level(self) -> bool: ...
+    def token_bytes(self, ids: npt.NDArray[np.uint32]) -> list[bytes]: ...
+    def split(
+        self,
+        arrays: list[tuple[npt.NDArray[np.uint32], npt.NDArray[np.int32], npt.NDArray[np.int64]]],
+        delimiter: bytes,
+    ) -> dict[str, npt.NDArray[Any]]: ...
+
 def pack_bfd(lengths: npt.NDArray[np.int64], capacity: int) -> list[list[int]]: ...
 def write_shards(
     out_dir: str,

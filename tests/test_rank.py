@@ -98,10 +98,10 @@ def test_two_checkpoints_scored_and_ranked_through_the_cli(tmp_path, trace_shard
     same = pairs.filter((pl.col("model_a") == labels[0]) & (pl.col("model_b") == labels[1])).row(0, named=True)
     assert same["tau_trace_mean"] == pytest.approx(1.0, abs=1e-12) and same["traces_used"] == 8
     assert same["tau_trace_median"] == pytest.approx(1.0, abs=1e-12)
-    assert same["states"] == 8 * 5
+    assert same["states"] == 8 * 6  # s_0, 4 steps, the end-of-turn token
     assert same["tau_pooled_lo"] == pytest.approx(1.0, abs=1e-12) and same["tau_pooled_hi"] == pytest.approx(1.0, abs=1e-12)
     summary = json.loads((ranked / "summary.json").read_text())
-    assert summary["states"] == 40 and summary["traces"] == 8 and summary["short_traces"] == 0
+    assert summary["states"] == 48 and summary["traces"] == 8 and summary["short_traces"] == 0
     assert "fewer than 3 states" not in res.output
     lo, hi = summary["tau_pooled_ci"][labels[0]][labels[2]]
     assert lo <= hi

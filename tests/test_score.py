@@ -11,7 +11,7 @@ import torch
 
 from irtrain.config import ScoreConfig
 from irtrain.errors import ConfigError, DataError
-from irtrain.score import incremental_token_bytes, read_table_meta, run, step_ends, token_bytes
+from irtrain.score import read_table_meta, run
 from irtrain.shards import Segment, write_shard_set
 
 DELIM = "\n\n"
@@ -75,7 +75,7 @@ def test_value_is_logsumexp_of_transformers_logits_at_the_states(tmp_path, tiny_
                               batch_tokens=150))  # several forwards, several documents per forward
     df = pl.read_parquet(tmp_path / f"{tiny_model_dir.name}.parquet")
     assert summary["tables"] == {tiny_model_dir.name: f"{tiny_model_dir.name}.parquet"}
-    assert df.height == 4 * len(docs)
+    assert df.height == 5 * len(docs)  # s_0, 3 steps, the end-of-turn token
     for i, (p_ids, r_ids, _) in enumerate(docs):
         rows = df.filter(pl.col("example_id") == i).sort("step")
         ids = p_ids + r_ids
@@ -83,9 +83,11 @@ def test_value_is_logsumexp_of_transformers_logits_at_the_states(tmp_path, tiny_
         pos = np.array(rows["position"].to_list())
         want = tau * torch.logsumexp(logits[pos] / tau, dim=-1).numpy()
         np.testing.assert_allclose(rows["value"].to_numpy(), want, rtol=0, atol=2e-5)
-        # s_0 is the last prompt position; the last state the last response token
-        assert pos[0] == len(p_ids) - 1 and pos[-1] == len(ids) - 1
-        assert rows["value_s0"].to_list() == [rows["value"][0]] * 4
+        # s_0 is the last prompt position; the last step ends at the last content token; the
+        # terminal state is <|im_end|>, the response's last token here
+        assert pos[0] == len(p_ids) - 1 and pos[-2] == len(ids) - 2 and pos[-1] == len(ids) - 1
+        assert rows["terminal"].to_list() == [False] * 4 + [True]
+        assert rows["value_s0"].to_list() == [rows["value"][0]] * 5
         # the state after step k is the token that completes step k's text (its delimiter included)
         text = tok.decode(r_ids)
         cut = [m + len(DELIM) for m in (text.index(DELIM), text.index(DELIM, text.index(DELIM) + 1))]
@@ -98,56 +100,13 @@ def test_value_is_logsumexp_of_transformers_logits_at_the_states(tmp_path, tiny_
         assert rows["logp"][0] == pytest.approx(logp, abs=1e-4)
         assert rows["num_tokens"][0] == len(r_ids)
         assert rows["logp_mean"][0] == pytest.approx(logp / len(r_ids), abs=1e-5)
-        assert rows["num_steps"].to_list() == [3] * 4
+        assert rows["num_steps"].to_list() == [3] * 5
     meta = read_table_meta(tmp_path / f"{tiny_model_dir.name}.parquet")
     assert meta["kind"] == "irtrain-score" and meta["step_delimiter"] == DELIM and meta["value_temperature"] == tau
     assert meta["data_hash"] == json.loads((shards / "manifest.json").read_text())["content_hash"]
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["data"]["content_hash"] == meta["data_hash"]
     assert on_disk["models"][tiny_model_dir.name]["value/s0"] == pytest.approx(float(df.filter(pl.col("step") == 0)["value"].mean()))
-
-
-# --------------------------------------------------------------------------- steps
-def test_step_ends_on_hand_made_pieces():
-    pieces = [b"a", b"\n", b"\nb", b"c\n\n", b"\n\n", b"d"]  # "a\n\nbc\n\n\n\nd"
-    assert step_ends(pieces, b"\n\n") == [2, 4, 5]  # a run of delimiters is one boundary
-    assert step_ends([b"\n\n", b"x"], b"\n\n") == [1]  # a leading delimiter opens no step
-    assert step_ends([b"x\n\n"], b"\n\n") == [0]  # a trailing one closes the last step only
-    assert step_ends([b"x", b"y"], b"\n\n") == [1]  # no delimiter: one step
-    assert step_ends([b"x\n\ny"], b"\n\n") == [0]  # two steps ending in one token: kept once
-    assert step_ends([b"s1 ", b"##", b"s2", b"##"], b"##") == [1, 3]
-    assert step_ends([], b"\n\n") == []
-
-
-def test_token_bytes_are_exact_for_byte_level_bpe(tok):
-    text = "Unicode: café, naïve, 日本語, emoji 🎉🚀\n\nnext step\n\n\tand  spaces<|im_end|>"
-    ids = tok(text, add_special_tokens=False).input_ids
-    fast = token_bytes(tok, ids)
-    assert b"".join(fast) == text.encode("utf-8")
-    slow = incremental_token_bytes(tok, ids)
-    assert b"".join(slow) == text.encode("utf-8")
-    # incremental decoding gives a split character to the token completing it: same step ends
-    for delim in ("\n\n", "語", "🎉", "🚀", "é"):
-        delim = delim.encode()
-        assert step_ends(fast, delim) == step_ends(slow, delim)
-
-
-def test_incremental_bytes_for_a_non_byte_level_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    t = Tokenizer(models.BPE(unk_token="<unk>"))
-    t.pre_tokenizer = pre_tokenizers.Metaspace()
-    t.decoder = decoders.Metaspace()
-    t.train_from_iterator(["step one is here\n\nstep two is there", "and the answer is 4"] * 20,
-                          trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>"], show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")
-    text = "step one is here and the answer is 4"
-    ids = fast(text, add_special_tokens=False).input_ids
-    pieces = token_bytes(fast, ids)  # not byte-level: falls back to incremental decoding
-    assert b"".join(pieces).decode() == fast.decode(ids, clean_up_tokenization_spaces=False)
-    ends = step_ends(pieces, b" is ")
-    assert ends[-1] == len(ids) - 1 and ends == sorted(set(ends))
 
 
 # --------------------------------------------------------------------------- rewards and pairs
@@ -197,6 +156,19 @@ def test_raw_chat_file_is_prepared_then_scored(tmp_path, tiny_model_dir):
     df = pl.read_parquet(out / f"{tiny_model_dir.name}.parquet")
     assert df["num_steps"].unique().to_list() == [3]
     assert sorted(df["example_id"].unique().to_list()) == [0, 1, 2, 3]
+    # ChatML's turn ends "<|im_end|>\n", both trained: <|im_end|> is the terminal state, the newline no state
+    from transformers import AutoTokenizer
+
+    from irtrain.shards import ShardSet
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    shards = ShardSet(out / "prepared")
+    for r in range(len(shards)):
+        row = shards.row(r)
+        ids, labels, ex = row.input_ids.tolist(), row.labels.tolist(), int(row.seg_example[0])
+        assert tok.convert_ids_to_tokens(ids[-2:]) == ["<|im_end|>", "Ċ"] and labels[-2:] == ids[-2:]
+        rows = df.filter(pl.col("example_id") == ex).sort("step")
+        assert rows["position"][-1] == len(ids) - 2 and rows["terminal"].to_list() == [False] * 4 + [True]
 
 
 def test_rank_matches_raw_and_packed_scorings_of_the_same_traces(tmp_path, tiny_model_dir, ref_model_dir):

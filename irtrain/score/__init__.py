@@ -5,10 +5,13 @@ steps at `--step-delimiter` (FORMULAS.md, "Value ranking"), and the soft value
 ``V(s) = τ·logsumexp(l(s)/τ)`` (`--value-temperature` τ) is read at
 
 - step 0: ``s_0``, the last prompt position (its logits predict the first response token);
-- step k ≥ 1: the position of step k's last token (the state after step k).
+- step k = 1..K: the position of step k's last token (the state after step k); the last
+  step ends at the response's last content token;
+- step K+1, the terminal state: the end-of-turn token (``<|im_end|>``, ``<|eot_id|>``, eos)
+  where the response has one; nothing the template appends after it is a state.
 
 Where a step ends (the delimiter belongs to the step it closes; exact at the byte level)
-is defined in `irtrain.score.steps`.
+and which token ends the turn is defined in `irtrain.score.steps` (computed in Rust).
 
 Output, in ``--out``: one Parquet table per model, ``<name>.parquet`` (a run's checkpoint
 named ``<run>-checkpoint-<step>``, any other model by its directory; `inputs.table_names`),
@@ -20,8 +23,9 @@ metadata and ``summary.json``, never in the file names):
 example_id, part   the source example (0-based over the inputs) and its segment: 0 = the
                    response or `chosen`, 1 = `rejected` (k = k-th candidate of ranked data)
 step, position     step index (0 = s_0) and token position inside the tokenized sequence
+terminal           the state is the end-of-turn token (step K+1), not a step's end
 value              V(s)
-num_steps          steps of this response
+num_steps          K, the steps of this response's content
 logp, logp_mean    log π(y|x) = Σ_t log p_t and its mean over the response tokens
 num_tokens         |y|
 value_s0           V(s_0) of this response
@@ -35,7 +39,7 @@ the data's content hash, the step delimiter and the settings, so that `irtrain r
 can refuse tables of different data. One run at a time holds ``--out`` (`irtrain.paths.OutLock`);
 a later run of the same data and settings adds its models to ``summary.json`` (a model
 scored again is replaced), one of other data or settings starts it anew. Responses the
-delimiter never splits (one step: s_0 and the response's end) are counted
+delimiter never splits (one step: s_0, the content's end, the end-of-turn token) are counted
 (``data.no_step_boundary``), with a warning.
 
 Inference is padding-free: rows of ``--batch-tokens`` tokens are concatenated into one
@@ -51,7 +55,7 @@ Raw input files (chat, preference, prompt+completion JSONL/JSON/Parquet) go thro
 `irtrain prepare` first (unpacked, into ``OUT/prepared``, reused when unchanged); the
 response is the last assistant turn (``--mask last``), or the completion.
 
-The package: `irtrain.score.steps` (token bytes and step ends), `irtrain.score.inputs`
+The package: `irtrain.score.steps` (token bytes, step ends and states, in Rust), `irtrain.score.inputs`
 (models, table names, data, the scored segments and their states), `irtrain.score.forward`
 (the model pass), `irtrain.score.parallel` (several processes), `irtrain.score.table` (the
 table, its metadata and the summary); `run` here.
@@ -85,7 +89,7 @@ from irtrain.score.inputs import (
     table_names,
 )
 from irtrain.score.parallel import ALL, Ranks, Share, merge_parts, model_rounds
-from irtrain.score.steps import incremental_token_bytes, step_ends, token_bytes, unescape
+from irtrain.score.steps import split_states, token_bytes, unescape
 from irtrain.score.table import (
     BASE_COLUMNS,
     META_KEY,
@@ -106,8 +110,8 @@ from irtrain.shards import ShardSet
 
 __all__ = [
     "run", "ScoredSegment", "ModelScores", "read_segments", "resolve_models", "resolve_data", "load_model",
-    "score_model", "build_table", "write_table", "read_table_meta", "token_bytes", "incremental_token_bytes",
-    "step_ends", "unescape", "table_names", "check_weights", "META_KEY", "TABLE_VERSION", "SUMMARY", "BASE_COLUMNS",
+    "score_model", "build_table", "write_table", "read_table_meta", "token_bytes", "split_states", "unescape",
+    "table_names", "check_weights", "META_KEY", "TABLE_VERSION", "SUMMARY", "BASE_COLUMNS",
     "REF_COLUMNS", "PAIR_COLUMNS",
 ]
 
@@ -153,10 +157,10 @@ def _score(cfg: ScoreConfig, models: list[tuple[str, Path]], labels: dict[str, s
     if not segments:
         raise DataError(f"{shards.path}: no response to score (every segment's labels are -100)")
     states_id = states_hash(shards, segments)  # what rank matches tables on (not the packing)
-    one_step = sum(s.num_states == 2 for s in segments)
+    one_step = sum(s.num_steps <= 1 for s in segments)
     if one_step and ranks.is_main:
         print(f"warning: {one_step} of {len(segments)} responses have no step boundary (the step delimiter "
-              f"{delimiter!r} never splits them): each is one step, only s_0 and its end are scored", file=sys.stderr)
+              f"{delimiter!r} never splits them): each is one step, only s_0 and its end (and the end-of-turn token) are scored", file=sys.stderr)
     device = ranks.device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, auto=torch.bfloat16 if device.type == "cuda" else torch.float32)
     attn = getattr(cfg, "attn_implementation", None)  # irtrain's packed attention unless the config names one

@@ -18,8 +18,8 @@ from irtrain.errors import ConfigError, DataError, IrtrainIOError
 from irtrain.models import resolve_model
 from irtrain.paths import check_out_dir
 from irtrain.prepare import run as prepare
-from irtrain.score.steps import step_ends, token_bytes
-from irtrain.shards import IGNORE_INDEX, MANIFEST, ShardSet
+from irtrain.score.steps import split_states
+from irtrain.shards import MANIFEST, ShardSet
 
 #: `prepare --mask` of raw data by format: the response is the last assistant turn, or the completion
 _MASK_FOR_FORMAT = {"chat": "last", "preference": "last", "prompt-completion": "completion",
@@ -174,35 +174,43 @@ class ScoredSegment:
     row: int  # row index in the shard set
     start: int  # token offset of the segment in its row
     length: int
-    states: np.ndarray  # [K+1] token positions in the segment: s_0, then the end of each step
+    states: np.ndarray  # token positions in the segment: s_0, the end of each step, then the end-of-turn token
+    terminal: bool = False  # the last state is the end-of-turn token (`irtrain.score.steps`)
 
     @property
     def num_states(self) -> int:
         return int(len(self.states))
 
+    @property
+    def num_steps(self) -> int:
+        """K: the steps of the response's content (the states less s_0 and the terminal one)."""
+        return self.num_states - 1 - int(self.terminal)
+
 
 def read_segments(shards: ShardSet, tokenizer: Any, delimiter: str, *, max_len: int) -> list[ScoredSegment]:
-    """Every segment with a response, in row order, with its step-end positions."""
-    delim = delimiter.encode("utf-8")
-    segments = []
-    for r in range(len(shards)):
-        row = shards.row(r)
-        labels = np.asarray(row.labels)
-        ids = np.asarray(row.input_ids)
-        for s in range(len(row.cu_seqlens) - 1):
-            a, b = int(row.cu_seqlens[s]), int(row.cu_seqlens[s + 1])
-            if b - a > max_len:
-                raise DataError(f"{shards.path}: example {int(row.seg_example[s])} has {b - a} tokens, more than "
-                                f"--max-len {max_len}; raise --max-len (score never truncates)")
-            resp = np.flatnonzero(labels[a:b] != IGNORE_INDEX)
-            if len(resp) == 0:
-                continue
-            # the first token of a segment is never trained (shard format), so resp[0] >= 1
-            ends = step_ends(token_bytes(tokenizer, ids[a:b][resp].tolist()), delim)
-            states = np.concatenate([[resp[0] - 1], resp[ends]]).astype(np.int64)
-            segments.append(ScoredSegment(example=int(row.seg_example[s]), part=int(row.seg_part[s]), row=r,
-                                          start=a, length=b - a, states=states))
-    return segments
+    """Every segment with a response, in row order, with its states (`irtrain.score.steps`:
+    computed in Rust over all segments at once)."""
+    arrays, where = [], []
+    row0 = 0
+    for sh in shards.shards:
+        a = sh.arrays
+        so = np.asarray(a["seg_offsets"], dtype=np.int64)
+        ro = np.asarray(a["row_offsets"], dtype=np.int64)
+        long = np.flatnonzero(np.diff(so) > max_len)
+        if len(long):
+            k = int(long[0])
+            raise DataError(f"{shards.path}: example {int(a['seg_example'][k])} has {int(so[k + 1] - so[k])} tokens, "
+                            f"more than --max-len {max_len}; raise --max-len (score never truncates)")
+        rows = np.searchsorted(ro, so[:-1], side="right") - 1  # each segment's row in the shard
+        where.append(np.stack([rows + row0, so[:-1] - ro[rows], np.diff(so), np.asarray(a["seg_example"], dtype=np.int64),
+                               np.asarray(a["seg_part"], dtype=np.int64)], axis=1) if len(rows) else np.zeros((0, 5), np.int64))
+        arrays.append((a["input_ids"], a["labels"], so))
+        row0 += sh.num_rows
+    found = split_states(tokenizer, arrays, delimiter)
+    seg = (np.concatenate(where) if where else np.zeros((0, 5), np.int64))[found.segment].tolist()
+    states = np.split(found.states, found.offsets[1:-1]) if len(found.segment) else []
+    return [ScoredSegment(example=ex, part=part, row=row, start=start, length=n, states=st, terminal=term)
+            for (row, start, n, ex, part), st, term in zip(seg, states, found.terminal.tolist())]
 
 
 def states_hash(shards: ShardSet, segments: list[ScoredSegment]) -> str:
@@ -212,10 +220,10 @@ def states_hash(shards: ShardSet, segments: list[ScoredSegment]) -> str:
     `irtrain rank` compares them; any other tokenization or step split differs."""
     import hashlib
 
-    h = hashlib.sha256(b"irtrain-states-1\n")
+    h = hashlib.sha256(b"irtrain-states-2\n")  # 2: states end at the content, the end-of-turn token terminal
     for seg in sorted(segments, key=lambda x: (x.example, x.part)):
         ids = np.asarray(shards.row(seg.row).input_ids[seg.start : seg.start + seg.length], dtype="<u4")
-        h.update(f"{seg.example},{seg.part},{len(ids)},{len(seg.states)}|".encode())
+        h.update(f"{seg.example},{seg.part},{len(ids)},{len(seg.states)},{int(seg.terminal)}|".encode())
         h.update(ids.tobytes())
         h.update(np.asarray(seg.states, dtype="<i8").tobytes())
     return h.hexdigest()

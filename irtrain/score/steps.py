@@ -1,19 +1,36 @@
-"""Where the steps of a response end: each token's exact bytes, and the step-end tokens.
+"""Where the steps of a response end, and its states: computed in Rust (`rust_ext/core/src/steps.rs`,
+the Python face of which this module is), over all segments in one call, outside the GIL.
 
-A step ends where its delimiter ends (the delimiter belongs to the step it closes; a run
-of delimiters counts as one; a delimiter at the very start opens no step), and the last
-step ends at the response's last token. "Last token" is exact at the byte level: each
-token's bytes are known (byte-level BPE: its byte alphabet; otherwise incremental
-decoding), and the token holding a step's last byte ends that step. When two steps end
-in the same token (a token holding a delimiter run and more), the later one is kept.
+A response (the tokens whose label is not -100) is its content, then the end-of-turn token
+when there is one, then what the template appends after the turn:
+
+- the end-of-turn token is the first *special* token (an added token flagged special:
+  `<|im_end|>`, `<|eot_id|>`, `</s>`) of the response's trailing run of special and
+  whitespace-only tokens (ChatML's `<|im_end|>\\n`; `<|end|>\\n<|endoftext|>`); a response
+  without one is all content;
+- the content is cut into steps: a step ends where its delimiter ends (the delimiter
+  belongs to the step it closes; a run of delimiters counts as one; a delimiter at the very
+  start opens no step), at the token holding that byte; the last step ends at the last
+  content token; when two steps end in the same token, one is kept;
+- the states are `s_0` (the last prompt position), the end of every step, and the
+  end-of-turn token as the *terminal* state; nothing after it is a state.
+
+Token bytes are exact: byte-level BPE through its byte alphabet (added tokens as their
+content); any other tokenizer by incremental decoding (each token gets the text its decoding
+adds, so a character split over several tokens belongs to the last one). The Python reference
+implementation is in `tests/test_score_steps.py` (and the old per-token Python splitting, as
+the baseline, in `bench/score_steps.py`).
 """
 from __future__ import annotations
 
-import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from irtrain import _rust
+from irtrain.errors import TokenizerError
 
 
 def unescape(s: str) -> str:
@@ -21,106 +38,36 @@ def unescape(s: str) -> str:
     return re.sub(r"\\([ntr\\])", lambda m: {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[m.group(1)], s)
 
 
-def token_bytes(tokenizer: Any, ids: list[int]) -> list[bytes]:
-    """The exact bytes each token contributes to the decoded text.
+@dataclass
+class States:
+    """The states of every segment with a response, in segment order: `segment` [N] (index over
+    all the arrays given), `offsets` [N+1] into `states` (token positions in the segment: s_0,
+    the end of each step, then the end-of-turn token where `terminal` [N] is set)."""
 
-    Byte-level BPE (GPT-2, Llama-3, Qwen, ...): through the byte alphabet, added tokens
-    as their content. Otherwise: incremental decoding (each token gets the text its
-    decoding adds, so a character split over several tokens belongs to the last one).
-    """
-    table = _byte_decoder(tokenizer)
-    if table is not None:
-        added = {i: t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
-        pieces = []
-        for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids)):
-            if i in added:
-                pieces.append(added[i].encode("utf-8"))
-            elif t is not None and all(c in table for c in t):
-                pieces.append(bytes(table[c] for c in t))
-            else:
-                return incremental_token_bytes(tokenizer, ids)
-        return pieces
-    return incremental_token_bytes(tokenizer, ids)
+    segment: np.ndarray
+    offsets: np.ndarray
+    states: np.ndarray
+    terminal: np.ndarray
 
 
-def incremental_token_bytes(tokenizer: Any, ids: list[int]) -> list[bytes]:
-    """Per-token bytes by incremental decoding (any tokenizer). Two decodes of a small window
-    that start at the same token (so decoders that strip a leading space agree) give each
-    token the text it adds; a trailing incomplete character (U+FFFD) waits for the token
-    that completes it, so every character belongs to the token holding its last byte."""
-    dec = lambda a, b: tokenizer.decode(ids[a:b], skip_special_tokens=False,  # noqa: E731
-                                        clean_up_tokenization_spaces=False)
-    pieces: list[bytes] = []
-    prefix, read, extra = 0, 0, 0  # window start; tokens before `read` are all emitted; chars emitted past them
-    for k in range(len(ids)):
-        before = dec(prefix, read)
-        now = dec(prefix, k + 1)
-        stable = len(now)
-        if k < len(ids) - 1:
-            while stable > 0 and now[stable - 1] == "\ufffd":
-                stable -= 1
-        start = len(before) + extra
-        pieces.append(now[start:stable].encode("utf-8") if stable > start else b"")
-        extra += max(0, stable - start)
-        if stable == len(now):  # nothing pending: slide the window
-            prefix, read, extra = read, k + 1, 0
-    return pieces
+def splitter(tokenizer: Any) -> Any:
+    """The Rust step splitter for a transformers (fast) tokenizer: its per-vocabulary tables
+    built once from the tokenizer's own serialization."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TokenizerError("the model's tokenizer is not a fast (tokenizers) tokenizer; irtrain needs tokenizer.json")
+    return _rust.StepSplitter(backend.to_str())
 
 
-_BYTE_DECODERS: dict[int, dict[str, int] | None] = {}
+def token_bytes(tokenizer: Any, ids: list[int] | np.ndarray) -> list[bytes]:
+    """The exact bytes each token contributes to the decoded text (see the module docstring)."""
+    return splitter(tokenizer).token_bytes(np.asarray(ids, dtype=np.uint32))
 
 
-def _byte_decoder(tokenizer: Any) -> dict[str, int] | None:
-    """The char -> byte table of a byte-level BPE tokenizer, or None."""
-    key = id(tokenizer)
-    if key not in _BYTE_DECODERS:
-        table = None
-        try:
-            spec = json.loads(tokenizer.backend_tokenizer.to_str())
-            dec = spec.get("decoder") or {}
-            types = [dec.get("type")] + [d.get("type") for d in dec.get("decoders", []) or []]
-            if "ByteLevel" in types:
-                table = {c: b for b, c in _bytes_to_unicode().items()}
-        except (AttributeError, ValueError):
-            table = None
-        _BYTE_DECODERS[key] = table
-    return _BYTE_DECODERS[key]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (used by every ByteLevel BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def step_ends(pieces: list[bytes], delimiter: bytes) -> list[int]:
-    """Index (into `pieces`) of the token that ends each step; see the module docstring.
-    Never empty for a non-empty response; strictly increasing; the last is len(pieces) - 1."""
-    if not pieces:
-        return []
-    text = b"".join(pieces)
-    ends = np.cumsum([len(p) for p in pieces])  # byte end of each token
-    boundaries = []
-    i = 0
-    while (j := text.find(delimiter, i)) != -1:
-        e = j + len(delimiter)
-        while text.startswith(delimiter, e):  # a run of delimiters is one boundary
-            e += len(delimiter)
-        if j > 0:  # a delimiter at the very start opens no step
-            boundaries.append(e)
-        i = e
-    tokens = [min(int(np.searchsorted(ends, b, side="left")), len(pieces) - 1) for b in boundaries if b < len(text)]
-    tokens.append(len(pieces) - 1)
-    out: list[int] = []
-    for t in tokens:  # two steps ending in one token: keep one
-        if out and out[-1] == t:
-            continue
-        out.append(t)
-    return out
+def split_states(tokenizer: Any, arrays: list[tuple[np.ndarray, np.ndarray, np.ndarray]], delimiter: str) -> States:
+    """The states of every segment of every (input_ids, labels, seg_offsets [S+1]) triple
+    (a shard's arrays), in one Rust call; segments with no trained token are left out."""
+    typed = [(np.asarray(i, dtype=np.uint32), np.asarray(lab, dtype=np.int32), np.asarray(o, dtype=np.int64))
+             for i, lab, o in arrays]
+    out = splitter(tokenizer).split(typed, delimiter.encode("utf-8"))
+    return States(segment=out["segment"], offsets=out["offsets"], states=out["states"], terminal=out["terminal"])

@@ -22,10 +22,10 @@ from irtrain.score.inputs import ScoredSegment
 
 #: Parquet metadata key of a score table, and the version of its layout.
 META_KEY = b"irtrain"
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: the end-of-turn token is its own (terminal) state
 SUMMARY = "summary.json"
 #: the columns every table has, in order
-BASE_COLUMNS = ("example_id", "part", "step", "position", "value", "num_steps",
+BASE_COLUMNS = ("example_id", "part", "step", "position", "terminal", "value", "num_steps",
                 "logp", "logp_mean", "num_tokens", "value_s0")
 REF_COLUMNS = ("ref_logp", "reward")
 PAIR_COLUMNS = ("margin", "dpo_loss", "dpo_accuracy")
@@ -46,8 +46,10 @@ def build_table(segments: list[ScoredSegment], res: ModelScores, *, ref_logps: n
         "part": rep([s.part for s in segments]).astype(np.int32),
         "step": steps,
         "position": np.concatenate([s.states for s in segments]).astype(np.int32),
+        "terminal": np.concatenate([np.arange(n) == n - 1 if s.terminal else np.zeros(n, bool)
+                                    for s, n in zip(segments, counts)]),
         "value": np.concatenate(res.values).astype(np.float64),
-        "num_steps": rep(counts - 1).astype(np.int32),
+        "num_steps": rep([s.num_steps for s in segments]).astype(np.int32),
         "logp": rep(logp),
         "logp_mean": rep(logp / np.maximum(res.num_tokens, 1)),
         "num_tokens": rep(res.num_tokens).astype(np.int32),

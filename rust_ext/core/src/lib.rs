@@ -12,6 +12,8 @@ pub mod prepare;
 pub mod rows;
 pub mod shard;
 pub mod sharegpt;
+// score's states
+pub mod steps;
 pub mod template;
 pub mod tokenize;
 

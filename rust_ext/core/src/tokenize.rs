@@ -493,7 +493,7 @@ fn post_processor_ok(pp: &Json) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A tiny byte-level tokenizer.json: no merges, so every byte is one token.

@@ -7,13 +7,14 @@ use irtrain_core::pack::best_fit_decreasing;
 use irtrain_core::prepare::{Counts, Encoder, Options, Preparer, RowError, Truncation};
 use irtrain_core::rows::{detect_format_renamed, Columns, Format};
 use irtrain_core::shard::{Segment, ShardMeta, ShardWriter};
+use irtrain_core::steps::StepSplitter;
 use irtrain_core::template::ChatTemplate;
 use irtrain_core::tokenize::Tok;
 use irtrain_core::CoreError;
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 use serde_json::json;
 
 use crate::errors::to_pyerr;
@@ -460,8 +461,89 @@ fn write_shards(
     Ok(metas_json(&metas).to_string())
 }
 
+/// `irtrain score`'s states (`irtrain_core::steps`), for one tokenizer.
+#[pyclass(module = "irtrain._rust", name = "StepSplitter", frozen)]
+pub struct PyStepSplitter {
+    inner: StepSplitter,
+}
+
+/// A 1-D array's values, borrowed when contiguous.
+fn slice_of<'a, T: numpy::Element + Copy>(
+    a: &'a PyReadonlyArray1<'_, T>,
+) -> std::borrow::Cow<'a, [T]> {
+    match a.as_slice() {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => std::borrow::Cow::Owned(a.as_array().iter().copied().collect()),
+    }
+}
+
+#[pymethods]
+impl PyStepSplitter {
+    /// From the JSON text of the tokenizer (`backend_tokenizer.to_str()`).
+    #[new]
+    fn new(py: Python<'_>, tokenizer_json: &str) -> PyResult<Self> {
+        let inner = py
+            .detach(|| StepSplitter::from_json(tokenizer_json))
+            .map_err(to_pyerr)?;
+        Ok(Self { inner })
+    }
+
+    /// Whether token bytes come from the byte-level alphabet (else incremental decoding).
+    #[getter]
+    fn byte_level(&self) -> bool {
+        self.inner.is_byte_level()
+    }
+
+    /// The exact bytes each token contributes to the decoded text.
+    fn token_bytes<'py>(
+        &self,
+        py: Python<'py>,
+        ids: PyReadonlyArray1<'py, u32>,
+    ) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        let ids = slice_of(&ids);
+        let pieces = py
+            .detach(|| self.inner.token_bytes(&ids))
+            .map_err(to_pyerr)?;
+        Ok(pieces.iter().map(|p| PyBytes::new(py, p)).collect())
+    }
+
+    /// The states of every segment of every (input_ids <u4, labels <i4, seg_offsets
+    /// <i8 [S+1]) triple, in one pass without the GIL: `segment` <i8 [N] (index over
+    /// all triples), `offsets` <i8 [N+1] into `states` <i8 (segment-relative token
+    /// positions), `terminal` bool [N] (the last state is the end-of-turn token).
+    fn split<'py>(
+        &self,
+        py: Python<'py>,
+        arrays: Vec<(
+            PyReadonlyArray1<'py, u32>,
+            PyReadonlyArray1<'py, i32>,
+            PyReadonlyArray1<'py, i64>,
+        )>,
+        delimiter: &[u8],
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let held: Vec<_> = arrays
+            .iter()
+            .map(|(i, l, o)| (slice_of(i), slice_of(l), slice_of(o)))
+            .collect();
+        let views: Vec<(&[u32], &[i32], &[i64])> = held
+            .iter()
+            .map(|(i, l, o)| (&i[..], &l[..], &o[..]))
+            .collect();
+        let out = py
+            .detach(|| self.inner.split(&views, delimiter))
+            .map_err(to_pyerr)?;
+        let d = PyDict::new(py);
+        d.set_item("segment", PyArray1::from_vec(py, out.segment))?;
+        d.set_item("offsets", PyArray1::from_vec(py, out.offsets))?;
+        d.set_item("states", PyArray1::from_vec(py, out.states))?;
+        d.set_item("terminal", PyArray1::from_vec(py, out.terminal))?;
+        Ok(d)
+    }
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEncoder>()?;
+    m.add_class::<PyStepSplitter>()?;
     m.add_class::<PyPreparer>()?;
     m.add_function(wrap_pyfunction!(detect_format, m)?)?;
     m.add_function(wrap_pyfunction!(pack_bfd, m)?)?;
