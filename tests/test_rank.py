@@ -110,14 +110,14 @@ def test_two_checkpoints_scored_and_ranked_through_the_cli(tmp_path, trace_shard
     assert list(summary["labels"].values()) == shown and list(summary["labels"]) == labels
     for label in shown:
         assert label in res.output
-    # per-trace tau and p-value: scipy's default on the trace's states (5 states, no ties: exact)
+    # per-trace tau and p-value: scipy's default on the trace's states (6 states with the end-of-turn one, no ties: exact)
     traces = pl.read_parquet(ranked / "tau_traces.parquet")
     assert traces.height == 8 * 3 and traces.columns == ["example_id", "part", "model_a", "model_b", "tau", "pvalue"]
     for row in traces.filter(pl.col("model_b") == labels[2]).iter_rows(named=True):
         sel = [values[n].filter((pl.col("example_id") == row["example_id"]) & (pl.col("part") == row["part"]))["value"]
                .to_numpy() for n in (row["model_a"], row["model_b"])]
         want = sps.kendalltau(*sel)
-        assert len(sel[0]) == 5 and row["tau"] == pytest.approx(want.statistic, abs=1e-12)
+        assert len(sel[0]) == 6 and row["tau"] == pytest.approx(want.statistic, abs=1e-12)
         assert row["pvalue"] == pytest.approx(want.pvalue, rel=1e-15)
     # --labels, by path (a table file) and by table name
     res = runner.invoke(app, ["rank", str(scores), "--out", str(tmp_path / "rank2"), "--labels",
