@@ -45,13 +45,14 @@ def test_deepspeed_missing(without, tiny_model_dir, data_dir, tmp_path):
     assert not out.exists()  # nothing written
 
 
-def test_tracker_missing(without, tiny_model_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("report_to,missing", [("tensorboard,mlflow", "mlflow"), ("wandb", "wandb")])
+def test_tracker_missing(without, tiny_model_dir, data_dir, tmp_path, report_to, missing):
     out = tmp_path / "run"
-    r = irtrain("sft", "--model", tiny_model_dir, "--out", out, "--report-to", "tensorboard,mlflow", "--max-steps", "1", data_dir,
-                env=without("mlflow"))
+    r = irtrain("sft", "--model", tiny_model_dir, "--out", out, "--report-to", report_to, "--max-steps", "1", data_dir,
+                env=without(missing))
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == ["error: --report-to mlflow needs mlflow, which is not installed: pip install mlflow"]
-    assert not out.exists()
+    assert r.stderr.strip().splitlines() == [f"error: --report-to {missing} needs {missing}, which is not installed: pip install {missing}"]
+    assert not out.exists()  # nothing written
 
 
 def test_peft_missing(without, tiny_model_dir, data_dir, tmp_path):

@@ -101,13 +101,6 @@ def _curve(rows: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
     return [x[i] for i in keep], [y[i] for i in keep]
 
 
-def _task_cell(task: dict[str, Any], key: str = "correct") -> str:
-    flags = task.get(key)
-    if flags is None:  # results written before per-item flags were kept
-        return _fmt(task["accuracy" if key == "correct" else "steps_accuracy"])
-    return R.with_interval(sum(flags), len(flags))
-
-
 def _compare(what: str, a_name: str, a: dict[str, Any], b_name: str, b: dict[str, Any], key: str,
              value: str) -> tuple[str, dict[str, Any]]:
     """A sentence comparing model b with model a on the same items (exact paired test); bold only when significant."""
@@ -193,16 +186,16 @@ def _report_markdown(q: Quickstart, plots: dict[str, str], tau: dict[str, Any], 
               f"Greedy generation on the {pl.n_heldout} held-out problems, checked exactly (`irtrain.tasks.check_answer`: "
               "the final answer; strict: every step right as well).", ""]
         L.append(R.md_table(["model", "task accuracy [95% CI]", "strict (every step) [95% CI]"],
-                          [[n, _task_cell(ev[n]["task"]), _task_cell(ev[n]["task"], "steps_correct")] for n in ev]))
+                          [[n, R.with_interval(sum(t["correct"]), t["n"]), R.with_interval(sum(t["steps_correct"]), t["n"])]
+                           for n, t in ((n, ev[n]["task"]) for n in ev)]))
         L += ["", "Intervals are 95% Wilson intervals; a claim that one model is above another is made only when "
               f"an exact McNemar test on the same problems rejects equality at {R.ALPHA:g} (two-sided).", ""]
         claims = q.results.setdefault("claims", {})
-        has_flags = all("correct" in ev[n]["task"] for n in ev)
-        if "sft" in ev and has_flags:
+        if "sft" in ev:
             text, claims["task_sft_vs_untrained"] = _compare("After SFT the task accuracy of", "the untrained model",
                                                              ev["untrained"]["task"], "sft", ev["sft"]["task"], "correct", "accuracy")
             L += [text, ""]
-        if "dpo" in ev and "sft" in ev and has_flags:
+        if "dpo" in ev and "sft" in ev:
             text, c = _compare("After DPO the task accuracy of", "the SFT model", ev["sft"]["task"], "dpo", ev["dpo"]["task"],
                                "correct", "accuracy")
             claims["task_dpo_vs_sft"] = c
@@ -223,7 +216,7 @@ def _report_markdown(q: Quickstart, plots: dict[str, str], tau: dict[str, Any], 
         rows = []
         for n in ev:
             p = ev[n]["pref"]
-            acc = R.with_interval(sum(p["correct"]), len(p["correct"])) if "correct" in p else p.get("accuracy")
+            acc = R.with_interval(sum(p["correct"]), p["n"]) if "correct" in p else None  # the untrained model has no reference
             rows.append([n, acc, p.get("loss"), p["logp_accuracy"]]
                         + [p.get("by_group", {}).get(k, {}).get("accuracy") for k in kinds])
         group_n = {k: max(ev[n]["pref"].get("by_group", {}).get(k, {}).get("n", 0) for n in ev) for k in kinds}
@@ -233,12 +226,12 @@ def _report_markdown(q: Quickstart, plots: dict[str, str], tau: dict[str, Any], 
         n_pairs = ev[next(iter(ev))]["pref"]["n"]
         L += [f"On {n_pairs} pairs a 95% interval is about ±{1.96 * math.sqrt(0.25 / max(n_pairs, 1)):.2f} around 0.5; "
               "the per-error-kind columns rest on the n in their header and are descriptive only.", ""]
-        if "dpo" in ev and "sft" in ev and all("correct" in ev[n]["pref"] for n in ("sft", "dpo")):
+        if "dpo" in ev and "sft" in ev:
             text, claims["pref_dpo_vs_sft"] = _compare("After DPO the held-out preference accuracy of", "the SFT model",
                                                        ev["sft"]["pref"], "dpo", ev["dpo"]["pref"], "correct", "accuracy")
             vs = ev["dpo"]["pref"]["vs_sft"]
             L += [text, "", f"DPO's own implicit reward (against the SFT model, β {pl.dpo_beta:g}) ranks "
-                  f"{R.with_interval(round(vs['accuracy'] * vs['n']), vs['n'])} of the held-out pairs correctly.", ""]
+                  f"{R.with_interval(sum(vs['correct']), vs['n'])} of the held-out pairs correctly.", ""]
         x, y = _curve(sft_rows)
         if x:
             L.append("During SFT (`eval/pref_accuracy` in sft/metrics.jsonl, against the untrained model): "

@@ -30,6 +30,7 @@ use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
 use crate::error::{CoreError, Result};
+use crate::tokenize::byte_chars;
 
 /// The label of an untrained token (shard format).
 const IGNORE_INDEX: i32 = -100;
@@ -437,24 +438,6 @@ fn byte_level(spec: &Json) -> bool {
         || dec["decoders"]
             .as_array()
             .is_some_and(|d| d.iter().any(|x| x["type"] == "ByteLevel"))
-}
-
-/// GPT-2's byte-to-unicode table: the char each byte is written as in the vocabulary.
-fn byte_chars() -> [char; 256] {
-    let mut out = ['\0'; 256];
-    let mut n = 0u32;
-    for b in 0..256u32 {
-        let printable = (b'!' as u32..=b'~' as u32).contains(&b)
-            || (0xA1..=0xAC).contains(&b)
-            || (0xAE..=0xFF).contains(&b);
-        out[b as usize] = if printable {
-            char::from_u32(b).unwrap()
-        } else {
-            n += 1;
-            char::from_u32(255 + n).unwrap()
-        };
-    }
-    out
 }
 
 #[cfg(test)]
