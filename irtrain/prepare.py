@@ -45,7 +45,7 @@ from irtrain.paths import OutLock
 from irtrain.shards import FORMAT_VERSION, MANIFEST, ShardSet, content_hash, iter_documents
 
 #: bump when the output of the same inputs and config changes
-PREPARE_VERSION = 2  # 2: {% generation %} masks, per-turn splitting, template variables, local strftime_now
+PREPARE_VERSION = 3  # 2: {% generation %} masks, per-turn splitting, template variables, local strftime_now; 3: turns written as at inference
 #: config fields that do not change the output (left out of the cache key)
 _NOT_IN_KEY = ("out", "preview", "threads")
 #: at most this many skipped rows are listed in the report
@@ -241,6 +241,7 @@ def _build(cfg: PrepareConfig, fmt: str, tok: TokenizerFiles, sources: list[Any]
         "packing_efficiency": round(c["tokens_total"] / slots, 6) if slots else 0.0,
         "skipped_rows": skipped, "skipped_rows_not_listed": max(0, n_skipped - len(skipped)),
         "split_rows": c["split_rows"], "split_examples": c["split_examples"], "split_reason": c["split_reason"],
+        "inference_turns": c["inference_turns"], "inference_reason": c["inference_reason"],
     }
     return {
         "irtrain_shards": FORMAT_VERSION, "format": fmt, "packed": bool(cfg.pack), "max_len": cfg.max_len,
@@ -272,8 +273,8 @@ def print_report(report: dict[str, Any], console: Any) -> None:
     if "seconds" in report:
         t.add_row("seconds", f"{report['seconds']:.2f}")
     console.print(t)
-    if (split := split_statement(report)) is not None:
-        console.print(split, markup=False)
+    for line in template_statements(report):
+        console.print(line, markup=False)
     for s in report.get("skipped_rows", [])[:20]:
         console.print(f"  skipped {s['path']}:{s['row']}: {s['error']}", markup=False)
     more = len(report.get("skipped_rows", [])) - 20 + report.get("skipped_rows_not_listed", 0)
@@ -281,13 +282,21 @@ def print_report(report: dict[str, Any], console: Any) -> None:
         console.print(f"  ... and {more} more skipped rows (listed in manifest.json)")
 
 
-def split_statement(report: dict[str, Any]) -> str | None:
-    """The report's line on rows split into per-turn examples (None when none was)."""
-    if not report.get("split_rows"):
-        return None
-    return (f"{report['split_rows']:,} row(s) split into {report['split_examples']:,} per-turn examples because the "
-            f"template is not prefix-stable: {report['split_reason']}; each example is the conversation up to one "
-            "assistant turn, rendered with that turn last, and trains that turn only")
+def template_statements(report: dict[str, Any]) -> list[str]:
+    """The report's lines on what the template made prepare do: rows split into per-turn examples,
+    turns written as at inference (none when neither happened)."""
+    lines = []
+    if report.get("split_rows"):
+        lines.append(f"{report['split_rows']:,} row(s) split into {report['split_examples']:,} per-turn examples "
+                     f"because the template is not prefix-stable: {report['split_reason']}; each example is the "
+                     "conversation up to one assistant turn, rendered with that turn last, and trains that turn only")
+    if report.get("inference_turns"):
+        lines.append(f"{report['inference_turns']:,} assistant turn(s) written as at inference because the template "
+                     f"does not render them after their own generation prompt: {report['inference_reason']}; each is "
+                     "the generation prompt after the turns before it, then the turn as the model writes it (its "
+                     "reasoning first, less what the prompt opens), then the template's end of turn, trained from "
+                     "the generation prompt on")
+    return lines
 
 
 def preview_runs(input_ids: list[int], labels: list[int], decode: Any) -> list[tuple[str, bool]]:
@@ -306,8 +315,8 @@ def print_preview(out: Path, tok: TokenizerFiles, n: int, console: Any) -> None:
     from rich.text import Text
     from tokenizers import Tokenizer
 
-    if (split := split_statement(ShardSet(out, verify=False).manifest["report"])) is not None:
-        console.print("preview: " + split, markup=False)
+    for line in template_statements(ShardSet(out, verify=False).manifest["report"]):
+        console.print("preview: " + line, markup=False)
     t = Tokenizer.from_file(tok.tokenizer_file)
     decode = lambda ids: t.decode(ids, skip_special_tokens=False)  # noqa: E731
     console.print(Text.assemble(("preview: ", "bold"), ("«trained»", "bold green"), "  ", ("masked", "dim")))

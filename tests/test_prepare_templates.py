@@ -119,14 +119,188 @@ def test_templates_without_the_prefix_property_train_every_turn(tokenizer_dirs, 
     assert (m["report"]["docs_out"], m["report"]["split_rows"]) == (2, 0)
 
 
-def test_template_that_drops_reasoning_from_its_own_turns_is_refused(tokenizer_dirs, tmp_path):
-    """DeepSeek-R1 distills: the generation prompt opens <think>, the rendered turn never holds
-    it; no example can be exact, so the row is refused, naming the fix."""
+def test_template_that_drops_reasoning_from_its_own_turns_writes_them_as_at_inference(tokenizer_dirs, tmp_path):
+    """DeepSeek-R1 distills: the generation prompt opens <think>, and every rendered turn drops
+    its reasoning. Each turn is written as the model meets it at inference (its generation prompt,
+    then the turn with its reasoning, then the end of turn), and the report and --preview say so;
+    a turn with no reasoning to write after that prompt is a one-line error naming the row."""
+    tok = hf_tokenizer(tokenizer_dirs["chatml"], "deepseek_r1_distill")
     (tmp_path / "t.jinja").write_text(template("deepseek_r1_distill"), encoding="utf-8")
-    write_jsonl(tmp_path / "c.jsonl", [{"messages": reasoning_conversations()[0]}])
-    r = cli(tmp_path, tokenizer_dirs["chatml"], str(tmp_path / "c.jsonl"), "--chat-template", str(tmp_path / "t.jinja"))
-    assert_one_line_error(r, "c.jsonl:1:", "not even for assistant turn 3 alone", "generation %} markers",
-                          tmp_path=tmp_path)
+    msgs = thinking_conversations()[0]
+    write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}])
+    r = cli(tmp_path, tokenizer_dirs["chatml"], str(tmp_path / "c.jsonl"), "--chat-template", str(tmp_path / "t.jinja"),
+            "--preview", "1", "--max-len", "4096")
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "3 assistant turn(s) written as at inference because the template does not render them" in text
+    assert "preview: 3 assistant turn(s) written as at inference" in text
+    docs = list(iter_documents(tmp_path / "out"))
+    assert len(docs) == 3
+    assert tok.decode([t for t in docs[1]["labels"] if t != -100]) == (
+        "Three and three.\n</think>\n\n6<｜end▁of▁sentence｜>")
+    write_jsonl(tmp_path / "c.jsonl", [{"messages": msgs}, {"messages": reasoning_conversations()[1]}])
+    r = cli(tmp_path, tokenizer_dirs["chatml"], str(tmp_path / "c.jsonl"), "--chat-template", str(tmp_path / "t.jinja"),
+            out="bad")
+    assert_one_line_error(r, "c.jsonl:2:", "assistant turn 2 does not begin with what the generation prompt opens",
+                          "give the turn its reasoning", tmp_path=tmp_path, out="bad")
+
+
+def test_preference_pairs_on_a_template_that_drops_reasoning(tokenizer_dirs, tmp_path):
+    """A DPO pair on the R1 distills' template: chosen and rejected are each written as at
+    inference after the same prompt, reasoning included (inline, or as reasoning_content)."""
+    tok = hf_tokenizer(tokenizer_dirs["chatml"], "deepseek_r1_distill")
+    (tmp_path / "t.jinja").write_text(template("deepseek_r1_distill"), encoding="utf-8")
+    row = {"prompt": [{"role": "user", "content": "2+2?"}],
+           "chosen": [{"role": "assistant", "content": "<think>\nAdd.\n</think>\n\n4"}],
+           "rejected": [{"role": "assistant", "content": "5", "reasoning_content": "A guess."}]}
+    src = write_jsonl(tmp_path / "p.jsonl", [row])
+    m = prep(tmp_path, tokenizer_dirs["chatml"], [src], chat_template=str(tmp_path / "t.jinja"))
+    assert m["report"]["inference_turns"] == 2
+    (doc,) = iter_documents(tmp_path / "out")
+    prompt = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<think>\n")
+    for side in ("chosen", "rejected"):
+        text = prompt + written_turn(row[side][0])[len("<think>\n"):] + "<｜end▁of▁sentence｜>"
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert doc[side]["input_ids"] == enc["input_ids"]
+        assert doc[side]["labels"] == labels_from_char_spans(enc, [(len(prompt), len(text))])
+
+
+# --------------------------------------------------------------------------- the real-template check
+def thinking_conversations() -> list[list[dict]]:
+    """Multi-turn conversations where every assistant turn reasons (inline <think> or
+    reasoning_content), with and without a system prompt: what reasoning models are trained on."""
+    return [
+        [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": "What is 2+2?"},
+         {"role": "assistant", "content": "<think>\nAdd two and two.\n</think>\n\n4"},
+         {"role": "user", "content": "And 3+3? 🤔"},
+         {"role": "assistant", "content": "6", "reasoning_content": "Three and three."},
+         {"role": "user", "content": "Thanks"},
+         {"role": "assistant", "content": "<think>\nBe polite.\n</think>\n\nYou're welcome."}],
+        [{"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello!", "reasoning_content": "A greeting."},
+         {"role": "user", "content": "Bye"},
+         {"role": "assistant", "content": "<think>\nA farewell.\n</think>\n\nBye!"}],
+    ]
+
+
+def written_turn(m: dict) -> str:
+    """An assistant turn as the model writes it (docs/FORMULAS.md: reasoning first)."""
+    content, reasoning = m["content"], m.get("reasoning_content")
+    if reasoning and "</think>" not in content:
+        return f"<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
+    return content
+
+
+def reference_examples(tok, msgs: list[dict], mask: str, at_inference: tuple[str, str] | None):
+    """What prepare must write for one conversation, from transformers' renders and tokenizer
+    alone: (kind, input_ids, labels) per example. Kinds: "markers" (return_assistant_tokens_mask),
+    "whole" (one example, spans between prefix renders), "turn" (the conversation up to the turn,
+    rendered with it last), "inference" (the turn's generation prompt, then the turn as written
+    after `opener`, then `end_of_turn`: `at_inference` gives both for the family, by hand)."""
+    render = lambda m, gen=False: tok.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+    if mask == "last":
+        turns = turns[-1:]
+
+    def encode(kind, text, spans):
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return kind, list(enc["input_ids"]), labels_from_char_spans(enc, spans)
+
+    if "{% generation %}" in tok.chat_template:
+        out = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, keep = list(out["input_ids"]), list(out["assistant_masks"])
+        if mask == "last":  # the last block only
+            k = len(keep) - 1 - keep[::-1].index(1)
+            while k > 0 and keep[k - 1]:
+                k -= 1
+            keep = [0] * k + keep[k:]
+        return [("markers", ids, [-100] + [t if k else -100 for t, k in zip(ids[1:], keep[1:])])]
+    full = render(msgs)
+    starts = {i: render(msgs[:i], True) for i in turns}
+    ends = {i: render(msgs[: i + 1]) for i in turns}
+    if all(ends[i].startswith(starts[i]) and full.startswith(ends[i]) for i in turns):
+        return [encode("whole", full, [(len(starts[i]), len(ends[i])) for i in turns])]
+    examples = []
+    for i in turns:
+        if ends[i].startswith(starts[i]):
+            examples.append(encode("turn", ends[i], [(len(starts[i]), len(ends[i]))]))
+            continue
+        assert at_inference is not None, f"turn {i} renders neither way"
+        opener, end_of_turn = at_inference
+        assert starts[i].endswith(opener)
+        written = written_turn(msgs[i])
+        assert written.startswith(opener)
+        text = starts[i] + written[len(opener):] + end_of_turn
+        examples.append(encode("inference", text, [(len(starts[i]), len(text))]))
+    return examples
+
+
+# family: (template, tokenizer, conversations, {mask: kinds of the examples}, at inference: (opener, end of
+# turn)). "mixed" conversations have a turn without reasoning and a one-turn conversation (always whole);
+# reasoning families' templates need every turn to reason ("thinking"). Tokenizers are toy byte-level BPEs
+# with each family's special tokens where they matter: OLMo-3 ends its last turn with eos <|endoftext|>,
+# not <|im_end|>; Mistral's eos is </s>.
+WHOLE, TURN, INFERENCE, MARKERS = {"whole"}, {"turn", "whole"}, {"inference"}, {"markers"}
+REAL_TEMPLATES = {
+    "Qwen3": ("qwen3", "chatml", "mixed", {"assistant": TURN, "last": WHOLE}, None),
+    "Qwen3 (TRL training template)": ("qwen3_training", "chatml", "mixed", {"assistant": MARKERS, "last": MARKERS}, None),
+    "QwQ": ("qwq", "chatml", "thinking", {"assistant": {"turn", "inference"}, "last": WHOLE}, ("<think>\n", "<|im_end|>\n")),
+    "DeepSeek-R1 distills": ("deepseek_r1_distill", "chatml", "thinking", {"assistant": INFERENCE, "last": INFERENCE},
+                             ("<think>\n", "<｜end▁of▁sentence｜>")),
+    "DeepSeek-R1 distills (TRL training template)": ("deepseek_r1_distill_training", "chatml", "thinking",
+                                                     {"assistant": MARKERS, "last": MARKERS}, None),
+    "Phi-3": ("phi3", "chatml", "mixed", {"assistant": TURN, "last": WHOLE}, None),
+    "Phi-3.5": ("phi3_5", "chatml", "mixed", {"assistant": TURN, "last": WHOLE}, None),
+    "Phi-3 (TRL training template)": ("phi3_training", "chatml", "mixed", {"assistant": MARKERS, "last": MARKERS}, None),
+    "OLMo-3 Instruct": ("olmo3_instruct", "olmo", "mixed", {"assistant": TURN, "last": WHOLE}, None),
+    "OLMo-3 Think": ("olmo3_think", "olmo", "thinking", {"assistant": {"turn", "inference"}, "last": WHOLE},
+                     ("<think>", "<|endoftext|>")),
+    "Mistral-Nemo (system prompt)": ("mistral_nemo", "mistral", "mixed",
+                                     {"assistant": {"inference", "whole"}, "last": {"inference", "whole"}}, ("", "</s>")),
+    "SmolLM3": ("smollm3", "chatml", "mixed", {"assistant": MARKERS, "last": MARKERS}, None),
+    "Llama-3.2": ("llama3_2", "llama3", "mixed", {"assistant": WHOLE, "last": WHOLE}, None),
+    "Granite-3.3": ("granite3_3", "chatml", "mixed", {"assistant": WHOLE, "last": WHOLE}, None),
+}
+
+
+def family_tokenizer(tokenizer_dirs, key: str, tmp_path: Path) -> Path:
+    """A toy tokenizer directory; "olmo" is the ChatML one with OLMo's eos (<|endoftext|>)."""
+    if key != "olmo":
+        return tokenizer_dirs[key]
+    import shutil
+
+    out = tmp_path / "olmo-tokenizer"
+    shutil.copytree(tokenizer_dirs["chatml"], out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = "<|endoftext|>"
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("mask", ["assistant", "last"])
+@pytest.mark.parametrize("family", list(REAL_TEMPLATES))
+def test_real_templates_are_exact(tokenizer_dirs, tmp_path, family, mask):
+    """Must-show 1 of the data-shapes issue: on each family's real template (tests/fixtures/
+    templates/README.md says where each comes from), every configuration is exact against
+    transformers, as one example, by its markers, or split into per-turn examples that are exact
+    (rendered with the turn last, or as at inference where the template cannot render it so)."""
+    name, tok_key, convs_kind, kinds, at_inference = REAL_TEMPLATES[family]
+    tok_dir = family_tokenizer(tokenizer_dirs, tok_key, tmp_path)
+    tok = hf_tokenizer(tok_dir, name)
+    convs = thinking_conversations() if convs_kind == "thinking" else reasoning_conversations()
+    (tmp_path / "t.jinja").write_text(template(name), encoding="utf-8")
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in convs])
+    prep(tmp_path, tok_dir, [src], max_len=8192, mask=mask, chat_template=str(tmp_path / "t.jinja"))
+    docs = list(iter_documents(tmp_path / "out"))
+    expected = [e for m in convs for e in reference_examples(tok, m, mask, at_inference)]
+    assert {k for k, _, _ in expected} == kinds[mask]
+    assert [d["id"] for d in docs] == list(range(len(expected)))
+    for d, (kind, ids, labels) in zip(docs, expected):
+        assert d["input_ids"] == ids, kind
+        assert d["labels"] == labels, kind
+        assert any(t != -100 for t in labels)
 
 
 # --------------------------------------------------------------------------- template variables
@@ -234,28 +408,34 @@ print(json.dumps({"same": doc["input_ids"] == list(ref), "clock": m["template_cl
 """
 
 
-def test_strftime_now_is_local_time_fixed_once(tokenizer_dirs, tmp_path):
-    """Llama-3.2's "Today Date" in UTC+14 and UTC-12: at any moment one of them is on another
-    date than UTC; both equal transformers' rendering (local time) in the same zone."""
+@pytest.mark.parametrize("name,tok_name,pattern,fmt", [
+    ("llama3_2", "llama3", r"Today Date: (\d\d \w\w\w \d{4})", "%d %b %Y"),
+    ("smollm3", "chatml", r"Today Date: (\d\d \w+ \d{4})", "%d %B %Y"),
+    ("granite3_3", "chatml", r"Today's Date: (\w+ \d\d, \d{4})", "%B %d, %Y"),
+])
+def test_strftime_now_is_local_time_fixed_once(tokenizer_dirs, tmp_path, name, tok_name, pattern, fmt):
+    """Llama-3.2's, SmolLM3's and Granite-3.3's date in UTC+14 and UTC-12: at any moment one of
+    them is on another date than UTC; both equal transformers' rendering (local time) in the same
+    zone."""
     import datetime
 
-    (tmp_path / "t.jinja").write_text(template("llama3_2"), encoding="utf-8")
+    (tmp_path / "t.jinja").write_text(template(name), encoding="utf-8")
     data = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "Date?"},
                                                             {"role": "assistant", "content": "See above."}]}] * 3)
-    utc = datetime.datetime.now(datetime.timezone.utc).strftime("%d %b %Y")
+    utc = datetime.datetime.now(datetime.timezone.utc).strftime(fmt)
     dates = {}
     for tz in ("Pacific/Kiritimati", "Etc/GMT+12"):
         env = {**os.environ, "TZ": tz}
-        p = subprocess.run([sys.executable, "-c", _DATE_CHECK, str(tokenizer_dirs["llama3"]), str(tmp_path / "t.jinja"),
+        p = subprocess.run([sys.executable, "-c", _DATE_CHECK, str(tokenizer_dirs[tok_name]), str(tmp_path / "t.jinja"),
                             str(data), str(tmp_path / tz.replace("/", "_"))],
                            env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr
         res = json.loads(p.stdout.strip().splitlines()[-1])
         assert res["same"], res["text"]
-        date = re.search(r"Today Date: (\d\d \w\w\w \d{4})", res["text"]).group(1)
+        date = re.search(pattern, res["text"]).group(1)
         clock = datetime.datetime.fromisoformat(res["clock"])
         assert clock.utcoffset() == datetime.timedelta(hours=14 if tz.startswith("Pacific") else -12)
-        assert date == clock.strftime("%d %b %Y")  # the manifest records the clock the rows saw
+        assert date == clock.strftime(fmt)  # the manifest records the clock the rows saw
         dates[tz] = date
     assert utc in dates.values() or len(set(dates.values())) == 2
     assert any(d != utc for d in dates.values())

@@ -15,6 +15,12 @@
 //! Where the template carries `{% generation %}` blocks, they give the spans
 //! instead; where it is not prefix-stable, `--mask assistant` splits the
 //! conversation into one example per assistant turn (`render_and_mask`).
+//! Where even one turn alone does not render after its own generation prompt
+//! (a template that strips the reasoning from every assistant turn, as the
+//! DeepSeek-R1 distills', or a turn whose reasoning is a field the template
+//! never renders, as QwQ's), that turn is written as at inference
+//! (`inference_turn`): the generation prompt, then the turn as the model
+//! writes it after that prompt, then the template's end of turn.
 use crate::error::{CoreError, Result};
 use crate::rows::Conversation;
 use crate::template::{ChatTemplate, Vars};
@@ -74,6 +80,8 @@ pub struct Rendered {
 pub struct Masked {
     pub renders: Vec<Rendered>,
     pub split: Option<String>,
+    /// How many turns were written as at inference (`inference_turn`), and why.
+    pub inference: Option<(usize, String)>,
 }
 
 impl Masked {
@@ -81,6 +89,7 @@ impl Masked {
         Self {
             renders: vec![r],
             split: None,
+            inference: None,
         }
     }
 }
@@ -144,11 +153,12 @@ pub fn render_and_mask(
                 _ => turns,
             };
             if tpl.has_generation() {
-                // every block, or those that open after the text before the first trained turn
+                // every block, or those that open after the text before the first trained
+                // turn (rendered without the generation prompt, which a block may hold)
                 let from = if mask == MaskKind::Assistant && prompt_len == 0 {
                     0
                 } else {
-                    common_prefix(&render(&messages[..turns[0]], true)?, &text)
+                    common_prefix(&render(&messages[..turns[0]], false)?, &text)
                 };
                 let spans = marks.into_iter().filter(|&(a, _)| a >= from).collect();
                 return Ok(Masked::one(Rendered { text, spans }));
@@ -166,6 +176,16 @@ pub fn render_and_mask(
                 if let Some(why) = why {
                     if mask == MaskKind::Assistant && split_turns {
                         return per_turn(&render, messages, &turns, text, why);
+                    }
+                    if turns == [messages.len() - 1] {
+                        // one trained turn, the last: as at inference, if it renders so
+                        let r = inference_turn(&render, messages, i, start)
+                            .map_err(|e| unstable(&format!("{why}; {e}")))?;
+                        return Ok(Masked {
+                            renders: vec![r],
+                            split: None,
+                            inference: Some((1, why)),
+                        });
                     }
                     return Err(unstable(&why));
                 }
@@ -187,6 +207,7 @@ fn per_turn(
     why: String,
 ) -> Result<Masked> {
     let mut renders = Vec::with_capacity(turns.len());
+    let mut inference: Option<(usize, String)> = None;
     for &i in turns {
         let start = render(&messages[..i], true)?;
         let text = if i + 1 == messages.len() {
@@ -195,13 +216,18 @@ fn per_turn(
             render(&messages[..i + 1], false)?
         };
         if let Some(e) = not_prefix(&start, &text, i, true) {
-            return Err(CoreError::Template(format!(
-                "chat template is not prefix-stable, and not even for assistant turn {} alone: {e}; \
-                 its generation prompt is not how the template renders the turn (a template that drops \
-                 reasoning from its own turns does this); use a template with {{% generation %}} markers \
-                 (TRL's *_training.jinja) or --mask all",
-                i + 1
-            )));
+            let r = inference_turn(render, messages, i, start).map_err(|why| {
+                CoreError::Template(format!(
+                    "chat template is not prefix-stable, and not even for assistant turn {} alone: {e}; \
+                     {why}; use a template with {{% generation %}} markers (TRL's *_training.jinja) \
+                     or --mask all",
+                    i + 1
+                ))
+            })?;
+            let n = inference.as_ref().map_or(0, |x| x.0);
+            inference = Some((n + 1, inference.map_or(e, |x| x.1)));
+            renders.push(r);
+            continue;
         }
         let spans = vec![(start.len(), text.len())];
         renders.push(Rendered { text, spans });
@@ -209,6 +235,106 @@ fn per_turn(
     Ok(Masked {
         renders,
         split: Some(why),
+        inference,
+    })
+}
+
+/// Stands for a turn's content when finding where the template puts it.
+const SENTINEL: &str = "\u{e000}irtrain-turn\u{e001}";
+
+/// Assistant turn `i` as the model meets it at inference: the generation
+/// prompt after `messages[..i]`, then the turn as the model writes it after
+/// that prompt, then what the template puts after a turn's content (its end
+/// of turn), trained from the generation prompt on.
+///
+/// What the model writes is the turn's content, its reasoning first where the
+/// message carries it as a field (`<think>\n{reasoning}\n</think>\n\n{content}`,
+/// the layout Qwen3's template renders), less the part of the generation
+/// prompt that opens it (`<think>\n`). The template itself says where the
+/// content goes: `messages[..i]` and a stand-in turn are rendered, and the text
+/// before the stand-in must be the generation prompt's beginning. Turns the
+/// template does not render from their content alone (tool calls) are refused,
+/// as is a turn without reasoning after a generation prompt that opens it.
+fn inference_turn(
+    render: &dyn Fn(&[Value], bool) -> Result<String>,
+    messages: &[Value],
+    i: usize,
+    start: String,
+) -> std::result::Result<Rendered, String> {
+    let msg = &messages[i];
+    let text_attr =
+        |k: &str| -> Option<String> { msg.get_attr(k).ok()?.as_str().map(str::to_owned) };
+    let has_calls = msg
+        .get_attr("tool_calls")
+        .map_or(false, |v| !v.is_undefined() && !v.is_none() && v.len().unwrap_or(1) > 0);
+    let content = match text_attr("content") {
+        Some(c) if !has_calls => c,
+        _ => {
+            return Err(format!(
+                "assistant turn {} is not plain text content (tool calls), so it cannot be written \
+                 as at inference either",
+                i + 1
+            ))
+        }
+    };
+    let reasoning = text_attr("reasoning_content").filter(|r| !r.is_empty());
+    let body = match reasoning {
+        Some(r) if !content.contains("</think>") => format!(
+            "<think>\n{}\n</think>\n\n{}",
+            r.trim_matches('\n'),
+            content.trim_start_matches('\n')
+        ),
+        _ => content,
+    };
+    let mut with_stand_in = messages[..i].to_vec();
+    with_stand_in.push(Value::from(minijinja::value::Serde(serde_json::json!(
+        {"role": "assistant", "content": SENTINEL}
+    ))));
+    let shown = render(&with_stand_in, false).map_err(|e| e.to_string())?;
+    let at = match shown.match_indices(SENTINEL).map(|(k, _)| k).collect::<Vec<_>>()[..] {
+        [k] => k,
+        _ => {
+            return Err(format!(
+                "the template does not render assistant turn {}'s content once, as given",
+                i + 1
+            ))
+        }
+    };
+    let head = &shown[..at];
+    let opener = match start.strip_prefix(head) {
+        Some(opener) => opener,
+        None => {
+            // The turns before render differently once a turn follows them (Mistral-Nemo
+            // puts the system prompt in the last user turn only while it is last). The
+            // generation prompt is then what follows those turns rendered alone; of it,
+            // the part the stand-in's rendering also puts just before the content is the
+            // turn's header, and the rest opens the turn.
+            let before = render(&messages[..i], false).map_err(|e| e.to_string())?;
+            let Some(prompt) = start.strip_prefix(before.as_str()) else {
+                return Err(format!(
+                    "the template renders assistant turn {} after a different text than its \
+                     generation prompt",
+                    i + 1
+                ));
+            };
+            let header = (0..=prompt.len())
+                .rev()
+                .find(|&k| prompt.is_char_boundary(k) && head.ends_with(&prompt[..k]))
+                .unwrap_or(0);
+            &prompt[header..]
+        }
+    };
+    let Some(written) = body.strip_prefix(opener) else {
+        return Err(format!(
+            "assistant turn {} does not begin with what the generation prompt opens ({opener:?}): \
+             give the turn its reasoning",
+            i + 1
+        ));
+    };
+    let text = format!("{start}{written}{}", &shown[at + SENTINEL.len()..]);
+    Ok(Rendered {
+        spans: vec![(start.len(), text.len())],
+        text,
     })
 }
 
@@ -360,14 +486,80 @@ mod tests {
             .map(|r| (r.text.as_str(), &r.text[r.spans[0].0..r.spans[0].1]))
             .collect();
         assert_eq!(texts, vec![("u|a|", "a|"), ("u|[old]|v|b|", "b|")]);
-        // a template whose generation prompt is not how it renders the turn is refused
+        // a generation prompt that opens what the turn must begin with, and a
+        // turn without it: refused, naming the turn
         let src = "{% for m in messages %}{{ m.content }}|{% endfor %}{% if add_generation_prompt %}<think>{% endif %}";
         let t = ChatTemplate::new(src, &[]).unwrap();
         let err = render_and_mask(&t, &c, MaskKind::Assistant, &Vars::new(), true).unwrap_err();
         assert!(
-            matches!(&err, CoreError::Template(msg) if msg.contains("not even for assistant turn 2")),
+            matches!(&err, CoreError::Template(msg) if msg.contains("not even for assistant turn 2")
+                && msg.contains("does not begin with what the generation prompt opens")),
             "{err}"
         );
+    }
+
+    /// As the DeepSeek-R1 distills: the generation prompt opens `<think>`, and
+    /// every rendered assistant turn drops its reasoning.
+    const R1: &str = "{% for m in messages %}{% if m.role == 'user' %}<U>{{ m.content }}{% else %}<A>{{ m.content.split('</think>')[-1] }}<E>{% endif %}{% endfor %}{% if add_generation_prompt %}<A><think>\n{% endif %}";
+
+    #[test]
+    fn turns_that_lose_their_reasoning_are_written_as_at_inference() {
+        let t = ChatTemplate::new(R1, &[]).unwrap();
+        let json = r#"[{"role":"user","content":"u"},{"role":"assistant","content":"<think>\nr1\n</think>\n\na"},{"role":"user","content":"v"},{"role":"assistant","content":"b","reasoning_content":"r2"}]"#;
+        let c = conv(json, 0, 3);
+        let m = render_and_mask(&t, &c, MaskKind::Assistant, &Vars::new(), true).unwrap();
+        let texts: Vec<(&str, &str)> = m
+            .renders
+            .iter()
+            .map(|r| (r.text.as_str(), &r.text[r.spans[0].0..r.spans[0].1]))
+            .collect();
+        assert_eq!(
+            texts,
+            vec![
+                ("<U>u<A><think>\nr1\n</think>\n\na<E>", "r1\n</think>\n\na<E>"),
+                (
+                    "<U>u<A>\n\na<E><U>v<A><think>\nr2\n</think>\n\nb<E>",
+                    "r2\n</think>\n\nb<E>"
+                ),
+            ]
+        );
+        assert_eq!(m.inference.as_ref().map(|x| x.0), Some(2));
+        // --mask last, and a row of several segments (as preference pairs): the last turn alone
+        for split in [false, true] {
+            let m = render_and_mask(&t, &c, MaskKind::Last, &Vars::new(), split).unwrap();
+            assert_eq!(m.renders.len(), 1);
+            assert_eq!(m.renders[0].text, texts[1].0);
+            assert_eq!(m.inference.as_ref().map(|x| x.0), Some(1));
+        }
+        // several trained turns on a row of several segments cannot be split: refused
+        assert!(render_and_mask(&t, &c, MaskKind::Assistant, &Vars::new(), false).is_err());
+        // as Mistral-Nemo: the system prompt goes into the last message when it is a user
+        // turn, so no rendering of a conversation ending in a turn holds it
+        let nemo = "{% for m in messages[1:] %}{% if m.role == 'user' %}[I]{% if loop.last %}{{ messages[0].content }} {% endif %}{{ m.content }}[/I]{% else %}{{ m.content }}</s>{% endif %}{% endfor %}";
+        let t2 = ChatTemplate::new(nemo, &[]).unwrap();
+        let c2 = conv(
+            r#"[{"role":"system","content":"s"},{"role":"user","content":"u"},{"role":"assistant","content":"a"},{"role":"user","content":"v"},{"role":"assistant","content":"b"}]"#,
+            0,
+            4,
+        );
+        let m = render_and_mask(&t2, &c2, MaskKind::Assistant, &Vars::new(), true).unwrap();
+        let texts: Vec<(&str, &str)> = m
+            .renders
+            .iter()
+            .map(|r| (r.text.as_str(), &r.text[r.spans[0].0..r.spans[0].1]))
+            .collect();
+        assert_eq!(
+            texts,
+            vec![("[I]s u[/I]a</s>", "a</s>"), ("[I]u[/I]a</s>[I]s v[/I]b</s>", "b</s>")]
+        );
+        // a turn without reasoning after a prompt that opens it: refused, naming it
+        let c = conv(
+            r#"[{"role":"user","content":"u"},{"role":"assistant","content":"a"}]"#,
+            0,
+            1,
+        );
+        let err = render_and_mask(&t, &c, MaskKind::Last, &Vars::new(), true).unwrap_err();
+        assert!(format!("{err}").contains("assistant turn 2 does not begin with"), "{err}");
     }
 
     #[test]

@@ -104,6 +104,8 @@ pub fn split_lines(buf: &[u8], first_row: u64) -> Vec<(u64, &[u8])> {
 pub struct Encoded {
     pub examples: Vec<Example>,
     pub split: Option<String>,
+    /// Assistant turns written as at inference (`mask::inference_turn`), and why.
+    pub inference: Option<(u64, String)>,
 }
 
 /// The fields of a row always passed to the chat template as variables (as
@@ -260,6 +262,7 @@ impl Encoder {
             return Ok(Encoded {
                 examples: vec![self.encode_plain(&row, eos, example)?],
                 split: None,
+                inference: None,
             });
         }
         let specs = parse_fields(&row, self.format)?;
@@ -268,10 +271,15 @@ impl Encoder {
         let split_turns = specs.len() == 1;
         let mut segments = Vec::with_capacity(specs.len());
         let mut split = None;
+        let mut inference: Option<(u64, String)> = None;
         for spec in specs {
             let masked =
                 render_and_mask(&self.tpl, &spec.conversation, self.mask, &vars, split_turns)?;
             split = masked.split;
+            if let Some((n, why)) = masked.inference {
+                let before = inference.as_ref().map_or(0, |x| x.0);
+                inference = Some((before + n as u64, inference.map_or(why, |x| x.1)));
+            }
             for r in masked.renders {
                 let enc = self.tok.encode(&r.text)?;
                 if enc.ids.is_empty() {
@@ -310,11 +318,16 @@ impl Encoder {
                     Example { segments: vec![s] }
                 })
                 .collect();
-            return Ok(Encoded { examples, split });
+            return Ok(Encoded {
+                examples,
+                split,
+                inference,
+            });
         }
         Ok(Encoded {
             examples: vec![Example { segments }],
             split: None,
+            inference,
         })
     }
 
@@ -499,6 +512,9 @@ pub struct Counts {
     pub split_rows: u64,
     pub split_examples: u64,
     pub split_reason: Option<String>,
+    /// Assistant turns written as at inference, and why (the first reason).
+    pub inference_turns: u64,
+    pub inference_reason: Option<String>,
 }
 
 /// Result of feeding one buffer.
@@ -563,9 +579,14 @@ impl Preparer {
         };
         let mut examples = Vec::with_capacity(results.len());
         let mut split = (0u64, 0u64, None);
+        let mut inference = (0u64, None);
         for (_, r) in results {
             match r {
                 Ok(enc) => {
+                    if let Some((n, why)) = enc.inference {
+                        inference.0 += n;
+                        inference.1.get_or_insert(why);
+                    }
                     if let Some(why) = enc.split {
                         split.0 += 1;
                         split.1 += enc.examples.len() as u64;
@@ -584,6 +605,10 @@ impl Preparer {
         self.counts.split_examples += split.1;
         if self.counts.split_reason.is_none() {
             self.counts.split_reason = split.2;
+        }
+        self.counts.inference_turns += inference.0;
+        if self.counts.inference_reason.is_none() {
+            self.counts.inference_reason = inference.1;
         }
         self.counts.docs_in += outcome.rows;
         self.counts.skipped += outcome.errors.len() as u64;

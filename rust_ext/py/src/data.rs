@@ -356,6 +356,7 @@ fn counts_json(c: &Counts) -> serde_json::Value {
         "truncated": c.truncated, "segments": c.segments, "rows": c.rows,
         "tokens_total": c.tokens_total, "tokens_trained": c.tokens_trained, "windows": c.windows,
         "split_rows": c.split_rows, "split_examples": c.split_examples, "split_reason": c.split_reason,
+        "inference_turns": c.inference_turns, "inference_reason": c.inference_reason,
     })
 }
 
