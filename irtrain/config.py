@@ -102,7 +102,9 @@ class PrepareConfig(_Validated):
         flag="--apply-chat-template/--no-chat-template")
     split: str = opt("train", "Dataset split, for Hugging Face dataset names.")
     subset: str | None = opt(None, "Dataset configuration (subset) name, for Hugging Face dataset names.")
-    chat_template: str | None = opt(None, "A Jinja file overriding the tokenizer's chat template.")
+    chat_template: str | None = opt(None, "The chat template: a Jinja file, one of the tokenizer's named templates "
+                                    "(as transformers' chat_template=NAME, e.g. tool_use), or a built-in style: "
+                                    "chatml, llama3, mistral. Default: the tokenizer's own.")
     mask: str = opt("assistant", "Trained tokens: every assistant turn | the last one | all after the prompt | all.",
                     choices=("assistant", "last", "completion", "all"))
     max_len: int = opt(2048, "Maximum tokens per packed row (and per example).", check="at_least_2",

@@ -94,9 +94,9 @@ def _hub_file(repo: str, filename: str, required: bool) -> Path | None:
 
 def load_tokenizer_files(name_or_dir: str, chat_template_file: str | None = None) -> TokenizerFiles:
     """Find `tokenizer.json`, the chat template and the special tokens of a local
-    directory or hub repo. The template is, in order: `chat_template_file`,
-    `chat_template.jinja`, `tokenizer_config.json`'s `chat_template` (its
-    "default" entry when it is a list of named templates)."""
+    directory or hub repo. The template is `chat_template_file` (a file, a name of one of
+    the tokenizer's templates, or a built-in style: `_chosen_template`), else the
+    tokenizer's "default" template (`_named_templates`)."""
     if not name_or_dir:
         raise TokenizerError("no tokenizer given (--tokenizer DIR or hub name)")
     local = Path(name_or_dir)
@@ -127,25 +127,12 @@ def load_tokenizer_files(name_or_dir: str, chat_template_file: str | None = None
     if isinstance(extra, dict):  # model-specific named tokens (transformers v5)
         specials += [(k, t) for k, v in extra.items() if (t := _token_text(v)) is not None]
 
+    named = _named_templates(config, cfg_path, get, local if local.is_dir() else None)
     template, origin = None, ""
     if chat_template_file:
-        p = Path(chat_template_file)
-        if not p.is_file():
-            raise DataError("chat template file does not exist", path=str(p))
-        try:
-            template, origin = p.read_text(encoding="utf-8"), str(p)
-        except UnicodeDecodeError as e:
-            raise DataError(f"chat template is not valid UTF-8: {e}", path=str(p)) from None
-    else:
-        jinja = get("chat_template.jinja", False)
-        if jinja is not None:
-            template, origin = Path(jinja).read_text(encoding="utf-8"), str(jinja)
-        else:
-            ct = config.get("chat_template")
-            if isinstance(ct, list):
-                ct = next((t.get("template") for t in ct if isinstance(t, dict) and t.get("name") == "default"), None)
-            if isinstance(ct, str):
-                template, origin = ct, f"{cfg_path} (chat_template)"
+        template, origin = _chosen_template(chat_template_file, named)
+    elif "default" in named:
+        template, origin = named["default"]
     h = hashlib.sha256(Path(tj).read_bytes())
     if cfg_path is not None:
         h.update(Path(cfg_path).read_bytes())
@@ -153,6 +140,51 @@ def load_tokenizer_files(name_or_dir: str, chat_template_file: str | None = None
         name=name_or_dir, tokenizer_file=str(tj), chat_template=template, chat_template_origin=origin,
         special_tokens=specials, file_sha256=h.hexdigest(),
     )
+
+
+def _named_templates(config: dict[str, Any], cfg_path: Any, get: Any, local: Path | None) -> dict[str, tuple[str, str]]:
+    """The tokenizer's templates by name, found as transformers finds them: template files
+    (`chat_template.jinja` is "default", `additional_chat_templates/NAME.jinja` is NAME) take
+    priority over every entry of `tokenizer_config.json`'s `chat_template` (a string is
+    "default"; a list holds {"name", "template"} entries)."""
+    files: dict[str, tuple[str, str]] = {}
+    jinja = get("chat_template.jinja", False)
+    if jinja is not None:
+        files["default"] = (Path(jinja).read_text(encoding="utf-8"), str(jinja))
+    if local is not None and (local / "additional_chat_templates").is_dir():
+        for f in sorted((local / "additional_chat_templates").glob("*.jinja")):
+            files[f.name.removesuffix(".jinja")] = (f.read_text(encoding="utf-8"), str(f))
+    if files:
+        return files
+    out: dict[str, tuple[str, str]] = {}
+    ct = config.get("chat_template")
+    if isinstance(ct, str):
+        out["default"] = (ct, f"{cfg_path} (chat_template)")
+    elif isinstance(ct, list):
+        for t in ct:
+            if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str):
+                out[t["name"]] = (t["template"], f"{cfg_path} (chat_template {t['name']!r})")
+    return out
+
+
+def _chosen_template(choice: str, named: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    """`--chat-template`: a Jinja file, else one of the tokenizer's named templates (as
+    transformers' `apply_chat_template(chat_template=NAME)`), else a built-in style."""
+    from irtrain.toy import CHAT_TEMPLATES
+
+    p = Path(choice)
+    if p.is_file():
+        try:
+            return p.read_text(encoding="utf-8"), str(p)
+        except UnicodeDecodeError as e:
+            raise DataError(f"chat template is not valid UTF-8: {e}", path=str(p)) from None
+    if choice in named:
+        return named[choice]
+    if choice in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[choice], f"built-in template {choice!r}"
+    own = f"the tokenizer's: {', '.join(sorted(named))}; " if named else ""
+    raise DataError(f"--chat-template {choice!r}: no such file, and no template of that name ({own}built in: "
+                    f"{', '.join(CHAT_TEMPLATES)})")
 
 
 def tokenizer_files_of(tokenizer: Any, chat_template_file: str | None, tmp_dir: str | Path) -> TokenizerFiles:

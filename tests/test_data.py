@@ -93,6 +93,50 @@ def test_load_tokenizer_files_reads_template_and_specials(tokenizer_dirs):
     assert len(tok.file_sha256) == 64
 
 
+def test_chat_template_by_name(tokenizer_dirs, tmp_path):
+    """--chat-template NAME: the tokenizer's named templates as transformers'
+    apply_chat_template(chat_template=NAME) picks them (tokenizer_config.json's list, and
+    additional_chat_templates/NAME.jinja), else a built-in style; anything else is an error
+    naming both lists."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from irtrain.toy import CHAT_TEMPLATES
+
+    d = tmp_path / "tok"
+    shutil.copytree(tokenizer_dirs["chatml"], d)
+    (d / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    tool_use = CHAT_TEMPLATES["chatml"].replace("<|im_start|>", "<|im_start|>[tools]")
+    cfg["chat_template"] = [{"name": "default", "template": CHAT_TEMPLATES["chatml"]},
+                            {"name": "tool_use", "template": tool_use}]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+    def check(names: list[tuple[str, str]]) -> None:
+        hf = AutoTokenizer.from_pretrained(str(d))
+        for name, text in names:
+            assert data.load_tokenizer_files(str(d), name).chat_template == text
+            ref = hf.apply_chat_template(msgs, chat_template=name, tokenize=True, return_dict=True)["input_ids"]
+            assert data.encode_rows([{"messages": msgs}], str(d), chat_template=name)[0]["input_ids"] == list(ref)
+
+    check([("default", CHAT_TEMPLATES["chatml"]), ("tool_use", tool_use)])
+    assert data.load_tokenizer_files(str(d)).chat_template == CHAT_TEMPLATES["chatml"]
+    # template files take priority over every template of the config, as in transformers
+    (d / "additional_chat_templates").mkdir()
+    rag = CHAT_TEMPLATES["chatml"].replace("<|im_start|>", "<|im_start|>[docs]")
+    (d / "additional_chat_templates" / "rag.jinja").write_text(rag)
+    (d / "chat_template.jinja").write_text(CHAT_TEMPLATES["mistral"])
+    check([("default", CHAT_TEMPLATES["mistral"]), ("rag", rag)])
+    assert data.load_tokenizer_files(str(d)).chat_template == CHAT_TEMPLATES["mistral"]
+    files = data.load_tokenizer_files(str(tokenizer_dirs["chatml"]), "llama3")
+    assert (files.chat_template, files.chat_template_origin) == (CHAT_TEMPLATES["llama3"], "built-in template 'llama3'")
+    with pytest.raises(DataError, match=r"--chat-template 'qwen9': no such file, and no template of that name "
+                                        r"\(the tokenizer's: default, rag; built in: chatml, llama3, mistral\)"):
+        data.load_tokenizer_files(str(d), "qwen9")
+
+
 def test_tokenizer_hash_matches_what_training_checks(tokenizer_dirs):
     """`irtrain.train` compares manifests' tokenizer_hash with sha256(backend_tokenizer.to_str())."""
     import hashlib
