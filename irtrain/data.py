@@ -38,7 +38,7 @@ from irtrain.shards import FORMATS, ShardSet, iter_documents
 __all__ = [
     "iter_documents", "ShardSet", "TokenizerFiles", "load_tokenizer_files", "tokenizer_files_of", "Source", "Chunk", "resolve_inputs",
     "Encoder", "encode_rows", "detect_format", "pack_bfd", "write_shards", "preparer", "row_error", "FORMATS", "MASKS",
-    "ROW_FIELDS", "parse_columns", "needs_chat_template",
+    "ROW_FIELDS", "parse_columns", "needs_chat_template", "step_splitter",
 ]
 
 MASKS = ("assistant", "last", "completion", "all")
@@ -568,6 +568,12 @@ def encode_rows(rows: Iterable[dict[str, Any]], tokenizer: str | os.PathLike[str
 
 
 # --------------------------------------------------------------------------- small faces
+def step_splitter(tokenizer_json: str) -> Any:
+    """The Rust step splitter behind `irtrain score` (`irtrain._rust.StepSplitter`), its
+    per-vocabulary tables built once from a serialized `tokenizer.json`."""
+    return _rust.StepSplitter(tokenizer_json)
+
+
 def detect_format(row_json: str, columns: list[tuple[str, str]] | None = None) -> str:
     """The format a JSON row's fields indicate (after renaming them as `columns` says); DataError when none does."""
     return _rust.detect_format(row_json, columns or [])

@@ -4,6 +4,7 @@ files), with `ast`: nothing is imported."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,10 @@ def test_cli_never_imports_the_extension():
     """The private Rust module is reached through irtrain.data / irtrain.stats only."""
     for path in (ROOT / "cli").glob("*.py"):
         assert "_rust" not in path.read_text(encoding="utf-8"), path
+    importers = {name for name, path in _modules().items()
+                 if re.search(r"^\s*(from irtrain import _rust|import irtrain\._rust|from irtrain\._rust)",
+                              path.read_text(encoding="utf-8"), re.M)}
+    assert importers == {"irtrain.data", "irtrain.stats"}
 
 
 # --------------------------------------------------------------------------- one place to add a loss

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from irtrain import _rust
+from irtrain.data import step_splitter
 from irtrain.errors import TokenizerError
 
 
@@ -56,7 +56,7 @@ def splitter(tokenizer: Any) -> Any:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise TokenizerError("the model's tokenizer is not a fast (tokenizers) tokenizer; irtrain needs tokenizer.json")
-    return _rust.StepSplitter(backend.to_str())
+    return step_splitter(backend.to_str())
 
 
 def token_bytes(tokenizer: Any, ids: list[int] | np.ndarray) -> list[bytes]:
