@@ -40,7 +40,7 @@ def _params(f: dataclasses.Field, tp: Any) -> list[inspect.Parameter]:
     help_text = f.metadata.get("help", "")
     choices = f.metadata.get("choices")
     if choices:
-        help_text += f" [{'|'.join(choices)}]"
+        help_text += f" [{' | '.join(choices)}]"  # spaced, so help wraps between choices
     names = f.metadata.get("aliases", ())
     if names:
         help_text += " (alias: " + ", ".join("--" + a.replace("_", "-") for a in names) + ")"

@@ -99,6 +99,9 @@ def test_help_at_80_columns_shows_every_option_its_choices_default_and_aliases(c
         assert help_text.startswith(_squash(f.metadata["help"])), flag
         if f.metadata.get("choices"):
             assert _squash(f"[{'|'.join(f.metadata['choices'])}]") in help_text, flag
+            # lines break between choices (or at a choice's own hyphen), never inside a word
+            words = set(entries[flag].replace("- ", "-").replace("[", " ").replace("]", " ").split())
+            assert set(f.metadata["choices"]) <= words, (flag, "a choice broken across lines")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if default not in (None, "", []):
             assert _squash(f"(default: {default!r})") in help_text, flag
