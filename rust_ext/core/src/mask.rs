@@ -129,6 +129,16 @@ pub fn render_and_mask(
             }
             let prefix = render(&messages[..start], true)?;
             if let Some(why) = not_prefix(&prefix, &text, start, true) {
+                if start + 1 == messages.len() && is_assistant[start] {
+                    // a completion of one assistant turn: as at inference, if it renders so
+                    let r = inference_turn(&render, messages, start, prefix)
+                        .map_err(|e| unstable(&format!("{why}; {e}")))?;
+                    return Ok(Masked {
+                        renders: vec![r],
+                        split: None,
+                        inference: Some((1, why)),
+                    });
+                }
                 return Err(unstable(&why));
             }
             vec![(prefix.len(), text.len())]
@@ -531,6 +541,9 @@ mod tests {
             assert_eq!(m.renders[0].text, texts[1].0);
             assert_eq!(m.inference.as_ref().map(|x| x.0), Some(1));
         }
+        // --mask completion of one assistant turn, too
+        let m = render_and_mask(&t, &c, MaskKind::Completion, &Vars::new(), false).unwrap();
+        assert_eq!(m.renders[0].text, texts[1].0);
         // several trained turns on a row of several segments cannot be split: refused
         assert!(render_and_mask(&t, &c, MaskKind::Assistant, &Vars::new(), false).is_err());
         // as Mistral-Nemo: the system prompt goes into the last message when it is a user
