@@ -99,6 +99,29 @@ def loads_and_generates(ckpt: Path) -> str:
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("mask", ["assistant", "last"])
+@pytest.mark.parametrize("family", ["Qwen3", "QwQ", "DeepSeek-R1 distills", "Phi-3", "SmolLM3"])
+def test_real_templates_with_the_real_vocabulary(real_model, tmp_path, family, mask):
+    """The real-template check (test_prepare_templates) with SmolLM2's real 49,152-token
+    vocabulary instead of a toy one: per-turn examples, turns written as at inference and
+    marker masks stay token for token transformers'."""
+    from test_prepare_templates import (REAL_TEMPLATES, hf_tokenizer, reasoning_conversations, reference_examples,
+                                        template, thinking_conversations)
+
+    name, _, convs_kind, kinds, at_inference = REAL_TEMPLATES[family]
+    hf = hf_tokenizer(real_model, name)
+    convs = thinking_conversations() if convs_kind == "thinking" else reasoning_conversations()
+    (tmp_path / "t.jinja").write_text(template(name), encoding="utf-8")
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in convs])
+    r = runner.invoke(app, ["prepare", str(src), "--out", str(tmp_path / "out"), "--tokenizer", str(real_model),
+                            "--chat-template", str(tmp_path / "t.jinja"), "--mask", mask, "--max-len", "8192"])
+    assert r.exit_code == 0, r.output
+    expected = [e for m in convs for e in reference_examples(hf, m, mask, at_inference)]
+    assert {k for k, _, _ in expected} == kinds[mask]
+    docs = list(iter_documents(tmp_path / "out"))
+    assert [(d["input_ids"], d["labels"]) for d in docs] == [(ids, labels) for _, ids, labels in expected]
+
+
 def test_sft_and_dpo_two_steps_then_the_checkpoints_generate(real_model, shards, tmp_path):
     common = ["--model", str(real_model), "--max-steps", "2", "--global-batch", "4", "--micro-batch", "2", "--no-tensorboard"]
     r = runner.invoke(app, ["sft", str(shards["sft"]), "--out", str(tmp_path / "sft"), "--lr", "1e-5", *common])
