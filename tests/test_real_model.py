@@ -105,8 +105,7 @@ def test_real_templates_with_the_real_vocabulary(real_model, tmp_path, family, m
     """The real-template check (test_prepare_templates) with SmolLM2's real 49,152-token
     vocabulary instead of a toy one: per-turn examples, turns written as at inference and
     marker masks stay token for token transformers'."""
-    from test_prepare_templates import (REAL_TEMPLATES, hf_tokenizer, reasoning_conversations, reference_examples,
-                                        template, thinking_conversations)
+    from test_prepare_templates import REAL_TEMPLATES, hf_tokenizer, reasoning_conversations, reference_examples, template, thinking_conversations
 
     name, _, convs_kind, kinds, at_inference = REAL_TEMPLATES[family]
     hf = hf_tokenizer(real_model, name)

@@ -276,7 +276,7 @@ fn inference_turn(
         |k: &str| -> Option<String> { msg.get_attr(k).ok()?.as_str().map(str::to_owned) };
     let has_calls = msg
         .get_attr("tool_calls")
-        .map_or(false, |v| !v.is_undefined() && !v.is_none() && v.len().unwrap_or(1) > 0);
+        .is_ok_and(|v| !v.is_undefined() && !v.is_none() && v.len().unwrap_or(1) > 0);
     let content = match text_attr("content") {
         Some(c) if !has_calls => c,
         _ => {
@@ -301,7 +301,11 @@ fn inference_turn(
         {"role": "assistant", "content": SENTINEL}
     ))));
     let shown = render(&with_stand_in, false).map_err(|e| e.to_string())?;
-    let at = match shown.match_indices(SENTINEL).map(|(k, _)| k).collect::<Vec<_>>()[..] {
+    let at = match shown
+        .match_indices(SENTINEL)
+        .map(|(k, _)| k)
+        .collect::<Vec<_>>()[..]
+    {
         [k] => k,
         _ => {
             return Err(format!(
@@ -526,7 +530,10 @@ mod tests {
         assert_eq!(
             texts,
             vec![
-                ("<U>u<A><think>\nr1\n</think>\n\na<E>", "r1\n</think>\n\na<E>"),
+                (
+                    "<U>u<A><think>\nr1\n</think>\n\na<E>",
+                    "r1\n</think>\n\na<E>"
+                ),
                 (
                     "<U>u<A>\n\na<E><U>v<A><think>\nr2\n</think>\n\nb<E>",
                     "r2\n</think>\n\nb<E>"
@@ -563,7 +570,10 @@ mod tests {
             .collect();
         assert_eq!(
             texts,
-            vec![("[I]s u[/I]a</s>", "a</s>"), ("[I]u[/I]a</s>[I]s v[/I]b</s>", "b</s>")]
+            vec![
+                ("[I]s u[/I]a</s>", "a</s>"),
+                ("[I]u[/I]a</s>[I]s v[/I]b</s>", "b</s>")
+            ]
         );
         // a turn without reasoning after a prompt that opens it: refused, naming it
         let c = conv(
@@ -572,7 +582,10 @@ mod tests {
             1,
         );
         let err = render_and_mask(&t, &c, MaskKind::Last, &Vars::new(), true).unwrap_err();
-        assert!(format!("{err}").contains("assistant turn 2 does not begin with"), "{err}");
+        assert!(
+            format!("{err}").contains("assistant turn 2 does not begin with"),
+            "{err}"
+        );
     }
 
     #[test]
