@@ -200,6 +200,57 @@ def test_tensorboard_resume_purges_the_steps_after_the_checkpoint(tmp_path):
     assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0), (5, 15.0)]
 
 
+def test_a_resumed_run_continues_the_same_tracker_runs(tmp_path, monkeypatch):
+    """Killed after step 4, resumed from the checkpoint of step 2: wandb (same id), MLflow (same
+    run) and Trackio (same run) hold steps 1..6 once each, the first attempt's values for the
+    replayed steps 3 and 4 (the resume replays them identically); OUT/trackers.json says so."""
+    from mlflow.tracking import MlflowClient
+
+    from irtrain.train.trackers import STATE_FILE, RunInfo, Trackers
+
+    for k in [k for k in os.environ if k.startswith(("WANDB_", "MLFLOW_", "TRACKIO_"))]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
+    names = ["wandb", "mlflow", "trackio"]
+
+    def attempt(resume_step, steps, status):
+        t = Trackers(names, RunInfo(out=tmp_path, project="p", name="n", config={"lr": 1.0}, resume_step=resume_step))
+        for s in steps:
+            t.log(s, {"loss": float(s)})
+        t.close(status)
+
+    attempt(None, [1, 2, 3, 4], "KILLED")
+    first = json.loads((tmp_path / STATE_FILE).read_text())
+    assert all(first[n]["last_step"] == 4 for n in names)
+    attempt(2, [3, 4, 5, 6], "FINISHED")
+    state = json.loads((tmp_path / STATE_FILE).read_text())
+    assert state["wandb"]["id"] == first["wandb"]["id"] and state["mlflow"]["run_id"] == first["mlflow"]["run_id"]
+    want = [(s, float(s)) for s in range(1, 7)]
+    # wandb: two offline runs with one id, together steps 1..6 once
+    files = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and len({f.name for f in files}) == 1
+    got = []
+    for f in files:
+        for rec in wandb_records(f):
+            if rec.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                got.append((items["_step"], items["train/loss"]))
+    assert sorted(got) == want
+    # MLflow: one run, finished, each step once
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (r,) = client.search_runs([client.get_experiment_by_name("p").experiment_id])
+    assert r.info.status == "FINISHED"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "train/loss")) == want
+    # Trackio: one run
+    script = ("import json\nfrom trackio.sqlite_storage import SQLiteStorage as S\n"
+              "print(json.dumps([S.get_runs('p'), S.get_logs('p', 'n')]))")
+    out = subprocess.run([sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    runs, logs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runs == ["n"]
+    assert sorted((row["step"], row["train/loss"]) for row in logs) == want
+
+
 # --------------------------------------------------------------------------- names
 def test_names_are_trls():
     """Each renamed metric is a key TRL 1.16's SFTTrainer / DPOTrainer logs, and the tracker

@@ -14,9 +14,13 @@ keeps irtrain's names. Where each writes by default:
 - mlflow: `MlflowClient` on MLFLOW_TRACKING_URI, else a SQLite store OUT/mlflow.db (MLflow 3
   keeps the plain-file store in maintenance mode), experiment --project.
 
-On wandb, MLflow and Trackio a resumed run is a new run with the same name; the run
-config (the resolved flags) is logged with each. A tracker that fails mid-run is dropped
-with one warning: metrics.jsonl stays the record.
+A resumed run (--resume) continues the same tracker run: OUT/trackers.json keeps each
+tracker's run id and the last step it was sent. TensorBoard rewrites the steps after the
+checkpoint; wandb (`id=..., resume="allow"`; offline, a second offline-run directory with
+the same id, which `wandb sync` joins), MLflow (the same run id) and Trackio (the same
+name, `resume="allow"`) are not sent the steps they already have (a resumed run replays
+them identically). The run config (the resolved flags) is logged with each. A tracker that
+fails mid-run is dropped with one warning: metrics.jsonl stays the record.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +88,8 @@ def split_names(values: list[str]) -> list[str]:
 
 # ============================================================================ the trackers
 class TensorBoard:
+    rewrites = True  # a resumed run purges the steps after its checkpoint, then sends them again
+
     def __init__(self, run: RunInfo):
         from torch.utils.tensorboard import SummaryWriter
 
@@ -104,7 +110,9 @@ class Trackio:
         import trackio
 
         self.t = trackio
-        trackio.init(project=run.project, name=run.name, config=run.config, resume="allow" if run.resume_step is not None else "never")
+        name = run.previous.get("name", run.name)
+        trackio.init(project=run.project, name=name, config=run.config, resume="allow" if run.resume_step is not None else "never")
+        self.ident = {"name": name}
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.t.log(metrics, step=step)
@@ -118,8 +126,10 @@ class Wandb:
         import wandb
 
         mode: dict[str, Any] = {} if os.environ.get("WANDB_MODE") else {"mode": "offline"}  # WANDB_MODE (online, ...) wins; else no network
+        again: dict[str, Any] = {"id": run.previous["id"], "resume": "allow"} if run.previous.get("id") else {}
         self.run = wandb.init(project=run.project, name=run.name, config=run.config, dir=os.environ.get("WANDB_DIR") or str(run.out),
-                              **mode)
+                              **mode, **again)
+        self.ident = {"id": self.run.id}
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
@@ -142,10 +152,29 @@ class MLflow:
             exp_id = self.c.create_experiment(run.project)
         else:  # artifacts beside the store, not in the working directory
             exp_id = self.c.create_experiment(run.project, artifact_location=(run.out / "mlartifacts").resolve().as_uri())
+        self.run_id = self._previous_run(run)
+        if self.run_id is not None:  # resumed: the same run, running again (its params are logged already)
+            self.c.update_run(self.run_id, status="RUNNING")
+            self.ident = {"run_id": self.run_id, "tracking_uri": uri}
+            return
         self.run_id = self.c.create_run(exp_id, run_name=run.name).info.run_id
+        self.ident = {"run_id": self.run_id, "tracking_uri": uri}
         params = [Param(k, json.dumps(v, default=str)[:6000] if not isinstance(v, str) else v[:6000]) for k, v in run.config.items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
             self.c.log_batch(self.run_id, params=params[i:i + 100])
+
+    def _previous_run(self, run: RunInfo) -> str | None:
+        """The run id of the run this one resumes, when the store still has it."""
+        run_id = run.previous.get("run_id")
+        if run_id is None:
+            return None
+        try:
+            self.c.get_run(run_id)
+        except Exception:
+            print(f"note: --report-to mlflow: the run being resumed ({run_id}) is not in the store; logging to a new run",
+                  file=sys.stderr)
+            return None
+        return run_id
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -166,6 +195,7 @@ class RunInfo:
     name: str
     config: dict[str, Any]
     resume_step: int | None  # the checkpoint's step on --resume, else None
+    previous: dict[str, Any] = field(default_factory=dict)  # on --resume, this tracker's entry of OUT/trackers.json
 
 
 #: --report-to name -> (the package it needs, how it is opened)
@@ -207,28 +237,64 @@ def resolve_report_to(cfg: Any, *, note: bool = True) -> list[str]:
     return names
 
 
+STATE_FILE = "trackers.json"
+
+
 class Trackers:
-    """The open trackers of a run (none off the main rank): `log` each step, `close` once."""
+    """The open trackers of a run (none off the main rank): `log` each step, `close` once.
+    OUT/trackers.json records each one's run and last step sent (see the module docstring)."""
 
     def __init__(self, names: list[str], run: RunInfo):
+        self.path = run.out / STATE_FILE
+        saved = self._read() if run.resume_step is not None else {}
+        self.state: dict[str, dict[str, Any]] = {}
         self.open: dict[str, Any] = {}
         try:
             for n in names:
-                self.open[n] = TRACKERS[n][1](run)
+                prev = saved.get(n, {})
+                t = TRACKERS[n][1](replace(run, previous=prev))
+                self.open[n] = t
+                self.state[n] = {**getattr(t, "ident", {}), "last_step": prev.get("last_step")}
         except BaseException:
             self.close("FAILED")
             raise
+        if self.open:
+            self._save()
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}  # none yet, or damaged: new tracker runs (metrics.jsonl is the record)
+        return data if isinstance(data, dict) else {}
+
+    def _save(self) -> None:
+        """Rewritten whole (temporary name, then rename); not fsynced: losing it only means new runs."""
+        from irtrain.durable import temp_name
+
+        tmp = temp_name(self.path)
+        tmp.write_text(json.dumps(self.state), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         values = tracked(metrics)
         if not values:
             return
         for n, t in list(self.open.items()):
+            last = self.state[n].get("last_step")
+            if last is not None and step <= last and not getattr(t, "rewrites", False):
+                continue  # the tracker has this step from before the resume
             try:
                 t.log(step, values)
             except Exception as e:  # a tracker's failure does not stop training: metrics.jsonl is the record
                 print(f"warning: --report-to {n} failed at step {step} and is dropped for the rest of the run: {e}", file=sys.stderr)
                 self.open.pop(n)
+                continue
+            self.state[n]["last_step"] = max(step, last or step)
+        try:
+            self._save()
+        except OSError as e:
+            print(f"warning: could not write {self.path}: {e}", file=sys.stderr)
 
     def close(self, status: str = "FINISHED") -> None:
         """`status`: FINISHED, KILLED (a signal) or FAILED, as MLflow names them."""
