@@ -17,7 +17,8 @@
 - `Phase`: any other long phase (reference pass, score, rank): a bar in a terminal; else a
   line every `every` seconds; in both, one closing line with the count and the time.
 - `quiet_transformers()`: transformers' own progress bars and warnings off (they would break
-  the display, and say nothing the display does not).
+  the display, and say nothing the display does not), and DeepSpeed's "Setting accelerator to
+  CPU" warning on stdout (`settle_deepspeed_accelerator`).
 """
 from __future__ import annotations
 
@@ -40,6 +41,31 @@ def stderr_console(**kwargs: Any) -> Any:
     return Console(stderr=True, highlight=False, **kwargs)
 
 
+#: packages through which DeepSpeed finds an accelerator other than CUDA and XPU
+OTHER_ACCELERATORS = ("torch_npu", "torch_sdaa", "habana_frameworks", "torch_mlu", "torch_supa", "torch_xmlir")
+
+
+def settle_deepspeed_accelerator() -> None:
+    """Where DeepSpeed would fall back to the CPU, say so first (`DS_ACCELERATOR=cpu`, its own
+    override). Without it, the first import of DeepSpeed (transformers' `save_pretrained`
+    imports it through accelerate, at every first checkpoint) prints a warning on stdout that
+    it found no GPU. Nothing changes where a user set DS_ACCELERATOR or where DeepSpeed could
+    find CUDA, XPU, MPS or another accelerator's package."""
+    import importlib.util
+    import os
+
+    if "DS_ACCELERATOR" in os.environ or any(importlib.util.find_spec(m) for m in OTHER_ACCELERATORS):
+        return
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    if (torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+            or (mps is not None and mps.is_available())):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 class quiet_transformers:
     """transformers' progress bars ("Loading weights", "Writing model shards") and warnings
     off. Called, for the rest of the process; as a context manager, restored on exit."""
@@ -53,6 +79,7 @@ class quiet_transformers:
         self._old = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        settle_deepspeed_accelerator()
 
     def __enter__(self) -> quiet_transformers:
         return self

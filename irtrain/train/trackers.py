@@ -278,7 +278,7 @@ class Trackers:
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         values = tracked(metrics)
-        if not values:
+        if not values or not self.open:
             return
         for n, t in list(self.open.items()):
             last = self.state[n].get("last_step")
