@@ -152,8 +152,9 @@ class MLflow:
             exp_id = self.c.create_experiment(run.project)
         else:  # artifacts beside the store, not in the working directory
             exp_id = self.c.create_experiment(run.project, artifact_location=(run.out / "mlartifacts").resolve().as_uri())
-        self.run_id = self._previous_run(run)
-        if self.run_id is not None:  # resumed: the same run, running again (its params are logged already)
+        previous = self._previous_run(run)
+        if previous is not None:  # resumed: the same run, running again (its params are logged already)
+            self.run_id: str = previous
             self.c.update_run(self.run_id, status="RUNNING")
             self.ident = {"run_id": self.run_id, "tracking_uri": uri}
             return
