@@ -22,16 +22,22 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+from irtrain.lazy import lazy
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy("torch")
 
 from irtrain.errors import ConfigError, ShardError, TokenizerError
 from irtrain.shards import ShardSet
 
 #: `--dtype` names
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch's names
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 _hash_cache: dict[tuple[str, int, int], str] = {}
 
@@ -71,7 +77,12 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, *, auto: torch.dtype) -> torch.dtype:
     """`--dtype`: a name of `DTYPES`, or `auto` (what the caller decides for its device)."""
-    return auto if name == "auto" else DTYPES[name]
+    if name == "auto":
+        return auto
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype {name!r} is not one of: auto, {', '.join(DTYPES)}")
+    dtype: torch.dtype = getattr(torch, name)
+    return dtype
 
 
 # --------------------------------------------------------------------------- tokenizers

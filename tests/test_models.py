@@ -33,7 +33,8 @@ def test_device_and_dtype():
         with pytest.raises(ConfigError, match="no CUDA GPU"):
             resolve_device("cuda")
     assert resolve_dtype("auto", auto=torch.bfloat16) is torch.bfloat16
-    assert {name: resolve_dtype(name, auto=torch.float64) for name in DTYPES} == DTYPES
+    assert {name: resolve_dtype(name, auto=torch.float64) for name in DTYPES} == {
+        "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _shards(tmp_path, name, ids, tok_hash):

@@ -183,3 +183,16 @@ def test_a_new_table_entry_reaches_the_config(table, monkeypatch):
     cls, field = {"SFT_LOSSES": ("SFTConfig", "loss"), "PREFERENCE_LOSSES": ("DPOConfig", "loss"),
                   "KL_ESTIMATORS": ("SFTConfig", "kl_estimator")}[table]
     assert getattr(fresh.load_config(getattr(fresh, cls), None, {field: "brand_new"}), field) == "brand_new"
+
+
+def test_the_cli_and_prepare_do_not_import_torch():
+    """`irtrain --help`, `irtrain prepare` and the config they parse never touch torch (it
+    costs ~2 s and ~600 MiB of resident memory): torch-using modules they import bind it
+    lazily (irtrain.lazy)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, irtrain.cli.main, irtrain.config, irtrain.prepare, irtrain.losses, irtrain.models\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

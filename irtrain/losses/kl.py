@@ -7,9 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from irtrain.lazy import lazy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy("torch")
 
 # KL to the reference (FORMULAS.md "KL to the reference"). r_t = log q_t - log p_t on the data's
 # tokens. Exact expectations over a ~ pi_theta(.|s) at one state (tested by enumeration):

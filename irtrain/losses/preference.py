@@ -10,11 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+from irtrain.lazy import lazy
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor
+else:
+    torch, F = lazy("torch"), lazy("torch.nn.functional")
 
 # Preference losses (FORMULAS.md "Preference losses"). Each is
 #     fn(batch: PreferenceBatch, *, beta: float, <its own params>) -> per-example loss [B]

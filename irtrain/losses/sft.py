@@ -7,9 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch.nn.functional as F
-from torch import Tensor
+from irtrain.lazy import lazy
+
+if TYPE_CHECKING:
+    import torch.nn.functional as F
+    from torch import Tensor
+else:
+    F = lazy("torch.nn.functional")
 
 from irtrain.losses.tokens import reduce_tokens
 

@@ -8,9 +8,15 @@ loss and metric works on its flat outputs, which hold one entry per response tok
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from irtrain.lazy import lazy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    torch = lazy("torch")
 
 from irtrain.shards import IGNORE_INDEX
 
@@ -148,7 +154,7 @@ def reduce_tokens(per_token: Tensor, denom: int | float | Tensor) -> Tensor:
     Summing `reduce_tokens(loss_mb, denom)` over the micro-batches of a step gives the same
     value (and gradient) for any split of the step, since `denom` is the step-wide count.
     """
-    if not isinstance(denom, Tensor) and denom <= 0:
+    if not isinstance(denom, torch.Tensor) and denom <= 0:
         raise ValueError(f"denom (response tokens in the step) must be > 0, got {denom}")
     return per_token.sum() / denom
 
