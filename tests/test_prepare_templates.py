@@ -170,14 +170,9 @@ def test_preference_pairs_on_a_template_that_drops_reasoning(tokenizer_dirs, tmp
 def thinking_conversations() -> list[list[dict]]:
     """Multi-turn conversations where every assistant turn reasons (inline <think> or
     reasoning_content), with and without a system prompt: what reasoning models are trained on."""
+    first = reasoning_conversations()[0]  # its last turn, which does not reason, given reasoning
     return [
-        [{"role": "system", "content": "Be brief."},
-         {"role": "user", "content": "What is 2+2?"},
-         {"role": "assistant", "content": "<think>\nAdd two and two.\n</think>\n\n4"},
-         {"role": "user", "content": "And 3+3? 🤔"},
-         {"role": "assistant", "content": "6", "reasoning_content": "Three and three."},
-         {"role": "user", "content": "Thanks"},
-         {"role": "assistant", "content": "<think>\nBe polite.\n</think>\n\nYou're welcome."}],
+        [*first[:-1], {"role": "assistant", "content": "<think>\nBe polite.\n</think>\n\nYou're welcome."}],
         [{"role": "user", "content": "Hi"},
          {"role": "assistant", "content": "Hello!", "reasoning_content": "A greeting."},
          {"role": "user", "content": "Bye"},

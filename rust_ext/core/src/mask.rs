@@ -131,13 +131,7 @@ pub fn render_and_mask(
             if let Some(why) = not_prefix(&prefix, &text, start, true) {
                 if start + 1 == messages.len() && is_assistant[start] {
                     // a completion of one assistant turn: as at inference, if it renders so
-                    let r = inference_turn(&render, messages, start, prefix)
-                        .map_err(|e| unstable(&format!("{why}; {e}")))?;
-                    return Ok(Masked {
-                        renders: vec![r],
-                        split: None,
-                        inference: Some((1, why)),
-                    });
+                    return only_turn_at_inference(&render, messages, start, prefix, why);
                 }
                 return Err(unstable(&why));
             }
@@ -189,13 +183,7 @@ pub fn render_and_mask(
                     }
                     if turns == [messages.len() - 1] {
                         // one trained turn, the last: as at inference, if it renders so
-                        let r = inference_turn(&render, messages, i, start)
-                            .map_err(|e| unstable(&format!("{why}; {e}")))?;
-                        return Ok(Masked {
-                            renders: vec![r],
-                            split: None,
-                            inference: Some((1, why)),
-                        });
+                        return only_turn_at_inference(&render, messages, i, start, why);
                     }
                     return Err(unstable(&why));
                 }
@@ -234,8 +222,10 @@ fn per_turn(
                     i + 1
                 ))
             })?;
-            let n = inference.as_ref().map_or(0, |x| x.0);
-            inference = Some((n + 1, inference.map_or(e, |x| x.1)));
+            match &mut inference {
+                Some((n, _)) => *n += 1,
+                None => inference = Some((1, e)),
+            }
             renders.push(r);
             continue;
         }
@@ -246,6 +236,24 @@ fn per_turn(
         renders,
         split: Some(why),
         inference,
+    })
+}
+
+/// The one trained turn `i` (the last message) written as at inference, where
+/// `why` says why the template cannot render it after its generation prompt.
+fn only_turn_at_inference(
+    render: &dyn Fn(&[Value], bool) -> Result<String>,
+    messages: &[Value],
+    i: usize,
+    start: String,
+    why: String,
+) -> Result<Masked> {
+    let r =
+        inference_turn(render, messages, i, start).map_err(|e| unstable(&format!("{why}; {e}")))?;
+    Ok(Masked {
+        renders: vec![r],
+        split: None,
+        inference: Some((1, why)),
     })
 }
 
@@ -435,6 +443,14 @@ mod tests {
         Ok(out.renders.remove(0))
     }
 
+    /// Each rendering's text and its (one) trained span's text.
+    fn trained(m: &Masked) -> Vec<(&str, &str)> {
+        m.renders
+            .iter()
+            .map(|r| (r.text.as_str(), &r.text[r.spans[0].0..r.spans[0].1]))
+            .collect()
+    }
+
     const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     #[test]
@@ -494,11 +510,7 @@ mod tests {
             "{:?}",
             m.split
         );
-        let texts: Vec<(&str, &str)> = m
-            .renders
-            .iter()
-            .map(|r| (r.text.as_str(), &r.text[r.spans[0].0..r.spans[0].1]))
-            .collect();
+        let texts = trained(&m);
         assert_eq!(texts, vec![("u|a|", "a|"), ("u|[old]|v|b|", "b|")]);
         // a generation prompt that opens what the turn must begin with, and a
         // turn without it: refused, naming the turn
@@ -522,11 +534,7 @@ mod tests {
         let json = r#"[{"role":"user","content":"u"},{"role":"assistant","content":"<think>\nr1\n</think>\n\na"},{"role":"user","content":"v"},{"role":"assistant","content":"b","reasoning_content":"r2"}]"#;
         let c = conv(json, 0, 3);
         let m = render_and_mask(&t, &c, MaskKind::Assistant, &Vars::new(), true).unwrap();
-        let texts: Vec<(&str, &str)> = m
-            .renders
-            .iter()
-            .map(|r| (r.text.as_str(), &r.text[r.spans[0].0..r.spans[0].1]))
-            .collect();
+        let texts = trained(&m);
         assert_eq!(
             texts,
             vec![
@@ -563,11 +571,7 @@ mod tests {
             4,
         );
         let m = render_and_mask(&t2, &c2, MaskKind::Assistant, &Vars::new(), true).unwrap();
-        let texts: Vec<(&str, &str)> = m
-            .renders
-            .iter()
-            .map(|r| (r.text.as_str(), &r.text[r.spans[0].0..r.spans[0].1]))
-            .collect();
+        let texts = trained(&m);
         assert_eq!(
             texts,
             vec![

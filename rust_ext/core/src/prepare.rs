@@ -276,9 +276,10 @@ impl Encoder {
             let masked =
                 render_and_mask(&self.tpl, &spec.conversation, self.mask, &vars, split_turns)?;
             split = masked.split;
-            if let Some((n, why)) = masked.inference {
-                let before = inference.as_ref().map_or(0, |x| x.0);
-                inference = Some((before + n as u64, inference.map_or(why, |x| x.1)));
+            match (&mut inference, masked.inference) {
+                (Some((total, _)), Some((n, _))) => *total += n as u64,
+                (None, Some((n, why))) => inference = Some((n as u64, why)),
+                (_, None) => {}
             }
             for r in masked.renders {
                 let enc = self.tok.encode(&r.text)?;
